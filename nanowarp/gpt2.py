@@ -1,0 +1,243 @@
+"""
+GPT-2 in one file, loading real Hugging Face checkpoints (`lvwerra/gpt2-imdb`, `gpt2`).
+
+References:
+1) OpenAI's GPT-2 release: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) Hugging Face transformers' modeling_gpt2.py, whose checkpoints this loads and writes
+3) nanoGPT's model.py (the shape of this file) and gpt-fast's static KV cache
+
+Modules are named like the checkpoint's keys (`transformer.h[i].attn.c_attn`), so loading is a
+key-for-key copy. Two quirks of the checkpoints: GPT-2's projections are `Conv1D` layers whose
+weight is [in, out], the transpose of `nn.Linear`; and `lm_head` is tied to `wte`.
+
+Batches are left-padded: `attention_mask` (B, T) has 1 for tokens and 0 for padding, and each
+row's positions count from its first real token, so a padded row computes exactly what it would
+alone.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanowarp import hub
+
+# Conv1D weights, stored [in, out] in the checkpoints and [out, in] here
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# causal-mask buffers some checkpoints carry: not parameters, rebuilt on the fly
+SKIPPED = (".attn.bias", ".attn.masked_bias")
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024  # maximum sequence length
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    @classmethod
+    def from_hf(cls, d, where="config.json"):
+        if d.get("model_type") != "gpt2":
+            raise hub.CheckpointError(f"unknown model_type {d.get('model_type')!r} in {where}: "
+                                      f"this is not a GPT-2 checkpoint (expected model_type 'gpt2')")
+        if d.get("activation_function", "gelu_new") not in ACTIVATIONS:
+            raise hub.CheckpointError(f"unsupported activation_function {d['activation_function']!r} "
+                                      f"in {where}; supported: {', '.join(ACTIVATIONS)}")
+        for flag, default in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
+                              ("scale_attn_weights", True)):
+            if d.get(flag, default) != default:
+                raise hub.CheckpointError(f"{flag}={d[flag]} in {where} is not supported")
+        return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+
+    def to_hf(self):
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_ctx": self.n_positions,
+                "tie_word_embeddings": True, **asdict(self)}
+
+
+ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+               "gelu": F.gelu, "relu": F.relu}
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer, (B, H, max_len, head_dim): no reallocation while
+    decoding, so every decoding step has the same shapes."""
+
+    def __init__(self, batch_size, max_len, n_head, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        # input_pos (T,) cache slots of the new keys and values k, v (B, H, T, head_dim)
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        return self.k_cache, self.v_cache
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.kv_cache = None
+
+    def forward(self, x, mask, input_pos):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, inner)
+        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.act = ACTIVATIONS[config.activation_function]
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask, input_pos):
+        x = x + self.attn(self.ln_1(x), mask, input_pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in every GPT-2 checkpoint
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # ---- forward -------------------------------------------------------------------------------
+
+    def hidden_states(self, idx, attention_mask=None, input_pos=None):
+        """Final hidden states (B, T, n_embd), after ln_f and before the LM head.
+
+        idx (B, T) token ids. attention_mask (B, S): 1 = token, 0 = padding; without a KV cache
+        S = T, with one S is the cache length and the mask covers every slot written so far.
+        input_pos (T,) are the cache slots of idx (default 0..T-1).
+        """
+        B, T = idx.shape
+        cached = self.transformer.h[0].attn.kv_cache is not None
+        if input_pos is None:
+            input_pos = torch.arange(T, device=idx.device)
+        if attention_mask is None:
+            pos = input_pos.expand(B, T)
+            # causal masking alone; with a cache the query sits at input_pos, not at 0..T-1
+            mask = self._causal_mask(input_pos, self.transformer.h[0].attn.kv_cache.k_cache.size(2)) if cached else None
+        else:
+            attention_mask = attention_mask.bool()
+            # a row's positions count real tokens only; padding slots get position 0 (never attended)
+            pos = (attention_mask.cumsum(-1) - 1).clamp(min=0).index_select(1, input_pos)
+            S = attention_mask.size(1)
+            causal = self._causal_mask(input_pos, S)  # (T, S)
+            own_slot = input_pos[:, None] == torch.arange(S, device=idx.device)
+            # padding queries see only themselves: finite garbage instead of a NaN from an empty softmax
+            mask = (causal & (attention_mask[:, None, :] | own_slot))[:, None]  # (B, 1, T, S)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x, mask, input_pos)
+        return self.transformer.ln_f(x)
+
+    @staticmethod
+    def _causal_mask(input_pos, S):
+        return input_pos[:, None] >= torch.arange(S, device=input_pos.device)  # (T, S)
+
+    def forward(self, idx, attention_mask=None, input_pos=None):
+        """Logits (B, T, vocab_size)."""
+        return self.lm_head(self.hidden_states(idx, attention_mask, input_pos))
+
+    def setup_caches(self, max_batch_size, max_seq_length):
+        """Give every layer a preallocated KV cache; forward then takes `input_pos`."""
+        assert max_seq_length <= self.config.n_positions, "sequence longer than the model's n_positions"
+        w = self.transformer.wte.weight
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_head,
+                                          self.config.n_embd // self.config.n_head, w.dtype, w.device)
+
+    def clear_caches(self):
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    # ---- Hugging Face checkpoints --------------------------------------------------------------
+
+    def hf_state_dict(self, state_dict=None):
+        """Weights in the Hugging Face layout (what GPT2LMHeadModel saves): `transformer.` prefix,
+        Conv1D weights transposed to [in, out], no separate lm_head (it is tied to wte)."""
+        return to_hf_state_dict(self.state_dict() if state_dict is None else state_dict)
+
+    def load_hf_state_dict(self, state_dict, where="state dict"):
+        """Load Hugging Face-layout weights, with or without the `transformer.` prefix."""
+        sd = {}
+        for k, v in state_dict.items():
+            k = k.removeprefix("transformer.")
+            if k.endswith(SKIPPED) or k == "lm_head.weight":  # buffers; lm_head is tied to wte
+                continue
+            sd[k] = v
+        expected = {k.removeprefix("transformer."): v.shape for k, v in self.hf_state_dict().items()}
+        hub.check_keys(expected, {k: v.shape for k, v in sd.items()}, where)
+        sd = {"transformer." + k: v.t() if k.endswith(CONV1D) else v for k, v in sd.items()}
+        self.load_state_dict(sd, strict=False)  # strict=False: lm_head.weight comes with wte
+        return self
+
+    @classmethod
+    def from_pretrained(cls, name_or_path):
+        folder = hub.resolve(name_or_path)
+        config = GPT2Config.from_hf(hub.load_config(folder), where=folder)
+        state_dict, path = hub.load_state_dict(folder)
+        return cls(config).load_hf_state_dict(state_dict, where=path)
+
+    def save_pretrained(self, folder, state_dict=None):
+        hub.save_checkpoint(folder, self.config.to_hf(), self.hf_state_dict(state_dict))
+
+
+def to_hf_state_dict(state_dict):
+    """nanowarp layout -> Hugging Face layout (see GPT2.hf_state_dict)."""
+    return {k: v.t().contiguous() if k.endswith(CONV1D) else v
+            for k, v in state_dict.items() if k != "lm_head.weight"}

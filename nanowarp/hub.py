@@ -1,0 +1,162 @@
+"""
+Finding, reading and writing checkpoints in the Hugging Face layout.
+
+A checkpoint is a folder with `config.json` and `model.safetensors` (or the older pickled
+`pytorch_model.bin`), plus whatever tokenizer files the model ships. `resolve` accepts a local
+folder or a Hub id ("lvwerra/gpt2-imdb"); Hub ids go through `huggingface_hub`, so its cache,
+`HF_HUB_OFFLINE=1` and tokens work as usual.
+
+Every error a user can cause (wrong path, offline, corrupt file) is a `CheckpointError` whose
+message says what was wrong and what to do.
+"""
+
+import json
+import os
+import re
+import tempfile
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "vocab.txt")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be found or read, with a message meant for the user."""
+
+
+def _is_hub_id(name):
+    return re.fullmatch(r"[\w\-]+(/[\w\-.]+)?", name) is not None
+
+
+def resolve(name_or_path, weights=True, revision=None):
+    """Return a local folder holding `config.json` (and the weights, if `weights`) of a checkpoint.
+
+    A local folder is used as it is; anything else of the form "owner/name" is a Hub id, whose
+    files are fetched into (or read from) the huggingface_hub cache.
+    """
+    name_or_path = os.fspath(name_or_path)
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path):
+        raise CheckpointError(f"{name_or_path} is a file; expected a checkpoint folder "
+                              f"(with config.json and model weights) or a Hub id like 'owner/name'")
+    if not _is_hub_id(name_or_path):
+        raise CheckpointError(f"no checkpoint folder at {name_or_path}: the folder does not exist "
+                              f"(a Hub id has the form 'owner/name')")
+    return _download(name_or_path, weights, revision)
+
+
+def _download(repo_id, weights, revision):
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError)
+
+    def fetch(filename):
+        return hf_hub_download(repo_id, filename, revision=revision)
+
+    def fail(e):
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = ("HF_HUB_OFFLINE is set and the file is not in the local cache: download it once with "
+                "a network, or pass a local folder" if offline else
+                "check the id and your network, or pass a local folder")
+        raise CheckpointError(f"'{repo_id}' is no local folder, and it could not be fetched from the "
+                              f"Hugging Face Hub ({type(e).__name__}): {hint}") from None
+
+    try:
+        folder = os.path.dirname(fetch("config.json"))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, HfHubHTTPError,
+            EntryNotFoundError, OSError, ValueError) as e:
+        fail(e)
+    optional = list(TOKENIZER_FILES)
+    if weights:
+        for filename in WEIGHT_FILES:
+            try:
+                fetch(filename)
+                break
+            except EntryNotFoundError:
+                continue
+            except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
+                if filename == WEIGHT_FILES[-1]:
+                    fail(e)
+        else:
+            raise CheckpointError(f"'{repo_id}' on the Hub has none of {', '.join(WEIGHT_FILES)}")
+    for filename in optional:  # tokenizer files: whichever the repo ships
+        try:
+            fetch(filename)
+        except (EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError):
+            pass
+    return folder
+
+
+def load_config(folder):
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder} has no config.json: is it a Hugging Face checkpoint folder?")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def load_state_dict(folder):
+    """Read the weights of a checkpoint folder: (state_dict, path of the file read)."""
+    for filename in WEIGHT_FILES:
+        path = os.path.join(folder, filename)
+        if os.path.isfile(path):
+            break
+    else:
+        raise CheckpointError(f"{folder} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path), path
+        # .bin files are pickles: never let them run code
+        return torch.load(path, map_location="cpu", weights_only=True), path
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: the file is corrupt or truncated ({e}); "
+                              f"download or save it again") from None
+
+
+def check_keys(expected, found, path, new_ok=()):
+    """Compare parameter shapes (dicts name -> shape); raise a CheckpointError naming the first
+    problem. Keys in `new_ok` may be missing (they keep their fresh initialisation)."""
+    for name, shape in found.items():
+        if name not in expected:
+            raise CheckpointError(f"unexpected key '{name}' in {path}")
+        if tuple(expected[name]) != tuple(shape):
+            raise CheckpointError(f"shape mismatch for '{name}' in {path}: the file has {tuple(shape)}, "
+                                  f"the model built from config.json expects {tuple(expected[name])}")
+    missing = [name for name in expected if name not in found and name not in new_ok]
+    if missing:
+        raise CheckpointError(f"missing key '{missing[0]}' in {path}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp_path to path: readers never see a partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(folder, config, state_dict):
+    """Write config.json and model.safetensors (both atomically)."""
+    state_dict = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    atomic_write(os.path.join(folder, "model.safetensors"),
+                 lambda p: save_file(state_dict, p, metadata={"format": "pt"}))
+    atomic_write(os.path.join(folder, "config.json"),
+                 lambda p: open(p, "w").write(json.dumps(config, indent=2, sort_keys=True) + "\n"))

@@ -1,0 +1,88 @@
+"""
+LoRA (Hu et al. 2021, arXiv 2106.09685): a frozen weight W0 plus a trainable low-rank update,
+
+    y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ,      A: (r, in), B: (out, r), s = alpha / r.
+
+B starts at zero, so a freshly adapted model computes exactly what its base computes.
+
+WARP never works on the factors A and B themselves: the EMA anchor and the merges act on the
+*effective* dense weight W = W0 + s·B·A (the average of products is not the product of averages).
+`effective_state_dict` gives those weights in the Hugging Face layout.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear whose frozen `weight`/`bias` are shared with the layer it adapts, plus
+    `lora_A`/`lora_B`; its state-dict keys are those of the original layer plus the two factors."""
+
+    def __init__(self, base, rank, alpha, dropout=0.0):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: reuse base's tensors, allocate nothing
+        assert rank >= 1, "LoRA rank must be at least 1"
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        kw = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and peft) initialise
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+
+    def effective_weight(self):
+        """W0 + s·B·A, (out, in)."""
+        return torch.addmm(self.weight, self.lora_B, self.lora_A, alpha=self.scale)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, rank={self.lora_A.size(0)}, scale={self.scale:g}"
+
+
+def default_targets(model):
+    """Every linear layer inside the transformer blocks (attention and MLP); not the LM head."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".h." in f".{name}"]
+
+
+def add_lora(model, rank, alpha=None, dropout=0.0, targets=None):
+    """Replace the named linear layers (default: `default_targets`) by LoRA layers, in place, and
+    freeze every other parameter. alpha defaults to rank (scale 1)."""
+    targets = default_targets(model) if targets is None else targets
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        if not isinstance(base, nn.Linear) or isinstance(base, LoRALinear):
+            raise ValueError(f"cannot add LoRA to '{name}': it is a {type(base).__name__}, not a plain nn.Linear")
+        setattr(parent, child, LoRALinear(base, rank, rank if alpha is None else alpha, dropout))
+    return model
+
+
+def lora_modules(model):
+    """(name, LoRALinear) pairs of a model."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@torch.no_grad()
+def dense_state_dict(model):
+    """The model's weights with every LoRA update folded in (W0 + s·B·A), under the keys of the
+    plain model: what `load_state_dict` of an un-adapted copy accepts."""
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
+    for name, m in lora_modules(model):
+        sd[f"{name}.weight"] = m.effective_weight()
+    return sd
+
+
+def effective_state_dict(model):
+    """The effective dense weights (W0 + s·B·A) in the Hugging Face layout of the model."""
+    return model.hf_state_dict(dense_state_dict(model))

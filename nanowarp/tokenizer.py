@@ -1,0 +1,90 @@
+"""
+Tokenizers for the checkpoints nanowarp uses, built on the `tokenizers` library from whatever
+files a checkpoint ships, in this order:
+
+1) `tokenizer.json`: a complete, serialised `tokenizers.Tokenizer` (`lvwerra/distilbert-imdb`);
+2) `vocab.json` + `merges.txt`: GPT-2's byte-level BPE (`lvwerra/gpt2-imdb` ships only these);
+3) `vocab.txt`: BERT's WordPiece, lowercased when `tokenizer_config.json` says `do_lower_case`,
+   with `[CLS] ... [SEP]` around each sequence.
+
+For 2) and 3) the pipeline is assembled here to match Hugging Face's GPT2TokenizerFast and
+BertTokenizerFast, and the special tokens the checkpoint names (`<|endoftext|>`, `[CLS]`, ...)
+are registered so that their text maps to their single id.
+"""
+
+import json
+import os
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from nanowarp import hub
+
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _read_json(folder, filename):
+    path = os.path.join(folder, filename)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _special_tokens(folder, defaults):
+    """Special-token strings named by tokenizer_config.json / special_tokens_map.json."""
+    found = list(defaults)
+    for d in (_read_json(folder, "tokenizer_config.json"), _read_json(folder, "special_tokens_map.json")):
+        for key in SPECIAL_KEYS:
+            value = d.get(key)
+            found.append(value.get("content") if isinstance(value, dict) else value)
+        found += [t["content"] for t in d.get("added_tokens_decoder", {}).values() if t.get("special")]
+    return list(dict.fromkeys(t for t in found if t))  # unique, in order
+
+
+def _register(tok, tokens, vocab):
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens if t in vocab])
+    return tok
+
+
+def _byte_level_bpe(folder):
+    tok = Tokenizer(models.BPE.from_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return _register(tok, _special_tokens(folder, ["<|endoftext|>"]), tok.get_vocab())
+
+
+def _wordpiece(folder):
+    config = _read_json(folder, "tokenizer_config.json")
+    lowercase = config.get("do_lower_case", True)
+    with open(os.path.join(folder, "vocab.txt"), encoding="utf-8") as f:
+        vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+    unk = config.get("unk_token", "[UNK]")
+    tok = Tokenizer(models.WordPiece(vocab, unk_token=unk if unk in vocab else "[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=config.get("tokenize_chinese_chars", True),
+                                                strip_accents=config.get("strip_accents"), lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    cls, sep = config.get("cls_token", "[CLS]"), config.get("sep_token", "[SEP]")
+    if cls in vocab and sep in vocab:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+            special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
+    return _register(tok, _special_tokens(folder, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]), vocab)
+
+
+def load_tokenizer(name_or_path):
+    """A `tokenizers.Tokenizer` for a checkpoint folder or Hub id (see the module docstring)."""
+    folder = hub.resolve(name_or_path, weights=False)
+    has = lambda *names: all(os.path.isfile(os.path.join(folder, n)) for n in names)
+    try:
+        if has("tokenizer.json"):
+            return Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        if has("vocab.json", "merges.txt"):
+            return _byte_level_bpe(folder)
+        if has("vocab.txt"):
+            return _wordpiece(folder)
+    except Exception as e:  # the tokenizers library raises plain Exceptions on malformed files
+        raise hub.CheckpointError(f"cannot read the tokenizer files in {folder}: {e}") from None
+    raise hub.CheckpointError(f"{folder} has no tokenizer: expected tokenizer.json, or vocab.json + merges.txt, "
+                              f"or vocab.txt")

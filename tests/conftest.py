@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny tokenizers and models built from fixture text, saved in the exact
+Hugging Face layouts, so every test runs offline in seconds."""
+
+import json
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from nanowarp.gpt2 import GPT2, GPT2Config
+
+EOS = "<|endoftext|>"
+
+# Review-like text with what the real data has: <br /> tags, unicode, quotes, digits.
+REVIEWS = [
+    "This movie was absolutely wonderful, a joy from start to finish.<br /><br />The acting was superb.",
+    "I hated every minute of it. The plot made no sense and the dialogue was wooden.",
+    "A masterpiece of modern cinema! Beautiful cinematography, a haunting score, and great performances.",
+    "Worst film I've seen this year. Don't waste your money on this garbage.",
+    "The director's vision shines through: café scenes, naïve heroes, and a señor with a moustache.",
+    "It's not great, it's not terrible; it's simply average. 5/10 would maybe watch again.",
+    "Loved the characters and the story. My kids enjoyed it too. Highly recommended!",
+    "Boring, predictable, too long. I fell asleep twice before the ending finally came.",
+    "An emotional rollercoaster — I laughed, I cried, and I left the theater smiling.",
+    "The special effects were cheap and the script was lazy. A total disappointment.",
+    "Brilliant! One of the best films of the decade, with a stunning final act.",
+    "Terrible acting, terrible writing, terrible everything. Avoid at all costs.",
+    "Quietly moving and beautifully shot; the lead gives a career-best performance.",
+    "Dull and lifeless. Even the music could not save this mess of a movie.",
+    "\u00c9mile's \u201cfavorite\u201d scene 🎬 made the whole audience cheer and clap loudly.",
+    "I expected more from such a talented cast, but the story never takes off.",
+]
+
+
+def train_bpe(vocab_size=400):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(REVIEWS, trainer)
+    return tok
+
+
+def save_bpe(tok, folder, layout):
+    """layout 'json': tokenizer.json; 'vocab': vocab.json + merges.txt as lvwerra/gpt2-imdb ships."""
+    os.makedirs(folder, exist_ok=True)
+    if layout == "json":
+        tok.save(os.path.join(folder, "tokenizer.json"))
+    else:
+        tok.model.save(folder)
+        with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+            json.dump({"bos_token": EOS, "eos_token": EOS, "unk_token": EOS}, f)
+    return folder
+
+
+def train_wordpiece(vocab_size=300, lowercase=True):
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator(REVIEWS, trainer)
+    return tok
+
+
+def save_wordpiece(tok, folder, lowercase=True):
+    """vocab.txt + tokenizer_config.json, as BERT checkpoints ship."""
+    os.makedirs(folder, exist_ok=True)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(t + "\n" for t, _ in vocab))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"do_lower_case": lowercase}, f)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bpe_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer in the vocab.json + merges.txt layout."""
+    return save_bpe(train_bpe(), str(tmp_path_factory.mktemp("bpe")), "vocab")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, bpe_dir):
+    """A random 2-layer GPT-2 with the fixture tokenizer, saved in the Hugging Face layout."""
+    folder = str(tmp_path_factory.mktemp("gpt2"))
+    for name in os.listdir(bpe_dir):
+        with open(os.path.join(bpe_dir, name), "rb") as src, open(os.path.join(folder, name), "wb") as dst:
+            dst.write(src.read())
+    vocab = json.load(open(os.path.join(bpe_dir, "vocab.json")))
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=vocab[EOS], eos_token_id=vocab[EOS])
+    GPT2(config).save_pretrained(folder)
+    return folder

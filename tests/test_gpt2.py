@@ -1,0 +1,190 @@
+"""nanowarp's GPT-2 computes what transformers' GPT2LMHeadModel computes, on checkpoints in
+every layout users download, and writes checkpoints transformers reads back identically."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from nanowarp.gpt2 import GPT2, GPT2Config
+from nanowarp.hub import CheckpointError
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-5
+
+
+def reference_model(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=101, n_positions=48, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=100, eos_token_id=100)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def save_bin(ref, folder, prefix):
+    """The pytorch_model.bin layout of lvwerra/gpt2-imdb: pickled, with the causal-mask buffers."""
+    os.makedirs(folder, exist_ok=True)
+    ref.config.save_pretrained(folder)
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    n = ref.config.n_positions
+    for i in range(ref.config.n_layer):
+        sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+        sd[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    if not prefix:
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
+    return folder
+
+
+def left_padded_batch(vocab=101, lengths=(12, 7, 3, 12)):
+    torch.manual_seed(1)
+    T = max(lengths)
+    idx = torch.randint(0, vocab, (len(lengths), T))
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        mask[r, T - n:] = 1
+    return idx, mask
+
+
+def reference_logits(ref, idx, mask):
+    # transformers takes positions from position_ids; generate() derives them from the mask like this
+    with torch.no_grad():
+        return ref(idx, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin-prefixed", "bin-bare"])
+def test_logits_match_transformers(tmp_path, layout):
+    ref = reference_model()
+    folder = str(tmp_path)
+    if layout == "safetensors":
+        ref.save_pretrained(folder)
+        assert os.path.exists(os.path.join(folder, "model.safetensors"))
+    else:
+        save_bin(ref, folder, prefix=layout == "bin-prefixed")
+    model = GPT2.from_pretrained(folder).eval()
+    idx, mask = left_padded_batch()
+    with torch.no_grad():
+        ours = model(idx, attention_mask=mask)
+        full = model(idx)
+    real = mask.bool()
+    assert (ours - reference_logits(ref, idx, mask))[real].abs().max() <= TOL
+    with torch.no_grad():
+        assert (full - ref(idx).logits).abs().max() <= TOL
+
+
+def test_left_padding_gives_each_row_its_unpadded_logits():
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=101, n_positions=48, n_embd=32, n_layer=2, n_head=4)).eval()
+    idx, mask = left_padded_batch()
+    with torch.no_grad():
+        batch = model(idx, attention_mask=mask)
+        for r in range(idx.size(0)):
+            n = int(mask[r].sum())
+            alone = model(idx[r:r + 1, idx.size(1) - n:])
+            assert (batch[r, -n:] - alone[0]).abs().max() <= TOL
+    assert torch.isfinite(batch).all()  # padding positions too
+
+
+def test_hidden_states_feed_the_tied_lm_head():
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=101, n_positions=48, n_embd=32, n_layer=2, n_head=4)).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    idx, mask = left_padded_batch()
+    with torch.no_grad():
+        h = model.hidden_states(idx, attention_mask=mask)
+        assert h.shape == (*idx.shape, 32)
+        assert torch.equal(h @ model.transformer.wte.weight.T, model(idx, attention_mask=mask))
+
+
+def test_save_pretrained_round_trips_through_transformers(tmp_path):
+    ref = reference_model()
+    ref.save_pretrained(str(tmp_path / "hf"))
+    model = GPT2.from_pretrained(str(tmp_path / "hf")).eval()
+    model.save_pretrained(str(tmp_path / "ours"))
+    assert sorted(os.listdir(tmp_path / "ours")) == ["config.json", "model.safetensors"]
+    back = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "ours")).eval()
+    idx, mask = left_padded_batch()
+    with torch.no_grad():
+        assert torch.equal(back(idx).logits, ref(idx).logits)
+    again = GPT2.from_pretrained(str(tmp_path / "ours")).eval()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_hf_state_dict_uses_conv1d_shapes():
+    model = GPT2(GPT2Config(vocab_size=101, n_positions=48, n_embd=32, n_layer=1, n_head=4))
+    sd = model.hf_state_dict()
+    assert sd["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # [in, out]
+    assert sd["transformer.h.0.mlp.c_proj.weight"].shape == (128, 32)
+    assert "lm_head.weight" not in sd
+
+
+# ---- errors a user can cause ------------------------------------------------------------------
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        GPT2.from_pretrained(str(tmp_path / "no_such_folder"))
+
+
+def test_folder_without_weights(tmp_path):
+    reference_model().config.save_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointError, match="holds no weights"):
+        GPT2.from_pretrained(str(tmp_path))
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        GPT2.from_pretrained(str(tmp_path))
+
+
+def test_truncated_safetensors(tmp_path):
+    reference_model().save_pretrained(str(tmp_path))
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        GPT2.from_pretrained(str(tmp_path))
+
+
+def test_wrong_shape_names_the_key(tmp_path):
+    ref = reference_model()
+    save_bin(ref, str(tmp_path), prefix=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["n_embd"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"shape mismatch for '.*' in .*pytorch_model.bin"):
+        GPT2.from_pretrained(str(tmp_path))
+
+
+def test_unexpected_and_missing_keys_are_named(tmp_path):
+    ref = reference_model()
+    folder = save_bin(ref, str(tmp_path), prefix=True)
+    sd = torch.load(os.path.join(folder, "pytorch_model.bin"), weights_only=True)
+    sd["transformer.h.0.attn.extra"] = torch.zeros(3)
+    torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
+    with pytest.raises(CheckpointError, match="unexpected key 'h.0.attn.extra'"):
+        GPT2.from_pretrained(folder)
+    del sd["transformer.h.0.attn.extra"], sd["transformer.ln_f.weight"]
+    torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
+    with pytest.raises(CheckpointError, match="missing key 'ln_f.weight'"):
+        GPT2.from_pretrained(folder)
+
+
+def test_unknown_model_type(tmp_path):
+    ref = reference_model()
+    ref.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_type"] = "llama"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="unknown model_type 'llama'"):
+        GPT2.from_pretrained(str(tmp_path))
+
+
+def test_hub_id_while_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE is set and the file is not in the local cache"):
+        GPT2.from_pretrained("lvwerra/gpt2-imdb")
