@@ -1,0 +1,90 @@
+"""
+Every hyperparameter of a WARP job in one dataclass, with the defaults of the reference
+reproduction (SPEC §2: GPT-2 on IMDB), and presets as plain data.
+
+`parse_args` turns the dataclass into command-line flags: one flag per field, its help the
+field's one-line comment, so `python train.py --help` documents everything.
+"""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def flag(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # what to run
+    stage: str = flag("warp", "warp: WARP iterations; reward: train the reward model; sft: fine-tune the SFT policy",
+                      choices=["warp", "reward", "sft"])
+    preset: str = flag("reference", "named set of defaults (nanowarp/config.py PRESETS); explicit flags override it",
+                       choices=["reference", "rloo", "paper"])
+    # models and data
+    policy: str = flag("lvwerra/gpt2-imdb", "SFT policy: Hub id or local folder (Hugging Face layout)")
+    reward_model: str = flag("lvwerra/distilbert-imdb", "sentiment classifier: Hub id or local folder")
+    data: str = flag("data/imdb/prepared", "folder written by data/imdb/prepare.py")
+    out_dir: str = flag("runs/warp", "where checkpoints and metrics.jsonl go")
+    # WARP (Algorithm 1)
+    iterations: int = flag(2, "I: WARP iterations")
+    runs: int = flag(2, "M: independent RL runs per iteration, merged by SLERP")
+    steps: int = flag(100, "T: RL steps per run")
+    ema_rate: float = flag(0.01, "mu: EMA anchor update rate, (0, 1]")
+    liti_rate: float = flag(0.5, "eta: LITI rate, theta_init <- (1-eta) theta_init + eta theta_slerp, [0, 1]")
+    kl_coef: float = flag(0.1, "beta: KL coefficient of the regularised reward")
+    merge: str = flag("slerp", "how the M runs are merged", choices=["slerp", "lerp"])
+    anchor: str = flag("ema", "KL anchor: ema (WARP) or init (a fixed anchor, for ablations)", choices=["ema", "init"])
+    # RL
+    batch_size: int = flag(64, "completions per step (prompts per step = batch_size / rloo_k)")
+    rloo_k: int = flag(1, "completions per prompt: 1 = REINFORCE, k > 1 = RLOO with a leave-one-out baseline")
+    whiten: bool = flag(False, "whiten advantages over the batch")
+    max_new_tokens: int = flag(128, "maximum completion length")
+    temperature: float = flag(1.0, "sampling temperature (also used for every log-prob)")
+    lr: float = flag(1e-4, "AdamW peak learning rate")
+    warmup: int = flag(20, "linear warm-up steps, then linear decay to 0")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    grad_clip: float = flag(0.0, "clip the gradient norm to this value; 0 = no clipping")
+    lora_rank: int = flag(32, "LoRA rank on every attention and MLP linear")
+    lora_alpha: float = flag(32.0, "LoRA alpha; scale = alpha / rank")
+    lora_dropout: float = flag(0.0, "LoRA dropout")
+    reward_kind: str = flag("prob", "reward: prob = P(positive), logit = raw positive logit", choices=["prob", "logit"])
+    no_eos_penalty: float = flag(-1.0, "reward of a completion that emitted no EOS within max_new_tokens")
+    # reward-model and SFT stages
+    reward_base: str = flag("distilbert-base-cased", "--stage reward: the base model to fine-tune")
+    epochs: float = flag(1.0, "--stage reward/sft: passes over the training reviews")
+    train_batch_size: int = flag(32, "--stage reward/sft: batch size")
+    train_lr: float = flag(1.41e-5, "--stage reward/sft: AdamW learning rate, linear decay to 0")
+    max_length: int = flag(512, "--stage reward/sft: truncate training texts to this many tokens")
+    # system
+    seed: int = flag(0, "base seed; run m of iteration i uses seed + (i-1)*M + m")
+    device: str = flag("auto", "cpu, cuda, cuda:N, or auto")
+    log_every: int = flag(1, "print a progress line every N steps (metrics.jsonl gets every step)")
+
+
+# Plain data: each preset is a set of overrides of the defaults above.
+PRESETS = {
+    "reference": {},  # the reference reproduction on IMDB (SPEC §2)
+    "rloo": {"rloo_k": 4},  # WARP + RLOO, 16 prompts x 4 completions
+    # closer to the paper's Gemma setting, scaled to GPT-2: gentler LITI, lower temperature, more steps
+    "paper": {"liti_rate": 0.3, "temperature": 0.9, "iterations": 5, "batch_size": 128, "warmup": 100,
+              "steps": 1000},
+}
+
+
+def parse_args(argv=None, cls=Config, presets=PRESETS, description=None):
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kw = dict(default=f.default, help=f.metadata["help"])
+        if f.type in (bool, "bool"):
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        else:
+            kw["type"] = type(f.default)
+            parser.add_argument(f"--{f.name}", choices=f.metadata.get("choices"), **kw)
+    if presets:
+        known, _ = parser.parse_known_args(argv)
+        if known.preset not in presets:
+            parser.error(f"unknown --preset {known.preset!r}; choose from {', '.join(presets)}")
+        parser.set_defaults(**presets[known.preset])
+    return cls(**vars(parser.parse_args(argv)))

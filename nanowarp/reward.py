@@ -1,0 +1,53 @@
+"""
+The reward: a sentiment classifier's opinion of the decoded text (prompt + completion).
+
+r(x, y) = P(positive | x + y) by default (or the raw positive logit), and a fixed penalty
+(−1) for a completion that never emitted EOS within the token budget.
+"""
+
+import torch
+
+from nanowarp.distilbert import DistilBertClassifier
+from nanowarp.hub import CheckpointError
+from nanowarp.padding import right_pad
+from nanowarp.tokenizer import load_tokenizer
+
+POSITIVE_NAMES = ("positive", "pos", "label_1")
+
+
+def positive_index(id2label):
+    """Index of the positive class: the label named POSITIVE (or similar), else the last one."""
+    for i, label in id2label.items():
+        if str(label).lower() in POSITIVE_NAMES:
+            return int(i)
+    return len(id2label) - 1
+
+
+class RewardModel:
+    def __init__(self, name_or_path, device="cpu", batch_size=64, kind="prob", no_eos_penalty=-1.0):
+        self.model = DistilBertClassifier.from_pretrained(name_or_path).eval().to(device)
+        cfg = self.model.config
+        if cfg.num_labels < 2:
+            raise CheckpointError(f"the reward model {name_or_path} has {cfg.num_labels} label: a sentiment "
+                                  f"reward needs a classifier with a negative and a positive label")
+        assert kind in ("prob", "logit"), kind
+        self.tokenizer = load_tokenizer(name_or_path)
+        self.tokenizer.no_padding()  # padding is done here, to the right
+        self.tokenizer.enable_truncation(cfg.max_position_embeddings)  # long texts: keep the beginning
+        self.pad_id = cfg.pad_token_id or 0
+        self.positive = positive_index(cfg.id2label)
+        self.device, self.batch_size, self.kind, self.no_eos_penalty = device, batch_size, kind, no_eos_penalty
+
+    @torch.no_grad()
+    def score(self, texts, finished=None):
+        """Rewards (N,) float32 on the CPU; finished (N,) bool marks completions that emitted EOS."""
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer.encode_batch(texts[start:start + self.batch_size])
+            ids, mask = right_pad([e.ids for e in enc], self.pad_id, self.device)  # the head reads token 0
+            logits = self.model(ids, mask).float()
+            out.append(logits.softmax(-1)[:, self.positive] if self.kind == "prob" else logits[:, self.positive])
+        rewards = torch.cat(out).cpu() if out else torch.zeros(0)
+        if finished is not None:
+            rewards = torch.where(finished.cpu(), rewards, torch.full_like(rewards, self.no_eos_penalty))
+        return rewards

@@ -1,0 +1,159 @@
+"""
+One RL run of WARP (Algorithm 1 of Ramé et al. 2024, lines 4–10): REINFORCE or RLOO on a LoRA
+policy, rewarded by a classifier and regularised by a KL penalty against an EMA anchor.
+
+    y ~ π_θ(·|x)
+    r_β(x, y) = r(x, y) − β · Σ_k [log π_θ(y_k|x, y_<k) − log π_ema(y_k|x, y_<k)]
+    A = r_β − b        (b = 0 for REINFORCE; the leave-one-out mean for RLOO)
+    θ ← AdamW(θ, ∇ −mean[A · Σ_k log π_θ(y_k|x, y_<k)])
+    θ_ema ← (1 − μ) θ_ema + μ θ
+
+The KL term is a single-sample, sequence-level estimate on the sampled tokens; it is part of
+the reward, so no gradient flows through it. The anchor is the EMA of the policy's *effective*
+weights W0 + s·B·A, kept as a plain dense GPT-2.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanowarp.gpt2 import GPT2
+from nanowarp.logprobs import token_logprobs
+from nanowarp.lora import add_lora, effective_state_dict, lora_modules
+from nanowarp.padding import left_pad
+from nanowarp.sampling import sample
+
+
+@dataclass
+class Resources:
+    """What every run of a job shares: loaded once per process."""
+    gpt2_config: object  # GPT2Config of the policy
+    tokenizer: object  # the policy's tokenizers.Tokenizer
+    reward_model: object  # nanowarp.reward.RewardModel
+    prompts: list  # training prompts, lists of token ids
+    eos_id: int
+    device: torch.device
+
+
+def rloo_advantages(rewards, k):
+    """Leave-one-out advantages; rewards (B,) hold k consecutive completions per prompt.
+    A_i = r_i − (Σ_j r_j − r_i) / (k − 1); k = 1 is plain REINFORCE (A = r)."""
+    if k == 1:
+        return rewards
+    r = rewards.view(-1, k)
+    baseline = (r.sum(1, keepdim=True) - r) / (k - 1)
+    return (r - baseline).view(-1)
+
+
+def lr_factor(step, warmup, total):
+    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@torch.no_grad()
+def ema_update(anchor, policy, mu):
+    """θ_ema ← (1 − μ) θ_ema + μ (W0 + s·B·A), for every adapted matrix. The other weights are
+    frozen at θ_init, where the anchor starts, so their EMA stays θ_init: nothing to do."""
+    for name, module in lora_modules(policy):
+        anchor.get_submodule(name).weight.lerp_(module.effective_weight(), mu)
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, tokens, temperature):
+    """log π(y_k | x, y_<k) of the completion tokens (B, N), through the fused log-prob."""
+    idx = torch.cat([prompt_ids, tokens], 1)[:, :-1]  # the last token predicts nothing we need
+    mask = torch.cat([prompt_mask, torch.ones_like(tokens)], 1)[:, :-1]
+    h = model.hidden_states(idx, mask)[:, prompt_ids.size(1) - 1:]  # (B, N, d): positions that predict y
+    return token_logprobs(h, model.lm_head.weight, tokens, temperature)
+
+
+def decode(tokenizer, prompts, tokens, lengths):
+    """Prompt + completion text for the reward model (EOS and padding dropped)."""
+    ids = [p + t[:n] for p, t, n in zip(prompts, tokens.tolist(), lengths.tolist())]
+    return tokenizer.decode_batch(ids, skip_special_tokens=True)
+
+
+def check_finite(step, **values):
+    for name, v in values.items():
+        if not torch.isfinite(torch.as_tensor(v)).all():
+            raise FloatingPointError(f"non-finite {name} at step {step}: stopping this run "
+                                     f"(lower --lr, or set --grad_clip)")
+
+
+def build_policy(theta, gpt2_config, device):
+    """A plain GPT-2 holding the dense weights theta (Hugging Face layout)."""
+    return GPT2(gpt2_config).load_hf_state_dict(theta).to(device)
+
+
+def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None):
+    """Train one policy from θ_init (dense, Hugging Face layout) for cfg.steps steps and return
+    its effective dense weights (Hugging Face layout, on the CPU)."""
+    device, k = res.device, cfg.rloo_k
+    torch.manual_seed(seed)  # LoRA's A initialisation
+    policy = add_lora(build_policy(theta_init, res.gpt2_config, device), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    anchor = build_policy(theta_init, res.gpt2_config, device).eval().requires_grad_(False)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
+    generator = torch.Generator(device).manual_seed(seed)  # this run's sampling
+    order = np.random.default_rng(seed)  # this run's prompt order
+    n_prompts = cfg.batch_size // k
+    queue = []
+
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        while len(queue) < n_prompts:  # a fresh permutation of the prompt set each epoch
+            queue += order.permutation(len(res.prompts)).tolist()
+        batch, queue = queue[:n_prompts], queue[n_prompts:]
+        prompts = [res.prompts[i] for i in batch for _ in range(k)]  # k consecutive copies per prompt
+
+        # 1. sample y ~ π_θ(·|x), with the behaviour log-probs
+        policy.eval()
+        s = sample(policy, prompts, cfg.max_new_tokens, eos_token_id=res.eos_id,
+                   temperature=cfg.temperature, generator=generator)
+        mask = s.mask.float()
+        t1 = time.perf_counter()
+
+        # 2. reward r(x, y), −1 without EOS
+        lengths = s.mask.sum(1)
+        rewards = res.reward_model.score(decode(res.tokenizer, prompts, s.tokens, lengths), s.finished).to(device)
+        t2 = time.perf_counter()
+
+        # 3. r_β = r − β · Σ_k log π_θ/π_ema (sequence level, sampled tokens, no gradient)
+        prompt_ids, prompt_mask = left_pad(prompts, res.eos_id, device)
+        with torch.no_grad():
+            anchor_lp = completion_logprobs(anchor, prompt_ids, prompt_mask, s.tokens, cfg.temperature)
+        kl = ((s.logprobs - anchor_lp) * mask).sum(1)
+        r_beta = rewards - cfg.kl_coef * kl
+        adv = rloo_advantages(r_beta, k)
+        if cfg.whiten:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+
+        # 4. policy-gradient step on −mean[A · Σ_k log π_θ(y_k|…)]
+        policy.train()
+        logp = completion_logprobs(policy, prompt_ids, prompt_mask, s.tokens, cfg.temperature)
+        loss = -(adv * (logp * mask).sum(1)).mean()
+        check_finite(step, reward=rewards, loss=loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        check_finite(step, gradient=grad_norm)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+
+        # 5. EMA anchor update, after every optimizer step
+        if cfg.anchor == "ema":
+            ema_update(anchor, policy, cfg.ema_rate)
+        t3 = time.perf_counter()
+
+        log(dict(step=step + 1, reward=rewards.mean().item(), kl=kl.mean().item(), r_beta=r_beta.mean().item(),
+                 length=lengths.float().mean().item(), finished=s.finished.float().mean().item(), lr=lr,
+                 grad_norm=grad_norm.item(), loss=loss.item(), tokens_per_s=lengths.sum().item() / (t3 - t0),
+                 time_sample=t1 - t0, time_score=t2 - t1, time_update=t3 - t2))
+
+    return {name: t.detach().cpu() for name, t in effective_state_dict(policy).items()}

@@ -1,0 +1,41 @@
+"""
+Train with WARP (Ramé et al. 2024) on IMDB: I iterations of M RL runs, merged by SLERP and
+interpolated towards the initialisation (LITI). Also the two stages before it:
+
+    python train.py --stage reward --data data/imdb/prepared --out_dir runs/rm   # the reward model
+    python train.py --stage sft --data data/imdb/prepared --out_dir runs/sft     # optional SFT
+    python train.py --data data/imdb/prepared --out_dir runs/warp                # WARP itself
+
+`python train.py --help` lists every hyperparameter with its default (SPEC §2).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from anywhere without installing
+
+from nanowarp.config import parse_args  # noqa: E402
+from nanowarp.data import DataError  # noqa: E402
+from nanowarp.hub import CheckpointError  # noqa: E402
+from nanowarp.supervised import train_reward_model, train_sft  # noqa: E402
+from nanowarp.warp import resolve_device, validate, warp  # noqa: E402
+
+
+def main(argv=None):
+    cfg = parse_args(argv, description=__doc__.strip().split("\n\n")[0])
+    try:
+        validate(cfg)
+        if cfg.stage == "reward":
+            train_reward_model(cfg, resolve_device(cfg.device))
+        elif cfg.stage == "sft":
+            train_sft(cfg, resolve_device(cfg.device))
+        else:
+            warp(cfg)
+    except (ValueError, CheckpointError, DataError, FloatingPointError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
