@@ -44,7 +44,8 @@ def resolve(name_or_path, weights=True, revision=None):
     if os.path.exists(name_or_path):
         raise CheckpointError(f"{name_or_path} is a file; expected a checkpoint folder "
                               f"(with config.json and model weights) or a Hub id like 'owner/name'")
-    if not _is_hub_id(name_or_path):
+    if not _is_hub_id(name_or_path) or os.path.isdir(name_or_path.split("/")[0]):
+        # "runs/x" where runs/ exists here is a missing local folder, not a Hub repo to retry for
         raise CheckpointError(f"no checkpoint folder at {name_or_path}: the folder does not exist "
                               f"(a Hub id has the form 'owner/name')")
     return _download(name_or_path, weights, revision)

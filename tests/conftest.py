@@ -10,6 +10,10 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from nanowarp.gpt2 import GPT2, GPT2Config
 
+# The test models are tiny: one thread runs them as fast as two, and far faster when the cores
+# are busy with other work (thread oversubscription); it also fixes float reduction order.
+torch.set_num_threads(1)
+
 EOS = "<|endoftext|>"
 
 # Review-like text with what the real data has: <br /> tags, unicode, quotes, digits.
@@ -95,3 +99,73 @@ def tiny_gpt2_dir(tmp_path_factory, bpe_dir):
                         bos_token_id=vocab[EOS], eos_token_id=vocab[EOS])
     GPT2(config).save_pretrained(folder)
     return folder
+
+
+def write_tiny_imdb(folder):
+    """A tiny IMDB in the official layout, folder/aclImdb/{train,test}/{pos,neg}/ID_RATING.txt:
+    6 reviews per folder (ids out of lexical order, two shorter than 200 characters, <br /> tags,
+    unicode), plus the unlabelled train/unsup and a README, which readers must ignore.
+    Returns {(split, label): [(id, text)] in file-creation order}."""
+    written, k = {}, 0
+    for split in ("train", "test"):
+        for label, ratings in (("neg", (1, 2, 3, 4)), ("pos", (7, 8, 9, 10))):
+            os.makedirs(os.path.join(folder, "aclImdb", split, label))
+            written[split, label] = []
+            for j, review_id in enumerate((10, 9, 0, 11, 2, 100)):
+                base = REVIEWS[k % len(REVIEWS)]
+                k += 1
+                text = base if j in (1, 4) else f"{split} {label} {review_id}: " + "<br /><br />".join([base] * 3)
+                name = f"{review_id}_{ratings[j % 4]}.txt"
+                with open(os.path.join(folder, "aclImdb", split, label, name), "w", encoding="utf-8") as f:
+                    f.write(text)
+                written[split, label].append((review_id, text))
+    os.makedirs(os.path.join(folder, "aclImdb", "train", "unsup"))
+    with open(os.path.join(folder, "aclImdb", "train", "unsup", "5_0.txt"), "w") as f:
+        f.write("unlabelled " * 40)
+    with open(os.path.join(folder, "aclImdb", "README"), "w") as f:
+        f.write("Large Movie Review Dataset (tiny test copy)\n")
+    return written
+
+
+@pytest.fixture(scope="session")
+def imdb_dir(tmp_path_factory):
+    """A folder holding a tiny aclImdb/ (see write_tiny_imdb)."""
+    folder = str(tmp_path_factory.mktemp("imdb"))
+    write_tiny_imdb(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prepared_imdb_dir(tmp_path_factory, imdb_dir, bpe_dir):
+    """The output of nanowarp.data.prepare on the tiny IMDB with the fixture tokenizer:
+    8 train prompts, 4 eval prompts (n_eval=4), 12 + 12 labelled reviews."""
+    from nanowarp.data import prepare
+    folder = str(tmp_path_factory.mktemp("imdb_prepared"))
+    prepare(imdb_dir, bpe_dir, folder, n_eval=4, log=lambda *a: None)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory):
+    """A random 2-layer DistilBERT sentiment classifier (labels NEGATIVE, POSITIVE) with a
+    WordPiece tokenizer trained on REVIEWS, in the Hugging Face layout (vocab.txt)."""
+    from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig
+    folder = save_wordpiece(train_wordpiece(), str(tmp_path_factory.mktemp("reward")))
+    with open(os.path.join(folder, "vocab.txt"), encoding="utf-8") as f:
+        vocab = [line.rstrip("\n") for line in f]
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=len(vocab), max_position_embeddings=256, dim=32, n_layers=2, n_heads=4,
+                              hidden_dim=64, pad_token_id=vocab.index("[PAD]"), id2label={0: "NEGATIVE", 1: "POSITIVE"})
+    DistilBertClassifier(config).save_pretrained(folder)
+    return folder
+
+
+def perturbed_copy(src, dst, seed, scale=0.01):
+    """A copy of the GPT-2 checkpoint src, tokenizer included, with N(0, scale²) noise added to
+    every tensor: a stand-in for a fine-tuned policy."""
+    from nanowarp.warp import save_policy
+    g = torch.Generator().manual_seed(seed)
+    model = GPT2.from_pretrained(src)
+    theta = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in model.hf_state_dict().items()}
+    save_policy(dst, theta, model.config, src)
+    return dst

@@ -1,0 +1,205 @@
+"""
+Evaluate policies as the WARP paper plots them: KL to a reference policy (x) against reward (y).
+
+For every model in --models, and every η of an optional LITI sweep between two checkpoints
+(--sweep A B: (1 − η)·A + η·B, merged in memory, nothing written), one completion per eval
+prompt is sampled and scored:
+
+    KL     = mean over prompts of Σ_k [log π(y_k|x, y_<k) − log π_ref(y_k|x, y_<k)]   (tokens up to EOS)
+    reward = mean of P(positive | x + y) under --reward_model, −1 for a completion without EOS
+
+All models use the same seed, hence the same random numbers: their differences are less noisy
+than independent draws. Writes --out (a JSON list, one object per model or sweep point) after
+each model, prints a table, and plots the points when matplotlib is installed.
+
+    python eval.py --models runs/warp/iter_1/liti runs/warp/iter_2/liti --ref lvwerra/gpt2-imdb \\
+        --sweep lvwerra/gpt2-imdb runs/warp/iter_2/slerp --n_prompts 100 --out results.json
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from nanowarp import hub
+from nanowarp.config import flag
+from nanowarp.data import DataError, load_meta, load_prompts
+from nanowarp.evaluate import evaluate, liti_sweep, plot
+from nanowarp.gpt2 import GPT2
+from nanowarp.reward import RewardModel
+from nanowarp.tokenizer import load_tokenizer
+from nanowarp.warp import resolve_device
+
+
+@dataclass
+class Args:
+    models: tuple = flag(None, "policies to evaluate: checkpoint folders or Hub ids (and/or --sweep)", nargs="+",
+                         metavar="DIR")
+    ref: str = flag("lvwerra/gpt2-imdb", "reference policy of the KL (the SFT model); its tokenizer decodes",
+                    metavar="DIR")
+    reward_model: str = flag("lvwerra/distilbert-imdb", "sentiment classifier giving the reward", metavar="DIR")
+    data: str = flag("data/imdb/prepared", "folder written by data/imdb/prepare.py (its eval prompts are used)",
+                     metavar="DIR")
+    n_prompts: int = flag(100, "evaluate on the first N eval prompts", type=int, metavar="N")
+    seed: int = flag(0, "sampling seed (the same for every model)", type=int, metavar="S")
+    out: str = flag("results.json", "where the results go (JSON list, one object per model / sweep point)",
+                     metavar="PATH")
+    max_new_tokens: int = flag(128, "maximum completion length; no EOS by then = reward -1", type=int,
+                               metavar="N")
+    temperature: float = flag(1.0, "sampling temperature, also used for both log-probs of the KL",
+                              type=float, metavar="T")
+    batch_size: int = flag(64, "prompts sampled together", type=int, metavar="B")
+    device: str = flag("auto", "cpu, cuda, cuda:N, or auto")
+    sweep: tuple = flag(None, "also evaluate the LITI sweep (1 - eta) A + eta B, merged in memory", nargs=2,
+                        metavar=("A", "B"))
+    etas: tuple = flag(tuple(round(i / 10, 10) for i in range(11)), "eta values of --sweep, in [0, 1]",
+                       nargs="+", type=float, metavar="E")
+    plot: str = flag(None, "KL-reward plot (PNG); None: --out with .png when matplotlib is installed; "
+                           "'none': no plot", metavar="PNG")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default, and the docstring above as written."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    for f in dataclasses.fields(Args):
+        default = list(f.default) if isinstance(f.default, tuple) else f.default  # nargs gives lists
+        parser.add_argument(f"--{f.name}", default=default, **f.metadata)
+    return Args(**vars(parser.parse_args(argv)))
+
+
+def fail(message):
+    """A user error: one line on stderr, exit status 2."""
+    print(f"eval.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def validate(args):
+    checks = [
+        (args.models or args.sweep, "nothing to evaluate: give --models, --sweep A B, or both"),
+        (args.n_prompts >= 1, f"--n_prompts must be >= 1, got {args.n_prompts}"),
+        (args.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
+        (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
+        (args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}"),
+        (all(0 <= eta <= 1 for eta in args.etas), f"--etas must lie in [0, 1], got {args.etas}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+
+
+def load_gpt2(name, role, ref=None):
+    """A GPT2 from a folder or Hub id; with ref, check it shares ref's vocabulary."""
+    try:
+        model = GPT2.from_pretrained(name)
+    except hub.CheckpointError as e:
+        fail(f"{role} {name}: {e}")
+    if ref is not None and (model.config.vocab_size, model.config.eos_token_id) != \
+            (ref.config.vocab_size, ref.config.eos_token_id):
+        fail(f"{role} {name} has vocab_size={model.config.vocab_size}, eos={model.config.eos_token_id} but --ref "
+             f"has vocab_size={ref.config.vocab_size}, eos={ref.config.eos_token_id}: the KL needs one vocabulary")
+    return model
+
+
+def check_prompts(prompts, args, ref):
+    """The prompts fit the reference tokenizer and the context window."""
+    meta_eos = load_meta(args.data).get("eos_token_id")
+    if meta_eos is not None and meta_eos != ref.config.eos_token_id:
+        fail(f"{args.data} was prepared with a tokenizer whose EOS is {meta_eos}, but --ref's is "
+             f"{ref.config.eos_token_id}: prepare the data with the policy's tokenizer")
+    if max(max(p) for p in prompts) >= ref.config.vocab_size:
+        fail(f"{args.data} holds token ids beyond --ref's vocabulary ({ref.config.vocab_size}): "
+             f"prepare the data with the policy's tokenizer")
+    longest = max(len(p) for p in prompts)
+    if longest + args.max_new_tokens > ref.config.n_positions:
+        fail(f"the longest prompt ({longest} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds the "
+             f"model's context ({ref.config.n_positions}): lower --max_new_tokens")
+
+
+def print_table(rows):
+    width = max([len("model")] + [len(r["model"]) for r in rows])
+    print(f"{'model':<{width}}  {'KL':>8}  {'reward':>8}  {'finished':>8}  {'length':>7}")
+    for r in rows:
+        print(f"{r['model']:<{width}}  {r['kl']:8.3f}  {r['reward']:+8.3f}  {r['finished']:8.2f}  {r['length']:7.1f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    validate(args)
+
+    # 1. inputs: fail on a missing folder or missing data before loading anything large
+    try:
+        prompts = load_prompts(args.data, "eval")
+        for name in (*(args.models or ()), *(args.sweep or ()), args.ref, args.reward_model):
+            hub.resolve(name)
+    except (DataError, hub.CheckpointError) as e:
+        fail(str(e))
+    if args.n_prompts > len(prompts):
+        print(f"note: {args.data} has {len(prompts)} eval prompts, fewer than --n_prompts {args.n_prompts}: using all")
+    prompts = prompts[:args.n_prompts]
+    device = resolve_device(args.device)
+    ref = load_gpt2(args.ref, "--ref").to(device).eval()
+    check_prompts(prompts, args, ref)
+    try:
+        tokenizer = load_tokenizer(args.ref)  # the policy tokenizer, to decode completions
+        reward_model = RewardModel(args.reward_model, device, batch_size=args.batch_size)
+    except hub.CheckpointError as e:
+        fail(str(e))
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.batch_size,
+                    seed=args.seed)
+    eos_id = ref.config.eos_token_id
+    print(f"evaluating on {len(prompts)} prompts of {args.data}, KL to {args.ref}, reward {args.reward_model}, "
+          f"device {device}")
+
+    rows, last = [], time.perf_counter()
+
+    def record(name, result, **extra):
+        """Add a row, rewrite --out (a crash keeps what is done), print a progress line."""
+        nonlocal last
+        row = dict(model=name, kl=result["kl"], reward=result["reward"], finished=result["finished"],
+                   length=result["length"], n_prompts=result["n"], kl_se=result["kl_se"],
+                   reward_se=result["reward_se"], **extra, temperature=args.temperature,
+                   max_new_tokens=args.max_new_tokens, seed=args.seed)
+        rows.append(row)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        hub.atomic_write(args.out, lambda tmp: open(tmp, "w").write(json.dumps(rows, indent=2) + "\n"))
+        seconds, last = time.perf_counter() - last, time.perf_counter()
+        print(f"{name}: KL {row['kl']:.3f} reward {row['reward']:+.3f} finished {row['finished']:.2f} "
+              f"length {row['length']:.1f} ({seconds:.1f}s)", flush=True)
+
+    # 2. each model: sample, score, KL to the reference
+    for name in args.models or ():
+        policy = load_gpt2(name, "--models", ref).to(device).eval()
+        record(name, evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, **settings))
+        del policy  # before loading the next one
+
+    # 3. the LITI sweep (1 − η) A + η B, one GPT2 in memory whose weights change with η
+    if args.sweep:
+        a, b = args.sweep
+        model_a, model_b = load_gpt2(a, "--sweep", ref), load_gpt2(b, "--sweep", ref)
+        differ = [f"{f.name} {getattr(model_a.config, f.name)} vs {getattr(model_b.config, f.name)}"
+                  for f in dataclasses.fields(model_a.config)
+                  if getattr(model_a.config, f.name) != getattr(model_b.config, f.name)]
+        if differ:
+            fail(f"--sweep {a} and {b} have different architectures ({', '.join(differ)})")
+        theta_a, theta_b = model_a.hf_state_dict(), model_b.hf_state_dict()
+        policy = GPT2(model_a.config).to(device).eval()  # a third model: theta_a shares model_a's storage
+        liti_sweep(theta_a, theta_b, args.etas, policy, ref, reward_model, prompts, tokenizer, eos_id,
+                   log=lambda eta, result: record(f"liti({a},{b},eta={eta:g})", result, eta=eta,
+                                                  sweep=f"liti({a},{b})"),
+                   **settings)
+
+    print_table(rows)
+    print(f"wrote {args.out}")
+    plot_path = args.plot if args.plot is not None else os.path.splitext(args.out)[0] + ".png"
+    if plot_path.lower() != "none" and plot(rows, plot_path):
+        print(f"wrote {plot_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""
+Merge GPT-2 checkpoints the WARP way, offline: SLERP (or LERP) of the policies' task vectors
+against --init, then LITI towards a base:
+
+    θ_merge = SLERP(θ_init, {θ_m})                   per tensor; M > 2 recursively, λ = 1/M
+    θ_out   = (1 − η) · θ_base + η · θ_merge           θ_base = --liti_base, or --init
+
+One η writes a checkpoint to --out; several write --out/eta_{E}/ for each E as typed, e.g.
+`--eta 0 0.5 1` gives eta_0/, eta_0.5/, eta_1/ (a LITI sweep, ready for eval.py). Every output is
+a complete checkpoint: config.json, model.safetensors and the tokenizer files of --init.
+Everything is checked before anything is written: a mismatched checkpoint or a bad η writes nothing.
+
+    python merge.py --init lvwerra/gpt2-imdb --policies runs/a runs/b --out runs/merged --eta 0.3 0.5 1
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+from nanowarp import hub, merging
+from nanowarp.config import flag
+from nanowarp.gpt2 import GPT2
+from nanowarp.warp import save_policy
+
+
+@dataclass
+class Args:
+    init: str = flag(None, "θ_init: the checkpoint the policies were trained from (task vectors are θ_m − θ_init)",
+                     required=True, metavar="DIR")
+    policies: tuple = flag(None, "θ_1 .. θ_M: the fine-tuned checkpoints to merge", required=True, nargs="+",
+                           metavar="DIR")
+    out: str = flag(None, "output folder (with several --eta, one subfolder eta_{E} per value)", required=True,
+                    metavar="DIR")
+    method: str = flag("slerp", "merge of the task vectors: slerp (WARP) or lerp (plain averaging)",
+                       choices=["slerp", "lerp"])
+    eta: tuple = flag(("1",), "LITI rate(s) η in [0, 1]: (1 − η)·base + η·merge; 1 = the merge itself",
+                      nargs="+", metavar="E")
+    liti_base: str = flag(None, "base of the LITI step, e.g. the SFT model for a Pareto front; None: --init",
+                          metavar="DIR")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default, and the docstring above as written."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    for f in dataclasses.fields(Args):
+        # required flags have no default to show; tuples are the lists nargs="+" would give
+        default = argparse.SUPPRESS if f.metadata.get("required") else \
+            list(f.default) if isinstance(f.default, tuple) else f.default
+        parser.add_argument(f"--{f.name}", default=default, **f.metadata)
+    return Args(**vars(parser.parse_args(argv)))
+
+
+def fail(message):
+    """A user error: one line on stderr, exit status 2, nothing written."""
+    print(f"merge.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_etas(etas):
+    """{folder name: η} for the η strings as typed; refuses anything outside [0, 1]."""
+    out = {}
+    for e in etas:
+        try:
+            value = float(e)
+        except ValueError:
+            fail(f"--eta {e!r} is not a number; give values in [0, 1]")
+        if not 0 <= value <= 1:  # also refuses nan
+            fail(f"--eta {e} is outside [0, 1] (0 keeps the base, 1 gives the merge)")
+        if f"eta_{e}" in out:
+            fail(f"--eta {e} is given twice")
+        out[f"eta_{e}"] = value
+    return out
+
+
+def load(name, role):
+    """(HF-layout state dict, GPT2Config, local folder) of a checkpoint, or a clear error."""
+    try:
+        folder = hub.resolve(name)
+        model = GPT2.from_pretrained(folder)
+    except hub.CheckpointError as e:
+        fail(f"{role} {name}: {e}")
+    return model.hf_state_dict(), model.config, folder
+
+
+def check_same_architecture(names, configs):
+    """Every GPT2Config equal to the first one, or an error naming the first difference."""
+    ref_name, ref = names[0], configs[0]
+    for name, config in zip(names[1:], configs[1:]):
+        for f in dataclasses.fields(config):
+            a, b = getattr(ref, f.name), getattr(config, f.name)
+            if a != b:
+                fail(f"{name} has {f.name}={b} but {ref_name} has {f.name}={a}: "
+                     f"merge only checkpoints of the same architecture")
+
+
+def task_vector_stats(init, thetas, merged):
+    """Cheap diagnostics, one tensor at a time: the mean per-tensor cos Ω between task vectors
+    (the angles SLERP works with), and ‖δ_merge‖ / mean_m ‖δ_m‖ over the whole model (LERP
+    shrinks the task vector when the runs disagree; SLERP keeps its norm, Lemma 1)."""
+    cosines, sq_norms, merged_sq_norm = [], [0.0] * len(thetas), 0.0
+    for k in init:
+        base = init[k].double().flatten()
+        deltas = [t[k].double().flatten() - base for t in thetas]
+        norms = [d.norm().item() for d in deltas]
+        for i in range(len(deltas)):
+            sq_norms[i] += norms[i] ** 2
+            cosines += [(deltas[i] @ deltas[j]).item() / (norms[i] * norms[j])
+                        for j in range(i + 1, len(deltas)) if norms[i] * norms[j] > 0]
+        merged_sq_norm += (merged[k].double().flatten() - base).square().sum().item()
+    mean_norm = sum(math.sqrt(s) for s in sq_norms) / len(thetas)
+    return (sum(cosines) / len(cosines) if cosines else None), \
+        (math.sqrt(merged_sq_norm) / mean_norm if mean_norm > 0 else None)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    etas = parse_etas(args.eta)
+
+    # 1. read and check every input before writing anything
+    checkpoints = [("--init " + args.init, *load(args.init, "--init"))]
+    checkpoints += [("--policies " + p, *load(p, "--policies")) for p in args.policies]
+    if args.liti_base is not None:
+        checkpoints.append(("--liti_base " + args.liti_base, *load(args.liti_base, "--liti_base")))
+    names, thetas, configs, folders = zip(*checkpoints)
+    check_same_architecture(names, configs)
+    try:
+        merging.check_compatible(list(thetas), list(names))
+    except ValueError as e:
+        fail(str(e))
+    init, init_config, init_folder = thetas[0], configs[0], folders[0]
+    policies = list(thetas[1:1 + len(args.policies)])
+    base = thetas[-1] if args.liti_base is not None else init
+    outputs = {os.path.join(args.out, name): eta for name, eta in etas.items()} if len(etas) > 1 \
+        else {args.out: next(iter(etas.values()))}
+    for folder in outputs:
+        if os.path.realpath(folder) in {os.path.realpath(f) for f in folders}:
+            fail(f"output {folder} is one of the input checkpoints: choose another --out")
+
+    # 2. θ_merge = SLERP(θ_init, {θ_m}), per tensor (or LERP: θ_init + mean_m δ_m)
+    merge = merging.slerp if args.method == "slerp" else merging.lerp
+    merged = merge(init, policies)
+    cos, ratio = task_vector_stats(init, policies, merged)
+    print(f"merged {len(policies)} policies with {args.method} around {args.init}"
+          + (f" | mean cos Ω between task vectors {cos:.4f}" if cos is not None else "")
+          + (f" | ‖δ_merge‖ / mean ‖δ_m‖ = {ratio:.4f}" if ratio is not None else ""))
+
+    # 3. θ_out = (1 − η) θ_base + η θ_merge, for each η (LITI)
+    base_name = args.liti_base if args.liti_base is not None else args.init
+    for folder, eta in outputs.items():
+        save_policy(folder, merging.liti(base, merged, eta), init_config, init_folder)
+        print(f"wrote {folder}: (1 - {eta:g}) * {base_name} + {eta:g} * {args.method}")
+
+
+if __name__ == "__main__":
+    main()

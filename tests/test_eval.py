@@ -1,0 +1,197 @@
+"""Tests for nanowarp.evaluate and eval.py: KL to a reference and reward, on tiny models."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import eval as eval_cli
+from conftest import perturbed_copy
+from nanowarp.data import load_prompts
+from nanowarp.evaluate import evaluate, liti_sweep, plot
+from nanowarp.gpt2 import GPT2
+from nanowarp.padding import left_pad
+from nanowarp.reward import RewardModel
+from nanowarp.rl import decode
+from nanowarp.sampling import sample
+from nanowarp.tokenizer import load_tokenizer
+
+MAX_NEW = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small run dozens of tiny matmuls per token: with several threads, their
+    synchronisation costs more than the arithmetic (10x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def eos_prone(model, logit=4.0):
+    """Add `logit` to EOS's logit through the final LayerNorm's bias (the LM head is tied to wte):
+    about half of the completions then stop within MAX_NEW tokens, so lengths, masks and the −1
+    rule all matter."""
+    eos = model.config.eos_token_id
+    with torch.no_grad():
+        w = model.transformer.wte.weight[eos]
+        model.transformer.ln_f.bias.copy_(logit * w / w.square().sum())
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_gpt2_dir, tiny_reward_dir, prepared_imdb_dir, tmp_path_factory):
+    ref = eos_prone(GPT2.from_pretrained(tiny_gpt2_dir))
+    far = eos_prone(GPT2.from_pretrained(perturbed_copy(tiny_gpt2_dir, str(tmp_path_factory.mktemp("far")), 1, 0.1)))
+    prompts = load_prompts(prepared_imdb_dir, "train") + load_prompts(prepared_imdb_dir, "eval")  # 12
+    return dict(ref=ref, far=far, reward_model=RewardModel(tiny_reward_dir), prompts=prompts,
+                tokenizer=load_tokenizer(tiny_gpt2_dir), eos_id=ref.config.eos_token_id)
+
+
+def run(s, policy, ref=None, **kw):
+    kw = dict(dict(max_new_tokens=MAX_NEW, batch_size=5), **kw)  # 12 prompts: batches of 5, 5, 2
+    return evaluate(policy, ref if ref is not None else s["ref"], s["reward_model"], s["prompts"], s["tokenizer"],
+                    s["eos_id"], **kw)
+
+
+def test_kl_of_a_model_against_itself_is_zero(setup):
+    result = run(setup, setup["ref"])
+    assert abs(result["kl"]) < 1e-4
+    assert 0 < result["finished"] < 1  # the test covers finished and unfinished completions
+    assert result["n"] == len(setup["prompts"])
+
+
+def test_kl_against_itself_is_zero_at_another_temperature(setup):
+    """Both log-probs at the sampling temperature (one at T, the other at 1 gives KL != 0)."""
+    assert abs(run(setup, setup["ref"], temperature=0.7)["kl"]) < 1e-4
+
+
+def test_a_different_model_has_positive_kl(setup):
+    assert run(setup, setup["far"])["kl"] > 0.1
+
+
+def test_metrics_match_a_by_hand_computation(setup):
+    """Reward = RewardModel on the decoded texts (−1 without EOS); KL = Σ over completion tokens
+    up to EOS of log π − log π_ref, with π_ref from a plain full-vocabulary log_softmax."""
+    s, seed = setup, 3
+    result = run(s, s["far"], seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    rewards, kls, finished, lengths = [], [], [], []
+    for start in range(0, 12, 5):
+        batch = s["prompts"][start:start + 5]
+        out = sample(s["far"], batch, MAX_NEW, eos_token_id=s["eos_id"], generator=g)
+        n = out.mask.sum(1)
+        texts = decode(s["tokenizer"], batch, out.tokens, n)
+        rewards += s["reward_model"].score(texts, out.finished).tolist()
+        ids, mask = left_pad(batch, s["eos_id"], "cpu")
+        full = torch.cat([ids, out.tokens], 1)
+        logits = s["ref"](full, torch.cat([mask, torch.ones_like(out.tokens)], 1))[:, ids.size(1) - 1:-1]
+        ref_lp = logits.log_softmax(-1).gather(2, out.tokens[:, :, None]).squeeze(2)
+        kls += ((out.logprobs - ref_lp) * out.mask).sum(1).tolist()
+        finished += out.finished.tolist()
+        lengths += n.tolist()
+    assert -1.0 in rewards and any(r != -1.0 for r in rewards)
+    assert result["reward"] == pytest.approx(sum(rewards) / 12, abs=1e-6)
+    assert result["kl"] == pytest.approx(sum(kls) / 12, abs=1e-4)
+    assert result["finished"] == pytest.approx(sum(finished) / 12)
+    assert result["length"] == pytest.approx(sum(lengths) / 12)
+
+
+def test_same_seed_same_results_other_seed_other_samples(setup):
+    a, b, c = run(setup, setup["far"], seed=7), run(setup, setup["far"], seed=7), run(setup, setup["far"], seed=8)
+    assert a == b
+    assert a != c
+
+
+def test_liti_sweep_end_points_are_the_two_models(setup):
+    a, b = setup["ref"].hf_state_dict(), setup["far"].hf_state_dict()
+    holder = GPT2(setup["ref"].config)
+    s = setup
+    points = liti_sweep(a, b, [0.0, 0.5, 1.0], holder, s["ref"], s["reward_model"], s["prompts"], s["tokenizer"],
+                        s["eos_id"], max_new_tokens=MAX_NEW, batch_size=5)
+    assert [p["eta"] for p in points] == [0.0, 0.5, 1.0]
+    assert {k: v for k, v in points[0].items() if k != "eta"} == run(s, s["ref"])
+    assert {k: v for k, v in points[2].items() if k != "eta"} == run(s, s["far"])
+    assert 0 < points[1]["kl"]
+
+
+SWEEP_ROWS = [dict(model="sft", kl=0.0, reward=-0.6)] + [
+    dict(model=f"liti(a,b,eta={e})", kl=e, reward=e - 0.5, eta=e, sweep="liti(a,b)") for e in (0, 0.5, 1)]
+
+
+def test_plot_draws_kl_against_reward(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert plot(SWEEP_ROWS, str(tmp_path / "p.png"))
+    assert os.path.getsize(tmp_path / "p.png") > 0
+
+
+def test_plot_without_matplotlib_says_so_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    notes = []
+    assert plot(SWEEP_ROWS, str(tmp_path / "p.png"), log=notes.append) is False
+    assert len(notes) == 1 and "matplotlib" in notes[0]
+    assert not (tmp_path / "p.png").exists()
+
+
+# ---- eval.py ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli_args(tiny_gpt2_dir, tiny_reward_dir, prepared_imdb_dir, tmp_path_factory):
+    other = perturbed_copy(tiny_gpt2_dir, str(tmp_path_factory.mktemp("policy")), 2, 0.05)
+    return dict(sft=tiny_gpt2_dir, other=other, argv=[
+        "--ref", tiny_gpt2_dir, "--reward_model", tiny_reward_dir, "--data", prepared_imdb_dir,
+        "--n_prompts", "3", "--seed", "0", "--max_new_tokens", "8", "--device", "cpu", "--batch_size", "2"])
+
+
+def test_cli_writes_results_with_models_and_sweep_rows(cli_args, tmp_path, capsys):
+    sft, other, out = cli_args["sft"], cli_args["other"], str(tmp_path / "results.json")
+    eval_cli.main(["--models", sft, other, "--sweep", sft, other, "--etas", "0", "0.5", "1", "--out", out,
+                   *cli_args["argv"]])
+    rows = json.load(open(out))
+    assert [r["model"] for r in rows] == [sft, other] + [f"liti({sft},{other},eta={e})" for e in ("0", "0.5", "1")]
+    for r in rows:
+        assert {"model", "kl", "reward", "finished", "length", "n_prompts"} <= r.keys()
+        assert r["n_prompts"] == 3 and 0 <= r["finished"] <= 1
+    assert [r.get("eta") for r in rows] == [None, None, 0.0, 0.5, 1.0]
+    assert abs(rows[0]["kl"]) < 1e-4  # the reference against itself
+    for model_row, sweep_row in ((rows[0], rows[2]), (rows[1], rows[4])):  # η = 0 is A, η = 1 is B
+        assert (sweep_row["kl"], sweep_row["reward"]) == (model_row["kl"], model_row["reward"])
+    printed = capsys.readouterr().out
+    assert "reward" in printed and f"liti({sft},{other},eta=0.5)" in printed
+
+
+def test_cli_uses_all_prompts_when_asked_for_more(cli_args, tmp_path, capsys):
+    out = str(tmp_path / "r.json")
+    argv = [a if a != "3" else "1000" for a in cli_args["argv"]]
+    eval_cli.main(["--models", cli_args["sft"], "--out", out, "--plot", "none", *argv])
+    assert json.load(open(out))[0]["n_prompts"] == 4
+    assert "using all" in capsys.readouterr().out
+    assert not (tmp_path / "r.png").exists()
+
+
+@pytest.mark.parametrize("case", ["missing model", "missing ref", "missing data", "zero prompts", "nothing"])
+def test_cli_refuses_bad_input_in_one_line(cli_args, tmp_path, capsys, case):
+    missing = str(tmp_path / "missing")
+    argv = {"missing model": ["--models", missing],
+            "missing ref": ["--models", cli_args["sft"], "--ref", missing],
+            "missing data": ["--models", cli_args["sft"], "--data", missing],
+            "zero prompts": ["--models", cli_args["sft"], "--n_prompts", "0"],
+            "nothing": []}[case]
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main([*cli_args["argv"], *argv, "--out", str(tmp_path / "r.json")])  # later flags win
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and err.startswith("eval.py: error:")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--models", "--ref", "--reward_model", "--data", "--n_prompts", "--seed", "--out",
+                 "--max_new_tokens", "--temperature", "--batch_size", "--device", "--sweep", "--etas", "--plot"):
+        assert flag in out
