@@ -5,6 +5,10 @@ interpolated towards the initialisation (LITI). Also the two stages before it:
     python train.py --stage reward --data data/imdb/prepared --out_dir runs/rm   # the reward model
     python train.py --stage sft --data data/imdb/prepared --out_dir runs/sft     # optional SFT
     python train.py --data data/imdb/prepared --out_dir runs/warp                # WARP itself
+    python train.py --data data/imdb/prepared --out_dir runs/warp --workers 2    # M runs side by side
+    torchrun --nproc_per_node=2 train.py --data data/imdb/prepared --out_dir runs/warp   # or over ranks
+
+Running the same command again resumes an interrupted job (README, "Resuming, workers and torchrun").
 
 `python train.py --help` lists every hyperparameter with its default (SPEC §2).
 """
@@ -17,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from anywh
 from nanowarp.config import parse_args  # noqa: E402
 from nanowarp.data import DataError  # noqa: E402
 from nanowarp.hub import CheckpointError  # noqa: E402
+from nanowarp.parallel import WorkerError  # noqa: E402
 from nanowarp.supervised import train_reward_model, train_sft  # noqa: E402
 from nanowarp.warp import resolve_device, validate, warp  # noqa: E402
 
@@ -31,7 +36,7 @@ def main(argv=None):
             train_sft(cfg, resolve_device(cfg.device))
         else:
             warp(cfg)
-    except (ValueError, CheckpointError, DataError, FloatingPointError) as e:
+    except (ValueError, CheckpointError, DataError, FloatingPointError, WorkerError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -60,8 +60,19 @@ class Config:
     # system
     seed: int = flag(0, "base seed; run m of iteration i uses seed + (i-1)*M + m")
     device: str = flag("auto", "cpu, cuda, cuda:N, or auto")
+    workers: int = flag(0, "processes training runs in parallel; 0 = one per visible CUDA device (1 on a CPU)")
+    threads: int = flag(0, "CPU threads per process; 0 = this machine's threads split evenly between the workers")
     log_every: int = flag(1, "print a progress line every N steps (metrics.jsonl gets every step)")
+    # crash safety
+    save_every: int = flag(0, "also save a run's training state every N steps, to resume inside a run; 0 = off")
+    fresh: bool = flag(False, "delete the earlier job's results in --out_dir and start over, instead of resuming it")
 
+
+# Flags a resumed job may change: they do not change what the job computes (--device and --threads
+# only in the last bits). --iterations may grow: iteration i never depends on I, so a finished job
+# can be extended. --preset is not compared, the values it sets are. The last five are other stages'.
+RESUME_FREE = ("out_dir", "fresh", "preset", "iterations", "workers", "threads", "device", "log_every", "save_every",
+               "reward_base", "epochs", "train_batch_size", "train_lr", "max_length")
 
 # Plain data: each preset is a set of overrides of the defaults above.
 PRESETS = {

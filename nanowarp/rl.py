@@ -89,9 +89,42 @@ def build_policy(theta, gpt2_config, device):
     return GPT2(gpt2_config).load_hf_state_dict(theta).to(device)
 
 
-def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None):
+def training_state(step, policy, anchor, opt, sched, generator, order, queue):
+    """Everything a run needs to continue after `step` steps exactly as if never stopped: the LoRA
+    factors, the EMA anchor's adapted weights, AdamW and schedule state, and every random stream.
+    It holds the live tensors (no copies): save it before the next step."""
+    adapted = [name for name, _ in lora_modules(policy)]
+    return dict(step=step, lora={n: p.detach() for n, p in policy.named_parameters() if p.requires_grad},
+                anchor={n: anchor.get_submodule(n).weight.detach() for n in adapted},
+                optimizer=opt.state_dict(), scheduler=sched.state_dict(), generator=generator.get_state(),
+                order=order.bit_generator.state, queue=list(queue), torch_rng=torch.get_rng_state(),
+                cuda_rng=torch.cuda.get_rng_state(generator.device) if generator.device.type == "cuda" else None)
+
+
+@torch.no_grad()
+def restore_training_state(state, policy, anchor, opt, sched, generator, order):
+    """Load a `training_state` back; returns (steps done, prompt queue)."""
+    params = dict(policy.named_parameters())
+    for n, v in state["lora"].items():
+        params[n].copy_(v)
+    for n, v in state["anchor"].items():
+        anchor.get_submodule(n).weight.copy_(v)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    order.bit_generator.state = state["order"]
+    torch.set_rng_state(state["torch_rng"])  # LoRA dropout
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], generator.device)
+    return state["step"], list(state["queue"])
+
+
+def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=None, save_state=None):
     """Train one policy from θ_init (dense, Hugging Face layout) for cfg.steps steps and return
-    its effective dense weights (Hugging Face layout, on the CPU)."""
+    its effective dense weights (Hugging Face layout, on the CPU).
+
+    With `save_state`, the run calls save_state(training_state(...)) every cfg.save_every steps;
+    `resume`, such a state, continues the run from there with the same result as a run never stopped."""
     device, k = res.device, cfg.rloo_k
     torch.manual_seed(seed)  # LoRA's A initialisation
     policy = add_lora(build_policy(theta_init, res.gpt2_config, device), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
@@ -102,9 +135,11 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None):
     generator = torch.Generator(device).manual_seed(seed)  # this run's sampling
     order = np.random.default_rng(seed)  # this run's prompt order
     n_prompts = cfg.batch_size // k
-    queue = []
+    start, queue = 0, []
+    if resume is not None:
+        start, queue = restore_training_state(resume, policy, anchor, opt, sched, generator, order)
 
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         while len(queue) < n_prompts:  # a fresh permutation of the prompt set each epoch
             queue += order.permutation(len(res.prompts)).tolist()
@@ -137,11 +172,11 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None):
         policy.train()
         logp = completion_logprobs(policy, prompt_ids, prompt_mask, s.tokens, cfg.temperature)
         loss = -(adv * (logp * mask).sum(1)).mean()
-        check_finite(step, reward=rewards, loss=loss)
+        check_finite(step + 1, reward=rewards, loss=loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        check_finite(step, gradient=grad_norm)
+        check_finite(step + 1, gradient=grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
@@ -155,5 +190,7 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None):
                  length=lengths.float().mean().item(), finished=s.finished.float().mean().item(), lr=lr,
                  grad_norm=grad_norm.item(), loss=loss.item(), tokens_per_s=lengths.sum().item() / (t3 - t0),
                  time_sample=t1 - t0, time_score=t2 - t1, time_update=t3 - t2))
+        if save_state is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_state(training_state(step + 1, policy, anchor, opt, sched, generator, order, queue))
 
     return {name: t.detach().cpu() for name, t in effective_state_dict(policy).items()}

@@ -9,18 +9,36 @@ WARP, the outer loop (Algorithm 1 of Ramé et al. 2024, arXiv 2406.16768):
 
 Everything here is dense weights in the Hugging Face layout: each run's LoRA is folded into its
 effective weights before merging, and the next iteration puts a fresh LoRA on the merged θ_init.
-After iteration i the job has written OUT/iter_{i}/run_{m}/, OUT/iter_{i}/slerp/ and
-OUT/iter_{i}/liti/ (the next θ_init), each a checkpoint with the policy's tokenizer files.
+
+The job folder (--out_dir) holds, each a checkpoint with the policy's tokenizer files:
+
+    job.json                 the job's settings (the Config), written when it starts
+    iter_{i}/run_{m}/        run m of iteration i, with its metrics.jsonl (and state.pt while it
+                             trains with --save_every)
+    iter_{i}/slerp/          the merge of the runs
+    iter_{i}/liti/           the next θ_init
+    metrics.jsonl            every step of every finished run, rebuilt as runs finish
+
+Crash safety. Every file is written atomically and a checkpoint's config.json last, so a folder with
+a config.json is complete. Running the same command again resumes the job: a finished iteration
+gives its θ_init back (iter_{i}/liti), finished runs are kept, only the missing runs are trained
+(from their state.pt, if any), and the merge is redone (it is a function of θ_init and the runs,
+which it always reads from disk). The result is the one of an uninterrupted job, bit for bit on a
+CPU with the same --threads. The M runs of an iteration can train side by side (nanowarp/parallel.py).
 """
 
+import dataclasses
+import functools
 import json
 import os
 import shutil
+import signal
 import time
 
 import torch
 
-from nanowarp import hub, merging
+from nanowarp import hub, merging, parallel
+from nanowarp.config import RESUME_FREE
 from nanowarp.data import load_prompts
 from nanowarp.gpt2 import GPT2, GPT2Config
 from nanowarp.reward import RewardModel
@@ -56,21 +74,55 @@ def validate(cfg):
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
         (cfg.lora_rank >= 1, f"--lora_rank must be >= 1, got {cfg.lora_rank}"),
+        (cfg.workers >= 0, f"--workers must be >= 0 (0 = one per CUDA device), got {cfg.workers}"),
+        (cfg.threads >= 0, f"--threads must be >= 0 (0 = automatic), got {cfg.threads}"),
+        (cfg.save_every >= 0, f"--save_every must be >= 0 (0 = off), got {cfg.save_every}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
 
 
-def load_resources(cfg):
-    device = resolve_device(cfg.device)
-    folder = hub.resolve(cfg.policy)
+def load_resources(cfg, device=None):
+    device = device or resolve_device(cfg.device)
+    folder = policy_folder(cfg.policy)
     gpt2_config = GPT2Config.from_hf(hub.load_config(folder), where=folder)
     tokenizer = load_tokenizer(folder)
     eos_id = gpt2_config.eos_token_id
     prompts = load_prompts(cfg.data, "train")
     reward_model = RewardModel(cfg.reward_model, device, kind=cfg.reward_kind, no_eos_penalty=cfg.no_eos_penalty)
     return Resources(gpt2_config, tokenizer, reward_model, prompts, eos_id, device)
+
+
+@functools.cache
+def policy_folder(policy):
+    return hub.resolve(policy)
+
+
+# ---- the job folder ---------------------------------------------------------------------------
+
+def job_folder(cfg, iteration, name):
+    """OUT/iter_{i}/{name}: name is run_{m}, slerp or liti."""
+    return os.path.join(cfg.out_dir, f"iter_{iteration}", name)
+
+
+def is_complete(folder):
+    return os.path.isfile(os.path.join(folder, "config.json"))  # written last
+
+
+def load_theta(folder):
+    """Dense weights of a checkpoint, in the Hugging Face layout, in one canonical form (key order,
+    contiguous CPU tensors), whether they come from a file or from training."""
+    return canonical(GPT2.from_pretrained(folder).hf_state_dict())
+
+
+def canonical(theta):
+    return {k: v.detach().cpu().contiguous() for k, v in theta.items()}
+
+
+def load_theta_init(cfg, iteration):
+    """θ_init of an iteration: θ_sft, or the LITI result of the previous iteration."""
+    return load_theta(policy_folder(cfg.policy) if iteration == 1 else job_folder(cfg, iteration - 1, "liti"))
 
 
 def save_policy(folder, theta, gpt2_config, tokenizer_folder):
@@ -82,42 +134,198 @@ def save_policy(folder, theta, gpt2_config, tokenizer_folder):
     hub.save_checkpoint(folder, gpt2_config.to_hf(), theta)  # config.json last: the folder is complete
 
 
-def warp(cfg, res=None, log=print):
-    """Run Algorithm 1; returns the final θ_init (dense, Hugging Face layout)."""
-    validate(cfg)
-    res = res or load_resources(cfg)
-    policy_folder = hub.resolve(cfg.policy)
-    theta_init = GPT2.from_pretrained(policy_folder).hf_state_dict()  # θ_sft, canonical keys
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
-    merge = merging.slerp if cfg.merge == "slerp" else merging.lerp
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    hub.atomic_write(path, write)
 
+
+def save_run(cfg, iteration, run, theta, rows, gpt2_config):
+    folder = job_folder(cfg, iteration, f"run_{run}")
+    write_text(os.path.join(folder, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    save_policy(folder, theta, gpt2_config, policy_folder(cfg.policy))
+    if os.path.exists(os.path.join(folder, "state.pt")):
+        os.remove(os.path.join(folder, "state.pt"))  # the run is complete: its training state is no use
+
+
+def write_metrics(cfg):
+    """OUT/metrics.jsonl: the rows of every finished run, in order. Rebuilt from the runs' own
+    files, so that a run killed half-way, and trained again, leaves no duplicate rows."""
+    lines = []
     for i in range(1, cfg.iterations + 1):
-        thetas = []
         for m in range(cfg.runs):
-            seed = run_seed(cfg, i, m)
-            start = time.perf_counter()
+            folder = job_folder(cfg, i, f"run_{m}")
+            if is_complete(folder):
+                with open(os.path.join(folder, "metrics.jsonl")) as f:
+                    lines.append(f.read())
+    write_text(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(lines))
 
-            def log_step(row, i=i, m=m):
-                row = dict(iteration=i, run=m, **row)
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                if row["step"] % cfg.log_every == 0 or row["step"] == cfg.steps:
-                    log(f"iter {i}/{cfg.iterations} run {m + 1}/{cfg.runs} step {row['step']:4d}/{cfg.steps} | "
-                        f"reward {row['reward']:+.3f} kl {row['kl']:.3f} r_beta {row['r_beta']:+.3f} "
-                        f"len {row['length']:5.1f} fin {row['finished']:.2f} lr {row['lr']:.2e} "
-                        f"|g| {row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s")
 
-            theta_m = rl_run(theta_init, m, seed, cfg, res, log_step)
-            save_policy(os.path.join(cfg.out_dir, f"iter_{i}", f"run_{m}"), theta_m, res.gpt2_config, policy_folder)
-            log(f"iter {i} run {m + 1}: done in {time.perf_counter() - start:.1f}s (seed {seed})")
-            thetas.append(theta_m)
+def start_job(cfg, log=print):
+    """Start a new job in cfg.out_dir, or check that the job there has the same settings and resume it.
+    Flags in config.RESUME_FREE may differ; any other difference is refused, unless --fresh."""
+    path = os.path.join(cfg.out_dir, "job.json")
+    results = [n for n in os.listdir(cfg.out_dir) if n.startswith("iter_")] if os.path.isdir(cfg.out_dir) else []
+    settings = dataclasses.asdict(cfg)
+    if cfg.fresh and (results or os.path.exists(path)):
+        for name in results:
+            shutil.rmtree(os.path.join(cfg.out_dir, name))
+        for name in ("job.json", "metrics.jsonl"):
+            if os.path.exists(os.path.join(cfg.out_dir, name)):
+                os.remove(os.path.join(cfg.out_dir, name))
+        log(f"--fresh: deleted the earlier job's results in {cfg.out_dir}")
+    elif os.path.exists(path):
+        with open(path) as f:
+            earlier = json.load(f)
+        differing = [k for k in sorted(set(earlier) | set(settings))
+                     if k not in RESUME_FREE and earlier.get(k, "(unset)") != settings.get(k, "(unset)")]
+        if differing:
+            raise ValueError(f"{cfg.out_dir} holds a job with other settings: "
+                             + ", ".join(f"--{k} {earlier.get(k, '(unset)')} (now {settings.get(k, '(unset)')})"
+                                         for k in differing)
+                             + ". Run it with its own flags to resume it, add --fresh to delete its results and "
+                               "start over, or choose another --out_dir")
+        log(f"resuming the job in {cfg.out_dir}")
+    elif results:
+        raise ValueError(f"{cfg.out_dir} holds WARP results but no job.json, so they cannot be resumed: "
+                         f"add --fresh to delete them and start over, or choose another --out_dir")
+    write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    for folder, _, files in os.walk(cfg.out_dir):  # what a kill -9 may have left behind
+        for name in files:
+            if name.startswith(".tmp-") or (name == "state.pt" and is_complete(folder)):
+                os.remove(os.path.join(folder, name))
 
-        theta_merged = merge(theta_init, thetas)  # SLERP(θ_init, {θ_m}, λ = 1/M), per tensor
-        theta_init = merging.liti(theta_init, theta_merged, cfg.liti_rate)  # (1−η) θ_init + η θ_slerp
-        save_policy(os.path.join(cfg.out_dir, f"iter_{i}", "slerp"), theta_merged, res.gpt2_config, policy_folder)
-        save_policy(os.path.join(cfg.out_dir, f"iter_{i}", "liti"), theta_init, res.gpt2_config, policy_folder)
-        log(f"iter {i}: merged {cfg.runs} runs ({cfg.merge}), LITI eta={cfg.liti_rate} -> {cfg.out_dir}/iter_{i}/liti")
-    metrics.close()
+
+def missing_runs(cfg, iteration):
+    """The runs of an iteration still to train, or None when the whole iteration is done."""
+    if is_complete(job_folder(cfg, iteration, "liti")):
+        return None
+    return [m for m in range(cfg.runs) if not is_complete(job_folder(cfg, iteration, f"run_{m}"))]
+
+
+def kill_point(name):
+    """A testing aid for crash safety: with NANOWARP_KILL_AT=name in the environment, the process
+    kills itself here with a real SIGKILL (no cleanup). Names: iter_{i}/run_{m}/step_{t} (after step
+    t is done), iter_{i}/run_{m}/saved (run saved, next one not started), iter_{i}/merge (SLERP
+    saved, LITI not)."""
+    if os.environ.get("NANOWARP_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- the runs ---------------------------------------------------------------------------------
+
+def train_run(cfg, res, iteration, run, theta_init, log=print, save=True):
+    """One RL run of the job (Algorithm 1, lines 4–10), saved to OUT/iter_{i}/run_{m} when `save`;
+    returns (θ_m, its metric rows). A state.pt left there by --save_every is continued from."""
+    i, m = iteration, run
+    state_path = os.path.join(job_folder(cfg, i, f"run_{m}"), "state.pt")
+    resume, rows = None, []
+    if save and os.path.isfile(state_path):
+        resume = torch.load(state_path, map_location="cpu", weights_only=True)
+        rows = resume.pop("metrics")
+        log(f"iter {i} run {m + 1}: resuming at step {resume['step']} from {state_path}")
+
+    def log_step(row):
+        row = dict(iteration=i, run=m, **row)
+        rows.append(row)
+        if row["step"] % cfg.log_every == 0 or row["step"] == cfg.steps:
+            log(f"iter {i}/{cfg.iterations} run {m + 1}/{cfg.runs} step {row['step']:4d}/{cfg.steps} | "
+                f"reward {row['reward']:+.3f} kl {row['kl']:.3f} r_beta {row['r_beta']:+.3f} "
+                f"len {row['length']:5.1f} fin {row['finished']:.2f} lr {row['lr']:.2e} "
+                f"|g| {row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s")
+        parallel.exit_if_orphaned()
+        kill_point(f"iter_{i}/run_{m}/step_{row['step']}")
+
+    def save_state(state):
+        hub.atomic_write(state_path, lambda tmp: torch.save({**state, "metrics": rows}, tmp))
+
+    start, seed = time.perf_counter(), run_seed(cfg, i, m)
+    try:
+        theta_m = canonical(rl_run(theta_init, m, seed, cfg, res, log_step, resume, save_state if save else None))
+    except FloatingPointError as e:  # say which run; the finished ones (and state.pt) stay on disk
+        raise FloatingPointError(f"iter_{i}/run_{m}: {e}") from None
+    if save:
+        save_run(cfg, i, m, theta_m, rows, res.gpt2_config)
+        kill_point(f"iter_{i}/run_{m}/saved")
+    log(f"iter {i} run {m + 1}: done in {time.perf_counter() - start:.1f}s (seed {seed})")
+    return theta_m, rows
+
+
+def train_runs(cfg, iteration, runs, theta_init, res, pool, group, log):
+    """Train and save the runs of an iteration that are not on disk yet: in the worker processes,
+    spread over the torchrun ranks (rank r takes runs r, r + K, ...), or one after the other here."""
+    if pool is not None:
+        pool.train(iteration, runs, on_done=lambda m: write_metrics(cfg))
+        return
+    for start in range(0, len(runs), group.size):  # one run per rank at a time
+        batch, theta_m, rows = runs[start:start + group.size], None, None
+        if group.rank < len(batch):
+            theta_m, rows = train_run(cfg, res, iteration, batch[group.rank], theta_init, log, save=group.leader)
+        for m, theta_m, rows in group.gather_runs(batch, theta_m, rows, like=theta_init):  # to rank 0
+            save_run(cfg, iteration, m, theta_m, rows, res.gpt2_config)
+        if group.leader:
+            write_metrics(cfg)
+
+
+def worker_devices(cfg, device, group):
+    """The device of each worker process; at most one worker means training in this process."""
+    if group.size > 1:
+        if cfg.workers > 1:
+            raise ValueError("--workers and torchrun both start processes: use one or the other")
+        return []
+    if device.type == "cuda" and device.index is None:  # "cuda" or "auto": every visible GPU
+        devices = [torch.device("cuda", k) for k in range(torch.cuda.device_count())]
+    else:
+        devices = [device]
+    n = min(cfg.workers or len(devices), cfg.runs)  # more workers than runs would idle
+    return [devices[w % len(devices)] for w in range(n)] if n > 1 else []
+
+
+# ---- Algorithm 1 ------------------------------------------------------------------------------
+
+def warp(cfg, res=None, log=print):
+    """Run Algorithm 1 in cfg.out_dir, resuming the job already there; returns the final θ_init
+    (dense, Hugging Face layout). Under torchrun, every rank calls this."""
+    validate(cfg)
+    group = parallel.Group.from_env(resolve_device(cfg.device))
+    log = log if group.leader else (lambda *a: None)  # only rank 0 logs and writes files
+    devices = worker_devices(cfg, group.device, group)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    # a wrong path or model fails here, before anything is written (the workers load their own)
+    res = res or load_resources(cfg, torch.device("cpu") if devices else group.device)
+    group.share(lambda: start_job(cfg, log))
+    pool = None
+    if devices:
+        threads = cfg.threads or max(1, torch.get_num_threads() // len(devices))
+        log(f"{len(devices)} workers ({', '.join(map(str, devices))}), {threads} CPU threads each")
+        pool, res = parallel.WorkerPool(cfg, devices, threads), None
+    gpt2_config = GPT2Config.from_hf(hub.load_config(policy_folder(cfg.policy)))
+    merge = merging.slerp if cfg.merge == "slerp" else merging.lerp
+    theta_init = load_theta_init(cfg, 1)  # θ_sft
+
+    try:
+        for i in range(1, cfg.iterations + 1):
+            liti_folder = job_folder(cfg, i, "liti")
+            missing = group.share(lambda: missing_runs(cfg, i))  # rank 0 looks at what is on disk
+            if missing is None:  # iteration i was done before a restart
+                theta_init = load_theta(liti_folder) if group.leader else theta_init
+                log(f"iter {i}: done earlier, theta_init <- {liti_folder}")
+            else:
+                # for m in 1..M: θ_m ← RL run from θ_init (the runs not on disk yet, side by side if possible)
+                train_runs(cfg, i, missing, theta_init, res, pool, group, log)
+                if group.leader:
+                    thetas = [load_theta(job_folder(cfg, i, f"run_{m}")) for m in range(cfg.runs)]
+                    theta_merged = merge(theta_init, thetas)  # SLERP(θ_init, {θ_m}, λ = 1/M), per tensor
+                    save_policy(job_folder(cfg, i, "slerp"), theta_merged, gpt2_config, policy_folder(cfg.policy))
+                    kill_point(f"iter_{i}/merge")
+                    theta_init = merging.liti(theta_init, theta_merged, cfg.liti_rate)  # (1−η) θ_init + η θ_slerp
+                    save_policy(liti_folder, theta_init, gpt2_config, policy_folder(cfg.policy))
+                    log(f"iter {i}: merged {cfg.runs} runs ({cfg.merge}), LITI eta={cfg.liti_rate} -> {liti_folder}")
+            theta_init = group.broadcast(theta_init)  # the new θ_init on every rank
+    finally:
+        if pool is not None:
+            pool.close()
+    group.close()
     return theta_init
-

@@ -1,0 +1,219 @@
+"""
+Training the M runs of a WARP iteration side by side, as the paper does. Two ways:
+
+- `WorkerPool`: `--workers N` processes started by torch.multiprocessing (spawn); by default one per
+  visible CUDA device, worker w on cuda:w. Each worker loads the job's resources once, then takes
+  (iteration, run) tasks from a queue: it reads θ_init from disk, trains the run and saves it
+  (atomically) itself. Runs wait in the queue when M exceeds the workers. The parent only merges.
+- `Group`: the ranks of `torchrun --nproc_per_node=K train.py ...`. Rank r trains runs r, r + K, ...;
+  the finished weights reach rank 0 through torch.distributed (gloo on CPU, NCCL on GPU); rank 0
+  saves them, merges, and broadcasts the new θ_init to every rank. Only rank 0 writes files and logs.
+
+Either way a run computes what it computes in the sequential loop: it depends only on θ_init, its
+seed and the config (bit for bit on a CPU, given the same number of threads, --threads).
+"""
+
+import multiprocessing
+import os
+import pickle
+import queue
+import traceback
+
+import torch
+import torch.distributed as dist
+
+
+class WorkerError(RuntimeError):
+    """A worker process that failed or died; the finished runs are on disk."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker, chained to it when the parent re-raises."""
+
+
+def exit_if_orphaned():
+    """In a worker whose parent was killed: stop now, rather than race a resumed job for the GPU."""
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():
+        os._exit(1)
+
+
+def _next_task(tasks):
+    """The next (iteration, run) to train, or None: no more work, or no parent to report to."""
+    while True:
+        try:
+            return tasks.get(timeout=1.0)
+        except queue.Empty:
+            exit_if_orphaned()
+
+
+def _portable(e):
+    """The exception itself if it survives pickling (to raise it again in the parent), else its text."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return WorkerError(f"{type(e).__name__}: {e}")
+
+
+def _print_line(line):
+    print(line + "\n", end="", flush=True)  # one write: the lines of two workers do not mix
+
+
+def _worker(index, cfg, device, threads, tasks, results):
+    from nanowarp.warp import load_resources, load_theta_init, train_run  # a spawned process starts empty
+
+    torch.set_num_threads(threads)
+    res = None
+    while (task := _next_task(tasks)) is not None:
+        iteration, run = task
+        results.put((index, run, "started", None))
+        try:
+            res = res or load_resources(cfg, torch.device(device))
+            train_run(cfg, res, iteration, run, load_theta_init(cfg, iteration), log=_print_line)
+        except BaseException as e:
+            results.put((index, run, "failed", (_portable(e), traceback.format_exc())))
+            return
+        results.put((index, run, "done", None))
+
+
+class WorkerPool:
+    """Worker processes that train and save runs; see the module docstring."""
+
+    def __init__(self, cfg, devices, threads):
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.devices = [str(d) for d in devices]
+        self.procs = [ctx.Process(target=_worker, args=(w, cfg, d, threads, self.tasks, self.results),
+                                  name=f"nanowarp-worker-{w}", daemon=True) for w, d in enumerate(self.devices)]
+        for p in self.procs:
+            p.start()
+
+    def train(self, iteration, runs, on_done=lambda run: None):
+        """Train and save these runs of `iteration`, calling on_done(run) as each one is saved.
+        The first failure stops every worker and is raised here, with the worker's traceback."""
+        for run in runs:
+            self.tasks.put((iteration, run))
+        pending, holding = set(runs), {}  # worker -> the run it trains
+        while pending:
+            try:
+                w, run, event, error = self.results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [w for w, p in enumerate(self.procs) if not p.is_alive()]
+                if dead:
+                    self._died(dead[0], iteration, holding)
+                continue
+            if event == "started":
+                holding[w] = run
+            elif event == "done":
+                pending.discard(run)
+                del holding[w]
+                on_done(run)
+            else:
+                self._failed(w, error)
+
+    def _failed(self, w, error):
+        self.terminate()
+        exc, tb = error
+        raise exc from RemoteTraceback(f"in worker {w} ({self.devices[w]}):\n{tb}")
+
+    def _died(self, w, iteration, holding):
+        """A worker gone without a word (SIGKILL, out of memory), unless its last words are still queued."""
+        try:
+            while True:
+                w2, _, event, error = self.results.get(timeout=1.0)
+                if event == "failed":
+                    self._failed(w2, error)
+        except queue.Empty:
+            pass
+        self.terminate()
+        doing = f" while training iter_{iteration}/run_{holding[w]}" if w in holding else ""
+        raise WorkerError(f"worker {w} ({self.devices[w]}) died with exit code {self.procs[w].exitcode}{doing} "
+                          f"(killed, or out of memory?); the finished runs are on disk: "
+                          f"run the same command again to resume") from None
+
+    def terminate(self):
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join()
+
+    def close(self):
+        """Let the workers finish (they exit on a None task); stop any that does not."""
+        for _ in self.procs:
+            self.tasks.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+        self.terminate()
+
+
+class Group:
+    """The processes of this job: the ranks of torchrun, or this process alone (rank 0 of 1)."""
+
+    def __init__(self, rank=0, size=1, device=torch.device("cpu")):
+        self.rank, self.size, self.device = rank, size, device
+        self.leader = rank == 0
+
+    @classmethod
+    def from_env(cls, device):
+        """Join the torchrun job this process belongs to (WORLD_SIZE > 1), if any. On CUDA, rank r
+        uses cuda:LOCAL_RANK and NCCL; otherwise gloo on the given device."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size == 1:
+            return cls(device=device)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), device)
+
+    def close(self):
+        if self.size > 1:
+            dist.destroy_process_group()
+
+    def share(self, fn):
+        """fn() computed on rank 0 and returned on every rank; an exception is raised on every rank."""
+        if self.size == 1:
+            return fn()
+        box = [None, None]  # result, exception
+        if self.leader:
+            try:
+                box[0] = fn()
+            except Exception as e:
+                box[1] = _portable(e)
+        dist.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            raise box[1]
+        return box[0]
+
+    def broadcast(self, theta):
+        """Rank 0's state dict on every rank (the others pass one with the same keys and shapes)."""
+        if self.size == 1:
+            return theta
+        out = {}
+        for k in sorted(theta):  # the same order on every rank
+            t = theta[k].to(self.device, copy=True).contiguous()
+            dist.broadcast(t, src=0)
+            out[k] = t.cpu()
+        return out
+
+    def gather_runs(self, runs, theta, rows, like):
+        """After rank r has trained runs[r] (its weights `theta`, its metric rows `rows`): rank 0
+        receives ranks 1.. 's runs and returns [(run, theta, rows)]; the other ranks return []."""
+        received = []
+        for src, run in enumerate(runs[1:], start=1):
+            if self.leader:
+                got = {}
+                for k in sorted(like):
+                    t = torch.empty(like[k].shape, dtype=like[k].dtype, device=self.device)
+                    dist.recv(t, src=src)
+                    got[k] = t.cpu()
+                box = [None]
+                dist.recv_object_list(box, src=src)
+                received.append((run, {k: got[k] for k in like}, box[0]))
+            elif self.rank == src:
+                for k in sorted(like):
+                    dist.send(theta[k].to(self.device).contiguous(), dst=0)
+                dist.send_object_list([rows], dst=0)
+        return received

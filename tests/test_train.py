@@ -1,0 +1,123 @@
+"""train.py end to end on tiny models: the policy moves, the M runs differ, every checkpoint and
+the metrics are written, eval.py reads them; and bad input stops it before anything is written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from nanowarp.gpt2 import GPT2
+from nanowarp.merging import task_vector
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def flags(tiny_gpt2_dir, tiny_reward_dir, prepared_imdb_dir):
+    return ["--policy", tiny_gpt2_dir, "--reward_model", tiny_reward_dir, "--data", prepared_imdb_dir,
+            "--iterations", "2", "--runs", "2", "--steps", "3", "--batch_size", "4", "--max_new_tokens", "8",
+            "--lora_rank", "2", "--warmup", "1", "--lr", "1e-2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def job(flags, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("job"))
+    assert train.main(flags + ["--out_dir", out]) == 0
+    return out
+
+
+def weights(folder):
+    return GPT2.from_pretrained(folder).hf_state_dict()
+
+
+def test_every_checkpoint_and_the_metrics_are_written(job):
+    for i in (1, 2):
+        for name in ("run_0", "run_1", "slerp", "liti"):
+            folder = os.path.join(job, f"iter_{i}", name)
+            assert os.path.isfile(os.path.join(folder, "model.safetensors")), folder
+            assert os.path.isfile(os.path.join(folder, "vocab.json")), "checkpoints carry the tokenizer"
+    rows = [json.loads(line) for line in open(os.path.join(job, "metrics.jsonl"))]
+    assert len(rows) == 2 * 2 * 3
+    for key in ("reward", "kl", "r_beta", "length", "finished", "lr", "grad_norm", "tokens_per_s"):
+        assert all(key in r for r in rows), key
+    assert {(r["iteration"], r["run"]) for r in rows} == {(1, 0), (1, 1), (2, 0), (2, 1)}
+
+
+def test_policy_moves_and_runs_differ(job, tiny_gpt2_dir):
+    sft = weights(tiny_gpt2_dir)
+    d1 = task_vector(sft, weights(os.path.join(job, "iter_1", "run_0")))
+    d2 = task_vector(sft, weights(os.path.join(job, "iter_1", "run_1")))
+    flat1 = torch.cat([v.flatten() for v in d1.values()])
+    flat2 = torch.cat([v.flatten() for v in d2.values()])
+    assert flat1.norm() > 0 and flat2.norm() > 0, "the task vectors must not be zero"
+    cos = torch.dot(flat1, flat2) / (flat1.norm() * flat2.norm())
+    assert cos < 1 - 1e-4, "two runs with distinct seeds must differ (angle > 0)"
+    # iteration 2 starts from iteration 1's LITI, not from the SFT model
+    liti1 = weights(os.path.join(job, "iter_1", "liti"))
+    d_iter2 = task_vector(liti1, weights(os.path.join(job, "iter_2", "run_0")))
+    assert any(v.abs().max() > 0 for v in d_iter2.values())
+
+
+def test_liti_is_halfway_between_init_and_slerp(job, tiny_gpt2_dir):
+    sft, slerp, liti = (weights(p) for p in (tiny_gpt2_dir, os.path.join(job, "iter_1", "slerp"),
+                                                 os.path.join(job, "iter_1", "liti")))
+    for k in sft:
+        assert torch.allclose(liti[k], 0.5 * sft[k] + 0.5 * slerp[k], atol=1e-6), k
+
+
+def test_same_seed_same_result(flags, job, tmp_path):
+    # run 0 of iteration 1 has the same seed and θ_init in a one-run job
+    assert train.main(flags + ["--out_dir", str(tmp_path), "--iterations", "1", "--runs", "1"]) == 0
+    a, b = weights(os.path.join(job, "iter_1", "run_0")), weights(str(tmp_path / "iter_1" / "run_0"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_reads_the_checkpoints(job, tiny_gpt2_dir, tiny_reward_dir, prepared_imdb_dir, tmp_path):
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, "eval.py", "--models", os.path.join(job, "iter_2", "liti"), os.path.join(job, "iter_2", "slerp"),
+           "--ref", tiny_gpt2_dir, "--reward_model", tiny_reward_dir, "--data", prepared_imdb_dir,
+           "--n_prompts", "4", "--seed", "0", "--out", str(out), "--max_new_tokens", "8", "--device", "cpu"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 and all({"model", "kl", "reward", "finished"} <= set(r) for r in rows)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--liti_rate", "1.5"], "--liti_rate"),
+    (["--liti_rate", "-0.1"], "--liti_rate"),
+    (["--runs", "0"], "--runs"),
+    (["--ema_rate", "0"], "--ema_rate"),
+    (["--ema_rate", "1.01"], "--ema_rate"),
+    (["--batch_size", "6", "--rloo_k", "4"], "--batch_size"),
+])
+def test_bad_hyperparameters_are_refused_before_writing(flags, bad, message, tmp_path, capsys):
+    sentinel = tmp_path / "metrics.jsonl"
+    sentinel.write_text("keep me\n")
+    assert train.main(flags + ["--out_dir", str(tmp_path)] + bad) != 0
+    assert message in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"] and sentinel.read_text() == "keep me\n"
+
+
+def test_missing_data_folder_is_a_clear_error(flags, tmp_path, capsys):
+    assert train.main(flags + ["--out_dir", str(tmp_path / "out"), "--data", str(tmp_path / "nope")]) != 0
+    assert "prepare.py" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_reward_model_with_one_label_is_refused(flags, tiny_reward_dir, tmp_path, capsys):
+    import shutil
+    one = tmp_path / "rm1"
+    shutil.copytree(tiny_reward_dir, one)
+    from nanowarp.distilbert import DistilBertClassifier
+    model = DistilBertClassifier.from_pretrained(str(one))
+    model.config.num_labels, model.config.id2label = 1, {0: "POSITIVE"}
+    model.classifier = torch.nn.Linear(model.config.dim, 1)
+    model.save_pretrained(str(one))
+    assert train.main(flags + ["--out_dir", str(tmp_path / "out"), "--reward_model", str(one)]) != 0
+    assert "1 label" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
