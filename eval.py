@@ -16,7 +16,6 @@ each model, prints a table, and plots the points when matplotlib is installed.
         --sweep lvwerra/gpt2-imdb runs/warp/iter_2/slerp --n_prompts 100 --out results.json
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -25,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from nanowarp import hub
-from nanowarp.config import flag
+from nanowarp.config import flag, parse_args as parse_flags
 from nanowarp.data import DataError, load_meta, load_prompts
 from nanowarp.evaluate import evaluate, liti_sweep, plot
 from nanowarp.gpt2 import GPT2
@@ -61,16 +60,8 @@ class Args:
                            "'none': no plot", metavar="PNG")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default, and the docstring above as written."""
-
-
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    for f in dataclasses.fields(Args):
-        default = list(f.default) if isinstance(f.default, tuple) else f.default  # nargs gives lists
-        parser.add_argument(f"--{f.name}", default=default, **f.metadata)
-    return Args(**vars(parser.parse_args(argv)))
+    return parse_flags(argv, Args, presets=None, description=__doc__)
 
 
 def fail(message):

@@ -13,7 +13,6 @@ Everything is checked before anything is written: a mismatched checkpoint or a b
     python merge.py --init lvwerra/gpt2-imdb --policies runs/a runs/b --out runs/merged --eta 0.3 0.5 1
 """
 
-import argparse
 import dataclasses
 import math
 import os
@@ -21,7 +20,7 @@ import sys
 from dataclasses import dataclass
 
 from nanowarp import hub, merging
-from nanowarp.config import flag
+from nanowarp.config import flag, parse_args as parse_flags
 from nanowarp.gpt2 import GPT2
 from nanowarp.warp import save_policy
 
@@ -42,18 +41,8 @@ class Args:
                           metavar="DIR")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default, and the docstring above as written."""
-
-
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    for f in dataclasses.fields(Args):
-        # required flags have no default to show; tuples are the lists nargs="+" would give
-        default = argparse.SUPPRESS if f.metadata.get("required") else \
-            list(f.default) if isinstance(f.default, tuple) else f.default
-        parser.add_argument(f"--{f.name}", default=default, **f.metadata)
-    return Args(**vars(parser.parse_args(argv)))
+    return parse_flags(argv, Args, presets=None, description=__doc__)
 
 
 def fail(message):

@@ -84,15 +84,25 @@ PRESETS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default, and the script's docstring as written."""
+
+
 def parse_args(argv=None, cls=Config, presets=PRESETS, description=None):
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Parse flags into a `cls` instance: one flag per field, its argparse settings (help, choices,
+    nargs, ...) in the field's metadata. With presets, --preset NAME sets the defaults first."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     for f in dataclasses.fields(cls):
-        kw = dict(default=f.default, help=f.metadata["help"])
-        if f.type in (bool, "bool"):
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        kw = dict(f.metadata)
+        if kw.get("required"):
+            kw["default"] = argparse.SUPPRESS  # no default to show
         else:
-            kw["type"] = type(f.default)
-            parser.add_argument(f"--{f.name}", choices=f.metadata.get("choices"), **kw)
+            kw["default"] = list(f.default) if isinstance(f.default, tuple) else f.default  # nargs gives lists
+        if isinstance(f.default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif f.default is not None and "nargs" not in kw:
+            kw.setdefault("type", type(f.default))
+        parser.add_argument(f"--{f.name}", **kw)
     if presets:
         known, _ = parser.parse_known_args(argv)
         if known.preset not in presets:
