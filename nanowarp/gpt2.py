@@ -98,6 +98,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+            S = mask.size(-1)  # attend over the slots the mask covers: a prefix of the cache
+            k, v = k[:, :, :S], v[:, :, :S]
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -160,7 +162,9 @@ class GPT2(nn.Module):
         """Final hidden states (B, T, n_embd), after ln_f and before the LM head.
 
         idx (B, T) token ids. attention_mask (B, S): 1 = token, 0 = padding; without a KV cache
-        S = T, with one S is the cache length and the mask covers every slot written so far.
+        S = T; with one, the mask covers cache slots 0..S-1 (S up to the cache length, past every
+        slot written so far): attention reads those S slots only, so a decoding loop can pass a
+        growing prefix of its mask and skip the empty end of the cache.
         input_pos (T,) are the cache slots of idx (default 0..T-1).
         """
         B, T = idx.shape

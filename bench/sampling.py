@@ -1,0 +1,206 @@
+"""
+Sampling throughput: nanowarp's KV-cache sampler vs Hugging Face `generate` vs a loop without a
+KV cache.
+
+GPT-2 124M shapes with random weights, the same weights in every contender (checked: one forward
+pass of each gives the same logits), fp32, prompts of 16 random tokens, plain sampling
+(temperature 1, no top-k / top-p), no early stop: every row gets exactly `new` tokens.
+
+- nanowarp:  nanowarp.sampling.sample(model, prompts, new, eos_token_id=None)
+- generate:  transformers' GPT2LMHeadModel.generate(do_sample=True, top_k=0), its eos disabled
+- no cache:  each step runs the whole sequence through the model again, the LM head on the last
+             position only, then nanowarp's sample_next: the KV cache is the only difference
+             with nanowarp. It is slow, so it runs `--no-cache-repeats` times (default 1).
+
+Contenders run one after the other inside each repeat, in a rotating order, so a slow spell of
+a shared machine hits all of them; the table shows medians over repeats of tokens/s (B × new /
+wall time of one call, prompt processing included) and the ratio of each median to generate's.
+
+    python bench/sampling.py                      # both shapes, 3 repeats: ~5 minutes on 2 cores
+    python bench/sampling.py --shapes 64x32 --repeats 5 --no-cache-repeats 0
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+from nanowarp.gpt2 import GPT2, GPT2Config  # noqa: E402
+from nanowarp.sampling import left_pad, lm_head, sample, sample_next  # noqa: E402
+
+
+@dataclass
+class Args:
+    shapes: str = "64x32,16x64"  # comma-separated BATCHxNEW_TOKENS
+    prompt_len: int = 16  # tokens per prompt
+    repeats: int = 3  # timed calls per contender and shape (medians are reported)
+    no_cache_repeats: int = 1  # timed calls of the (slow) no-cache loop; 0 skips it
+    hf: bool = True  # include transformers' generate (skipped when transformers is missing)
+    compile: bool = False  # also time nanowarp with torch.compile of the decoding step
+    profile: bool = False  # also show where the time goes: nanowarp's phases, generate's top ops
+    threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
+    seed: int = 0
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = {"shapes": "comma-separated BATCHxNEW_TOKENS", "prompt_len": "tokens per prompt",
+             "repeats": "timed calls per contender and shape; medians are reported",
+             "no_cache_repeats": "timed calls of the slow no-cache loop; 0 skips it",
+             "hf": "include transformers' generate", "compile": "also time nanowarp with compile=True",
+             "profile": "also show where the time goes: nanowarp's phases, generate's top operators",
+             "threads": "torch.set_num_threads; 0 keeps torch's default", "seed": "weights, prompts, sampling"}
+    for f in fields(Args):
+        if f.type is bool:
+            p.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                           default=f.default, help=helps[f.name])
+        else:
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, default=f.default, help=helps[f.name])
+    return Args(**vars(p.parse_args()))
+
+
+@torch.no_grad()
+def no_cache_generate(model, idx, new_tokens, generator):
+    """What generation without a KV cache costs: the whole sequence again at every step."""
+    for _ in range(new_tokens):
+        logits = model.lm_head(model.hidden_states(idx)[:, -1])  # (B, V), prompts all of one length
+        token, _ = sample_next(logits, generator=generator)
+        idx = torch.cat([idx, token[:, None]], dim=1)
+    return idx[:, -new_tokens:]
+
+
+@torch.no_grad()
+def breakdown(model, idx, new_tokens):
+    """nanowarp's sampling of idx (B, P) cut into its parts, each timed on its own: the calls that
+    sample() makes, with decode_one_token split into the transformer body and the LM head. Also
+    the rate of each part in GFLOP/s, from the matmul FLOPs it must do (2 per weight per token)."""
+    c = model.config
+    body_flop = 2 * 12 * c.n_embd**2 * c.n_layer  # per token: c_attn, attn.c_proj, c_fc, mlp.c_proj
+    head_flop = 2 * c.n_embd * c.vocab_size
+    (B, P), V = idx.shape, c.vocab_size
+    prompt, prompt_mask = left_pad(idx.tolist(), 0)
+    attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, new_tokens)], 1)
+    logits_buffer, probs_buffer = torch.empty(V, B), torch.empty(B, V)
+    g, t = torch.Generator().manual_seed(0), {"prefill": 0.0, "body": 0.0, "head": 0.0, "sample": 0.0}
+    model.setup_caches(B, P + new_tokens)
+    t0 = time.perf_counter()
+    logits = lm_head(model, model.hidden_states(prompt, prompt_mask, torch.arange(P))[:, -1])
+    t["prefill"] = time.perf_counter() - t0
+    for i in range(new_tokens):
+        t0 = time.perf_counter()
+        token, _ = sample_next(logits, generator=g, probs_out=probs_buffer)
+        t1 = time.perf_counter()
+        t["sample"] += t1 - t0
+        if i + 1 == new_tokens:
+            break
+        hidden = model.hidden_states(token[:, None], attention_mask[:, :P + i + 1], torch.tensor([P + i]))
+        t2 = time.perf_counter()
+        logits = lm_head(model, hidden[:, 0], logits_buffer)
+        t["body"] += t2 - t1
+        t["head"] += time.perf_counter() - t2
+    model.clear_caches()
+    steps, total = new_tokens - 1, sum(t.values())
+    print(f"  nanowarp, {B}x{new_tokens}: {B * new_tokens / total:.1f} tokens/s, {total:.2f} s = "
+          f"prefill {t['prefill']:.2f} s ({B * P * body_flop / t['prefill'] / 1e9:.0f} GFLOP/s) + "
+          f"{steps} steps of [body {1e3 * t['body'] / steps:.1f} ms ({B * body_flop * steps / t['body'] / 1e9:.0f} GFLOP/s), "
+          f"LM head {1e3 * t['head'] / steps:.1f} ms ({B * head_flop * steps / t['head'] / 1e9:.0f} GFLOP/s), "
+          f"sampling {1e3 * t['sample'] / new_tokens:.1f} ms]")
+
+
+def profile_ops(fn, label, rows=12):
+    """The operators that take the most time in one call of fn, by torch.profiler."""
+    from torch.profiler import profile
+    with profile() as prof:
+        fn()
+    print(f"  {label}: top operators by self CPU time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def load_hf(model, seed):
+    """transformers' GPT2LMHeadModel with nanowarp's weights, or None without transformers."""
+    try:
+        from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+    except ImportError:
+        print("transformers is not installed: skipping generate")
+        return None
+    hf = GPT2LMHeadModel(HFConfig(**{k: v for k, v in model.config.to_hf().items() if k != "architectures"}))
+    hf.load_state_dict(model.hf_state_dict(), strict=False)  # strict=False: lm_head is tied
+    hf.eval()
+    hf.generation_config.eos_token_id = None  # no early stop
+    hf.generation_config.pad_token_id = model.config.eos_token_id
+    idx = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), rtol=1e-4, atol=1e-4)
+    return hf
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = GPT2(GPT2Config()).eval()  # GPT-2 124M, random weights
+    hf = load_hf(model, args.seed) if args.hf else None
+    print(f"{time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
+          + (f", transformers {sys.modules['transformers'].__version__}" if hf is not None else ""))
+
+    contenders = {"nanowarp": lambda idx, n, g: sample(model, idx.tolist(), n, generator=g).tokens}
+    if args.compile:
+        contenders["nanowarp compile"] = lambda idx, n, g: sample(model, idx.tolist(), n, generator=g,
+                                                                  compile=True).tokens
+    if hf is not None:
+        contenders["generate"] = lambda idx, n, g: hf.generate(
+            idx, attention_mask=torch.ones_like(idx), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+            max_new_tokens=n)[:, idx.size(1):]
+    if args.no_cache_repeats > 0:
+        contenders["no cache"] = lambda idx, n, g: no_cache_generate(model, idx, n, g)
+
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    prompts = {(B, N): torch.randint(0, model.config.vocab_size, (B, args.prompt_len)) for B, N in shapes}
+    # warm-up (thread pools, allocator, compilation) on a small batch
+    for fn in contenders.values():
+        fn(prompts[shapes[0]][:4], 2, torch.Generator().manual_seed(0))
+
+    times = {(shape, name): [] for shape in shapes for name in contenders}
+    names = list(contenders)
+    for r in range(args.repeats):
+        for shape in shapes:
+            for name in names[r % len(names):] + names[:r % len(names)]:  # rotating order
+                if name == "no cache" and r >= args.no_cache_repeats:
+                    continue
+                torch.manual_seed(args.seed + r)  # generate samples from the global generator
+                t0 = time.perf_counter()
+                out = contenders[name](prompts[shape], shape[1], torch.Generator().manual_seed(args.seed + r))
+                times[shape, name].append(time.perf_counter() - t0)
+                assert out.shape == shape, (name, out.shape)
+                print(f"  repeat {r}  {shape[0]}x{shape[1]}  {name:16s} {shape[0] * shape[1] / times[shape, name][-1]:8.1f} tokens/s",
+                      flush=True)
+
+    print(f"\n{'batch x new':12s} {'contender':18s} {'tokens/s':>9s} {'vs generate':>12s} {'runs':>5s}")
+    for shape in shapes:
+        B, N = shape
+        rate = {n: B * N / statistics.median(t) for n, t in ((n, times[shape, n]) for n in names) if t}
+        for name, tps in rate.items():
+            ratio = f"{tps / rate['generate']:.2f}x" if "generate" in rate else "-"
+            print(f"{B:>4d} x {N:<5d} {name:18s} {tps:9.1f} {ratio:>12s} {len(times[shape, name]):5d}")
+
+    if args.profile:
+        print("\nwhere the time goes")
+        for B, N in shapes:
+            breakdown(model, prompts[B, N], N)
+        if "generate" in contenders:
+            B, N = shapes[0]
+            profile_ops(lambda: contenders["generate"](prompts[B, N], N, None), f"generate, {B}x{N}")
+            profile_ops(lambda: contenders["nanowarp"](prompts[B, N], N, None), f"nanowarp, {B}x{N}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Tests for nanowarp.logprobs.token_logprobs against a naive float64 reference."""
+
+import pytest
+import torch
+
+from nanowarp.gpt2 import GPT2, GPT2Config
+from nanowarp.logprobs import token_logprobs
+
+B, T, d, V = 3, 11, 32, 97
+
+
+def inputs(seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, d, generator=g, dtype=torch.float64) * scale  # logits of std ~ 6 * scale
+    targets = torch.randint(0, V, (B, T), generator=g)
+    upstream = torch.randn(B, T, generator=g, dtype=torch.float64)  # the gradient flowing back
+    return hidden, weight, targets, upstream
+
+
+def reference(hidden, weight, targets, upstream, temperature):
+    """float64 log_softmax + gather, its gradients with respect to hidden and weight."""
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = torch.log_softmax(hidden @ weight.T / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
+    grad_hidden, grad_weight = torch.autograd.grad((out * upstream).sum(), (hidden, weight))
+    return out.detach(), grad_hidden, grad_weight
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 32, None])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.6])
+def test_values_and_gradients_match_float64_reference(chunk_size, temperature):
+    hidden, weight, targets, upstream = inputs()
+    ref, ref_gh, ref_gw = reference(hidden, weight, targets, upstream, temperature)
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    out = token_logprobs(h, w, targets, temperature, chunk_size=chunk_size)
+    (out * upstream.float()).sum().backward()
+    assert out.shape == (B, T) and out.dtype == torch.float32
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(h.grad, ref_gh) <= 1e-5
+    assert rel_err(w.grad, ref_gw) <= 1e-5
+
+
+@pytest.mark.parametrize("which", ["hidden", "weight"])
+def test_gradient_to_one_input_only(which):
+    hidden, weight, targets, upstream = inputs(seed=1)
+    ref, ref_gh, ref_gw = reference(hidden, weight, targets, upstream, 0.9)
+    h = hidden.float().requires_grad_(which == "hidden")
+    w = weight.float().requires_grad_(which == "weight")
+    (token_logprobs(h, w, targets, 0.9, chunk_size=5) * upstream.float()).sum().backward()
+    if which == "hidden":
+        assert w.grad is None and rel_err(h.grad, ref_gh) <= 1e-5
+    else:
+        assert h.grad is None and rel_err(w.grad, ref_gw) <= 1e-5
+
+
+def test_no_grad_gives_the_same_values():
+    hidden, weight, targets, upstream = inputs(seed=2)
+    with torch.no_grad():
+        out = token_logprobs(hidden.float().requires_grad_(), weight.float(), targets, 0.8, chunk_size=4)
+    assert not out.requires_grad
+    assert rel_err(out, reference(hidden, weight, targets, upstream, 0.8)[0]) <= 1e-5
+
+
+def test_very_unlikely_targets_stay_finite_and_exact():
+    # logits spread over hundreds of nats: exp(z_t - max) underflows, the log-prob must not
+    hidden, weight, targets, upstream = inputs(seed=3, scale=10.0)
+    ref, ref_gh, ref_gw = reference(hidden, weight, targets, upstream, 0.5)
+    assert ref.min() < -200
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    out = token_logprobs(h, w, targets, 0.5, chunk_size=8)
+    (out * upstream.float()).sum().backward()
+    assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-5
+    assert rel_err(h.grad, ref_gh) <= 1e-5 and rel_err(w.grad, ref_gw) <= 1e-5
+
+
+def test_bf16_inputs_are_computed_in_fp32():
+    hidden, weight, targets, upstream = inputs(seed=4)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    ref, ref_gh, ref_gw = reference(hidden.double(), weight.double(), targets, upstream, 1.0)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = token_logprobs(h, w, targets, chunk_size=10)
+    (out * upstream.float()).sum().backward()
+    assert out.dtype == torch.float32 and rel_err(out, ref) <= 1e-5  # exact for the rounded inputs
+    assert h.grad.dtype == w.grad.dtype == torch.bfloat16
+    assert rel_err(h.grad, ref_gh) <= 1e-2 and rel_err(w.grad, ref_gw) <= 1e-2  # bf16 rounding only
+
+
+def test_matches_log_softmax_of_a_gpt2_forward_pass():
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=V, n_positions=64, n_embd=d, n_layer=2, n_head=4))
+    idx = torch.randint(0, V, (B, T))
+    hidden = model.hidden_states(idx[:, :-1])
+    out = token_logprobs(hidden, model.lm_head.weight, idx[:, 1:], chunk_size=6)
+    expected = torch.log_softmax(model(idx[:, :-1]), -1).gather(-1, idx[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    # gradients reach the transformer's weights through hidden (and the tied embedding both ways)
+    torch.autograd.grad(out.sum(), model.transformer.h[0].attn.c_attn.weight)

@@ -1,0 +1,250 @@
+"""Tests for nanowarp.sampling on tiny random GPT-2 models: cached decoding, padding invariance,
+EOS bookkeeping, reproducibility, and the distribution the sampler draws from."""
+
+import math
+
+import pytest
+import torch
+
+from nanowarp.gpt2 import GPT2, GPT2Config
+from nanowarp.sampling import decode_one_token, inverse_cdf, left_pad, prefill, sample, sample_next
+
+PROMPTS = [[5, 17, 3], [40, 2, 9, 11, 60, 7, 21], [33], [8, 8, 1, 90, 4]]  # mixed lengths
+
+
+def tiny_model(vocab_size=97, sharpness=5.0, seed=0):
+    """A random 2-layer GPT-2. At the default init its next-token distribution is almost uniform
+    (logits of std ~0.1); scaling the (tied) embeddings by `sharpness` makes it peaked, on the last
+    input token (tied embeddings): 5 gives a top probability of ~0.1 for 97 tokens, 20 of ~1."""
+    torch.manual_seed(seed)
+    model = GPT2(GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4))
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(sharpness)
+    return model.eval()
+
+
+def eos_likely_model(eos, strength):
+    """A tiny model whose EOS logit is raised by about `strength` at every position: ln_f's bias
+    points along a direction v, and EOS's embedding row is strength · v."""
+    model = tiny_model()
+    with torch.no_grad():
+        v = torch.zeros(32)
+        v[0] = 1.0
+        model.transformer.ln_f.bias.copy_(v)
+        model.transformer.wte.weight[eos] = strength * v
+    return model
+
+
+def row_logprobs(model, prompt, completion, temperature):
+    """log-probs of `completion` after `prompt`, from one uncached forward pass of that row alone."""
+    idx = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(idx)[0, len(prompt) - 1:-1] / temperature  # (n, V)
+    return torch.log_softmax(logits, -1).gather(1, idx[0, len(prompt):, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("mask_prefix", [True, False])
+def test_cached_decoding_matches_full_forward_with_left_padding(mask_prefix):
+    # mask_prefix: each step passes the mask up to its slot (the sampler); else the whole mask
+    model = tiny_model()
+    n_new = 6
+    prompt, prompt_mask = left_pad(PROMPTS, pad_id=0)
+    B, P = prompt.shape
+    new = torch.randint(0, 97, (B, n_new), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.cat([prompt_mask, torch.ones(B, n_new, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        full = model(torch.cat([prompt, new], 1), attention_mask)  # (B, P + n_new, V), no cache
+        model.setup_caches(B, P + n_new)
+        cached = [prefill(model, prompt, prompt_mask if mask_prefix else attention_mask)]
+        for i in range(n_new - 1):
+            step_mask = attention_mask[:, :P + i + 1] if mask_prefix else attention_mask
+            cached.append(decode_one_token(model, new[:, i], step_mask, torch.tensor([P + i])))
+        model.clear_caches()
+    for i, logits in enumerate(cached):
+        torch.testing.assert_close(logits, full[:, P - 1 + i], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_equal_a_forward_pass_of_each_row_alone(temperature):
+    eos = 96
+    model = eos_likely_model(eos, strength=1.5)
+    prompts = PROMPTS * 2
+    s = sample(model, prompts, 12, eos_token_id=eos, temperature=temperature,
+               generator=torch.Generator().manual_seed(0))
+    assert 0 < s.finished.sum() < len(prompts), "want rows that stopped and rows that did not"
+    for i, p in enumerate(prompts):
+        n = int(s.mask[i].sum())
+        expected = row_logprobs(model, p, s.tokens[i, :n].tolist(), temperature)
+        torch.testing.assert_close(s.logprobs[i, :n], expected, rtol=0, atol=1e-5)
+        assert (s.logprobs[i, n:] == 0).all()
+
+
+def test_eos_bookkeeping():
+    eos = 96
+    model = eos_likely_model(eos, strength=1.5)
+    B, max_new = 16, 20
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(B)]
+    s = sample(model, prompts, max_new, eos_token_id=eos, generator=torch.Generator().manual_seed(3))
+    N = s.tokens.size(1)
+    assert s.tokens.shape == s.mask.shape == s.logprobs.shape == (B, N) and s.finished.shape == (B,)
+    assert s.tokens.dtype == torch.int64 and s.mask.dtype == torch.bool
+    assert 0 < s.finished.sum() < B
+    for i in range(B):
+        row = s.tokens[i].tolist()
+        n = row.index(eos) + 1 if eos in row else N  # up to and including the first EOS
+        assert s.finished[i] == (eos in row)
+        assert s.mask[i].tolist() == [True] * n + [False] * (N - n)
+        assert row[n:] == [eos] * (N - n)  # padded with the EOS id after the end
+    assert N == int(s.mask.sum(1).max())  # no column that no row used
+    prompt, prompt_mask = left_pad(prompts, eos)
+    assert torch.equal(s.prompt, prompt) and torch.equal(s.prompt_mask, prompt_mask)
+
+
+def test_loop_stops_when_every_row_has_finished():
+    eos = 96
+    model = eos_likely_model(eos, strength=8.0)  # EOS nearly certain
+    s = sample(model, PROMPTS, 30, eos_token_id=eos, generator=torch.Generator().manual_seed(0))
+    assert s.finished.all() and s.tokens.size(1) < 30
+
+
+def test_without_eos_every_row_gets_max_new_tokens():
+    model = eos_likely_model(96, strength=8.0)
+    s = sample(model, PROMPTS, 9, eos_token_id=None, generator=torch.Generator().manual_seed(0))
+    assert s.tokens.shape == (len(PROMPTS), 9)
+    assert s.mask.all() and not s.finished.any()
+    assert (s.tokens == 96).any()  # EOS was sampled and did not stop anything
+
+
+def test_seeded_generator_is_reproducible():
+    model = tiny_model()
+
+    def run(seed):
+        return sample(model, PROMPTS, 10, eos_token_id=0, temperature=0.9, top_k=20, top_p=0.95,
+                      generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_caches_are_cleared_and_the_model_trains_afterwards():
+    model = tiny_model()
+    sample(model, PROMPTS, 4)
+    assert all(block.attn.kv_cache is None for block in model.transformer.h)
+    with pytest.raises(ValueError, match="n_positions"):
+        sample(model, PROMPTS, 60)  # 7 + 60 > 64
+    assert all(block.attn.kv_cache is None for block in model.transformer.h)
+    model(torch.tensor([PROMPTS[1]])).sum().backward()  # a plain forward + backward works
+    assert model.transformer.wte.weight.grad is not None
+
+
+def test_bad_arguments_raise_value_errors():
+    model = tiny_model()
+    for kwargs in [dict(prompts=[[1], []]), dict(max_new_tokens=0), dict(temperature=0.0),
+                   dict(top_k=-1), dict(top_p=0.0), dict(prompts=[[1, 97]])]:
+        args = dict(prompts=PROMPTS, max_new_tokens=4) | kwargs
+        with pytest.raises(ValueError):
+            sample(model, **args)
+
+
+# ---- the distribution sampled ------------------------------------------------------------------
+
+def chi_square_critical(dof, z=3.09):
+    """Upper critical value of chi-square at alpha = 0.001 (z = 3.09), Wilson-Hilferty approximation."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def test_chi_square_critical_value_approximation():
+    assert chi_square_critical(1) == pytest.approx(10.83, rel=0.05)
+    assert chi_square_critical(10) == pytest.approx(29.59, rel=0.01)
+
+
+def truncated(p, top_k, top_p):
+    """The distribution top-k then top-p sampling draws from, written out token by token."""
+    order = sorted(range(len(p)), key=lambda i: -p[i].item())
+    candidates = order[:top_k] if top_k else order
+    mass = sum(p[i].item() for i in candidates)
+    kept, mass_before = [], 0.0
+    for i in candidates:  # most likely first, until the kept mass reaches top_p
+        if mass_before >= top_p * mass:
+            break
+        kept.append(i)
+        mass_before += p[i].item()
+    q = torch.zeros_like(p)
+    q[kept] = p[kept]
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.3, 4, 1.0),
+                                                     (1.0, 0, 0.8), (1.0, 6, 0.9)])
+def test_sampled_frequencies_pass_a_chi_square_test(temperature, top_k, top_p):
+    V, n = 12, 20000
+    model = tiny_model(vocab_size=V, sharpness=3.0)
+    prompt = [3, 1, 4]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]))[0, -1].double() / temperature
+    p = torch.softmax(logits, -1)
+    expected_p = truncated(p, top_k, top_p)
+    assert (expected_p > 0).sum() >= 3 and p.max() < 0.9, "want a distribution worth testing"
+    s = sample(model, [prompt] * n, 1, temperature=temperature, top_k=top_k, top_p=top_p,
+               generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(s.tokens[:, 0], minlength=V).double()
+    assert counts[expected_p == 0].sum() == 0  # nothing outside the truncated support
+    expected = n * expected_p
+    big = expected >= 5  # pool the small cells, as chi-square needs
+    obs = torch.cat([counts[big], counts[~big & (expected > 0)].sum(0, keepdim=True)])
+    exp = torch.cat([expected[big], expected[~big & (expected > 0)].sum(0, keepdim=True)])
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    stat = ((obs - exp) ** 2 / exp).sum().item()
+    assert stat < chi_square_critical(len(exp) - 1), (stat, obs, exp)
+
+
+@pytest.mark.parametrize("block", [3, 4, 16])
+def test_two_level_inverse_cdf_draws_proportionally_to_the_weights(block):
+    # 10 weights: blocks of 3 leave a last block of 1, of 4 one of 2; 16 is a single short block
+    weights = torch.tensor([0.5, 0.0, 2.0, 1.0, 0.05, 3.0, 0.0, 0.7, 1.5, 0.25])
+    n = 20000
+    token = inverse_cdf(weights.expand(n, -1).contiguous(), torch.Generator().manual_seed(0), block=block)
+    counts = torch.bincount(token, minlength=10).double()
+    assert counts[weights == 0].sum() == 0
+    expected = n * weights.double() / weights.sum()
+    stat = ((counts - expected)[weights > 0] ** 2 / expected[weights > 0]).sum().item()
+    assert stat < chi_square_critical(int((weights > 0).sum()) - 1)
+
+
+def test_top_k_and_top_p_never_sample_outside_their_sets():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3000, 50, generator=g) * 2
+    p = torch.softmax(logits.double(), -1)
+    token, _ = sample_next(logits, top_k=5, generator=g)
+    assert (p.gather(1, token[:, None]) >= p.topk(5, -1).values[:, -1:]).all()
+    token, _ = sample_next(logits, top_p=0.7, generator=g)
+    sorted_p = p.sort(-1, descending=True).values
+    # the nucleus: the most likely tokens whose preceding mass is < 0.7
+    n_keep = ((sorted_p.cumsum(-1) - sorted_p) < 0.7).sum(-1, keepdim=True)
+    assert (p.gather(1, token[:, None]) >= sorted_p.gather(1, n_keep - 1)).all()
+    assert (n_keep > 1).any() and (n_keep < 50).all()
+
+
+def test_returned_logprobs_ignore_truncation_and_use_the_temperature():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 50, generator=g) * 2
+    token, logprob = sample_next(logits, temperature=0.7, top_k=3, top_p=0.9, generator=g)
+    expected = torch.log_softmax(logits.double() / 0.7, -1).gather(1, token[:, None]).squeeze(1)
+    torch.testing.assert_close(logprob.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_a_probability_buffer_changes_nothing_but_the_buffer(temperature):
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    original, buffer = logits.clone(), torch.empty(6, 50)
+    a = sample_next(logits, temperature, generator=torch.Generator().manual_seed(1))
+    b = sample_next(logits, temperature, generator=torch.Generator().manual_seed(1), probs_out=buffer)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(logits, original)
+
+
+def test_near_zero_temperature_is_greedy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 50, generator=g) * 2
+    token, logprob = sample_next(logits, temperature=1e-4, generator=g)
+    assert torch.equal(token, logits.argmax(-1))
