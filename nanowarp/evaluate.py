@@ -22,7 +22,6 @@ import math
 import torch
 
 from nanowarp import merging
-from nanowarp.padding import left_pad
 from nanowarp.rl import completion_logprobs, decode
 from nanowarp.sampling import sample
 
@@ -54,8 +53,8 @@ def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_toke
         batch = prompts[start:start + batch_size]
         s = sample(policy, batch, max_new_tokens, eos_token_id=eos_id, temperature=temperature,
                    generator=generator)
-        prompt_ids, prompt_mask = left_pad(batch, eos_id, ref_device)
-        ref_logprobs = completion_logprobs(ref, prompt_ids, prompt_mask, s.tokens.to(ref_device), temperature)
+        ref_logprobs = completion_logprobs(ref, s.prompt.to(ref_device), s.prompt_mask.to(ref_device),
+                                           s.tokens.to(ref_device), temperature)
         # Σ_k log π(y_k|…) − log π_ref(y_k|…), over the completion's tokens only (mask: up to EOS)
         kls.append(((s.logprobs.to(ref_device) - ref_logprobs) * s.mask.to(ref_device)).sum(1).cpu())
         n_tokens = s.mask.sum(1)

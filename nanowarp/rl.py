@@ -23,7 +23,6 @@ import torch
 from nanowarp.gpt2 import GPT2
 from nanowarp.logprobs import token_logprobs
 from nanowarp.lora import add_lora, effective_state_dict, lora_modules
-from nanowarp.padding import left_pad
 from nanowarp.sampling import sample
 
 
@@ -159,9 +158,8 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
         t2 = time.perf_counter()
 
         # 3. r_β = r − β · Σ_k log π_θ/π_ema (sequence level, sampled tokens, no gradient)
-        prompt_ids, prompt_mask = left_pad(prompts, res.eos_id, device)
         with torch.no_grad():
-            anchor_lp = completion_logprobs(anchor, prompt_ids, prompt_mask, s.tokens, cfg.temperature)
+            anchor_lp = completion_logprobs(anchor, s.prompt, s.prompt_mask, s.tokens, cfg.temperature)
         kl = ((s.logprobs - anchor_lp) * mask).sum(1)
         r_beta = rewards - cfg.kl_coef * kl
         adv = rloo_advantages(r_beta, k)
@@ -170,7 +168,7 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
 
         # 4. policy-gradient step on −mean[A · Σ_k log π_θ(y_k|…)]
         policy.train()
-        logp = completion_logprobs(policy, prompt_ids, prompt_mask, s.tokens, cfg.temperature)
+        logp = completion_logprobs(policy, s.prompt, s.prompt_mask, s.tokens, cfg.temperature)
         loss = -(adv * (logp * mask).sum(1)).mean()
         check_finite(step + 1, reward=rewards, loss=loss)
         opt.zero_grad(set_to_none=True)
