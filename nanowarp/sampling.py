@@ -21,12 +21,10 @@ Positions count from each row's first real token (see gpt2.py), so a padded row 
 would alone. A row that sampled EOS keeps being computed (static shapes) but what it emits after
 is replaced by the pad id, masked out and given log-prob 0.
 
-Sampling draws from softmax(logits / temperature) by inverse CDF: one uniform number per row,
-a cumulative sum over the vocabulary and a binary search, no device sync. `torch.multinomial`
-over a (64, 50257) table costs as much as the LM head on a CPU; the exponential race
-argmax(p / Exp(1)) (what multinomial does there) needs B×V random numbers, ~10x the cost of the
-cumsum. The cumsum runs in float64: in fp32, each token's share of the running sum would be
-rounded by up to ~6e-8, as much as the whole probability of a rare token.
+Sampling draws from softmax(logits / temperature) by inverse CDF: uniform random numbers, running
+sums of the probabilities and binary searches (`inverse_cdf`), no device sync. `torch.multinomial`
+over a (64, 50257) table costs as much as the LM head on a CPU: there it runs the exponential
+race argmax(p / Exp(1)), which needs B×V random numbers, ~10x the cost of a running sum.
 
 Returned log-probs are those of the sampled tokens under softmax(logits / temperature), the
 distribution the RL loss and the KL penalty use, so the RL loop need not recompute the behaviour
@@ -94,12 +92,13 @@ def inverse_cdf(weights, generator=None, block=1024):
     adds a few dozen or a thousand numbers, so fp32 keeps every share exact to ~1e-7 of its block
     and nothing of size (B, V) is allocated. One fp32 cumsum over 50257 tokens would shift each
     token's share by up to 6e-8 absolute, the whole probability of a rare token (a total variation
-    of ~3e-4 per draw); in fp64 it costs ~4x more on a CPU. A zero weight is never drawn.
+    of ~3e-4 per draw); an fp64 one, with its (B, V) fp64 buffers, made a whole sampling step
+    several times slower on a CPU. A zero weight is never drawn.
     """
     B, V = weights.shape
     u = 1.0 - torch.rand(B, 2, generator=generator, device=weights.device)  # in (0, 1]
     n_full = V // block
-    block_weight = weights[:, :n_full * block].view(B, n_full, block).sum(-1)  # (B, n_full)
+    block_weight = weights[:, :n_full * block].unflatten(1, (n_full, block)).sum(-1)  # (B, n_full)
     if V % block:  # the last, shorter block
         block_weight = torch.cat([block_weight, weights[:, n_full * block:].sum(-1, keepdim=True)], dim=1)
     b = _first_reaching(block_weight.cumsum(-1), u[:, :1])  # (B, 1), the block
