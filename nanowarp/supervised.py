@@ -12,6 +12,7 @@ Both write ordinary Hugging Face checkpoints that train.py, merge.py and eval.py
 
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -53,9 +54,24 @@ def accuracy(model, tokenizer, texts, labels, device, batch_size=64):
     return correct / max(1, len(texts))
 
 
-def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None):
-    """Fine-tune a sentiment classifier; writes OUT/reward_model and returns its test accuracy.
-    `model` (a DistilBertClassifier) and `tokenizer_folder` replace cfg.reward_base when given."""
+def test_subset(texts, labels, limit):
+    """Every review, or `limit` of them evenly spaced (the split is sorted by label: both stay)."""
+    if limit is None or limit >= len(texts):
+        return texts, labels
+    idx = np.linspace(0, len(texts) - 1, limit).round().astype(int)
+    return [texts[i] for i in idx], [labels[i] for i in idx]
+
+
+def warmup_steps(cfg, total):
+    """cfg.warmup steps of linear warm-up, at most a tenth of the run."""
+    return min(cfg.warmup, total // 10)
+
+
+def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None, test_limit=None):
+    """Fine-tune a sentiment classifier; writes OUT/reward_model and returns its test accuracy
+    (on every test review, or on `test_limit` of them, evenly spaced). `model` (a
+    DistilBertClassifier, e.g. a fresh one to train from scratch) and `tokenizer_folder` replace
+    cfg.reward_base when given."""
     folder = tokenizer_folder or hub.resolve(cfg.reward_base, weights=model is None)
     model = (model or DistilBertClassifier.from_pretrained(folder)).to(device)
     model.config.id2label = {0: "NEGATIVE", 1: "POSITIVE"}
@@ -65,7 +81,7 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
     texts, labels = load_reviews(cfg.data, "train")
     steps = batches(len(texts), cfg.train_batch_size, cfg.epochs, cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train_lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 0, len(steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps(cfg, len(steps)), len(steps)))
     start = time.perf_counter()
     for step, idx in enumerate(steps, 1):
         model.train()
@@ -79,10 +95,13 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
         sched.step()
         if step % cfg.log_every == 0 or step == len(steps):
             log(f"reward model step {step}/{len(steps)} | loss {loss.item():.4f} | {time.perf_counter() - start:.0f}s")
-    test_texts, test_labels = load_reviews(cfg.data, "test")
+    test_texts, test_labels = test_subset(*load_reviews(cfg.data, "test"), test_limit)
     acc = accuracy(model, tokenizer, test_texts, test_labels, device)
     out = os.path.join(cfg.out_dir, "reward_model")
     model.save_pretrained(out)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):  # for transformers
+        if os.path.isfile(os.path.join(folder, name)):
+            hub.atomic_write(os.path.join(out, name), lambda tmp: shutil.copyfile(os.path.join(folder, name), tmp))
     tokenizer.no_truncation()
     hub.atomic_write(os.path.join(out, "tokenizer.json"), lambda tmp: tokenizer.save(tmp))
     log(f"reward model: test accuracy {acc:.4f} on {len(test_texts)} reviews -> {out}")
@@ -97,9 +116,26 @@ def lm_loss(model, ids, mask):
     return -(logp * target_mask).sum() / target_mask.sum()
 
 
-def train_sft(cfg, device, log=print, model=None, tokenizer_folder=None, lora=True):
-    """Fine-tune the policy on the training reviews, each followed by EOS; writes OUT/sft (dense)
-    and returns the test perplexity. With lora=False every weight trains (e.g. from scratch)."""
+def fit_review(encoding, text, limit, eos):
+    """A review's token ids followed by EOS, in at most `limit` tokens. A longer review is cut after
+    its last sentence that fits, so that EOS always follows the end of a sentence, as it does at
+    the end of a review (a cut mid-sentence would teach the model to stop at one fixed position,
+    whatever it says); without a sentence end in the window, it is cut at the limit."""
+    ids = encoding.ids
+    if len(ids) < limit:
+        return ids + [eos]
+    for n in range(limit - 1, 0, -1):  # keep ids[:n]
+        start, end = encoding.offsets[n - 1]
+        if text[start:end].rstrip("\"')] ").endswith((".", "!", "?")):
+            return ids[:n] + [eos]
+    return ids[:limit - 1] + [eos]
+
+
+def train_sft(cfg, device, log=print, model=None, tokenizer_folder=None, lora=True, test_limit=None):
+    """Fine-tune the policy on the training reviews, each followed by EOS (cut to cfg.max_length
+    tokens at a sentence end: fit_review); writes OUT/sft (dense) and returns the test perplexity
+    (every test review, or `test_limit` of them, evenly spaced). With lora=False every weight
+    trains (e.g. a fresh `model`, from scratch)."""
     folder = tokenizer_folder or hub.resolve(cfg.policy)
     model = (model or GPT2.from_pretrained(folder)).to(device)
     if lora:
@@ -109,13 +145,13 @@ def train_sft(cfg, device, log=print, model=None, tokenizer_folder=None, lora=Tr
     max_len = min(cfg.max_length, model.config.n_positions)
 
     def encode(texts):
-        return [e.ids[: max_len - 1] + [eos] for e in tokenizer.encode_batch(texts)]
+        return [fit_review(e, text, max_len, eos) for e, text in zip(tokenizer.encode_batch(texts), texts)]
 
     texts, _ = load_reviews(cfg.data, "train")
     steps = batches(len(texts), cfg.train_batch_size, cfg.epochs, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train_lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, min(cfg.warmup, len(steps) // 10), len(steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps(cfg, len(steps)), len(steps)))
     start = time.perf_counter()
     for step, idx in enumerate(steps, 1):
         model.train()
@@ -129,7 +165,7 @@ def train_sft(cfg, device, log=print, model=None, tokenizer_folder=None, lora=Tr
         sched.step()
         if step % cfg.log_every == 0 or step == len(steps):
             log(f"sft step {step}/{len(steps)} | loss {loss.item():.4f} | {time.perf_counter() - start:.0f}s")
-    ppl = perplexity(model, encode(load_reviews(cfg.data, "test")[0]), eos, device)
+    ppl = perplexity(model, encode(test_subset(*load_reviews(cfg.data, "test"), test_limit)[0]), eos, device)
     out = os.path.join(cfg.out_dir, "sft")
     save_policy(out, effective_state_dict(model) if lora else model.hf_state_dict(), model.config, folder)
     log(f"sft: test perplexity {ppl:.2f} -> {out}")

@@ -1,0 +1,115 @@
+"""
+The tiny setting: WARP on real IMDB reviews on a laptop CPU, with models small enough to train
+from scratch in minutes (`reproduce.py` runs it end to end).
+
+- tokenizers trained on the IMDB training reviews with the `tokenizers` library: a byte-level
+  BPE for the policy (GPT-2's design, `<|endoftext|>` as BOS/EOS/pad) and a lowercase WordPiece
+  for the classifier (BERT's design, `[CLS] ... [SEP]`), each saved in the Hugging Face layout;
+- a GPT-2-architecture policy and a DistilBERT-architecture classifier, built at random and
+  trained by the ordinary SFT and reward-model stages (nanowarp/supervised.py);
+- WARP itself through train.py with the Config overrides in WARP below.
+
+Everything is an ordinary checkpoint, so train.py, merge.py and eval.py take them unchanged.
+The sizes are plain data; reproduce.py's flags override the ones a user may want to change.
+"""
+
+import json
+import os
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig
+from nanowarp.gpt2 import GPT2, GPT2Config
+from nanowarp.hub import atomic_write
+
+EOS = "<|endoftext|>"
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] = 0, as in BERT
+
+# ---- the tiny setting, as plain data -----------------------------------------------------------
+
+POLICY_VOCAB = 4096  # byte-level BPE; the LM head is the largest cost of the tiny policy
+REWARD_VOCAB = 8192  # lowercase WordPiece; a big vocabulary is cheap for a classifier (a lookup)
+
+GPT2_ARCH = dict(n_layer=2, n_embd=128, n_head=4, n_positions=80)  # 0.93M weights, 0.52M of them wte
+
+DISTILBERT_ARCH = dict(n_layers=1, dim=64, n_heads=2, hidden_dim=256, max_position_embeddings=256,
+                       dropout=0.0, attention_dropout=0.0)  # 0.6M weights, 0.52M of them word embeddings
+
+# Config overrides of `train.py --stage sft` (every weight trains: lora=False). Reviews are cut at
+# a sentence end to fit 64 tokens with their EOS (supervised.fit_review): the SFT model learns to
+# end a review after a sentence, and often has not yet within 40 new tokens (reward -1), as the
+# reference's GPT-2 often has not within 128.
+SFT = dict(epochs=1.0, train_batch_size=64, train_lr=2e-3, warmup=50, weight_decay=0.01, max_length=64)
+
+# Config overrides of `train.py --stage reward`: big batches (one thread does them 4x faster per
+# review than batches of 32), a learning rate for training from scratch
+REWARD = dict(epochs=2.0, train_batch_size=128, train_lr=3e-3, warmup=20, max_length=256)
+
+# Config overrides of `train.py` (WARP): the `tiny` preset. mu = 1/60 keeps mu * T = 1 as in the
+# reference (0.01 * 100): the EMA anchor covers the same share of the run.
+WARP = dict(iterations=3, runs=2, steps=60, batch_size=64, max_new_tokens=40, lr=1e-3, warmup=6,
+            lora_rank=8, lora_alpha=8.0, kl_coef=0.1, ema_rate=1 / 60, liti_rate=0.5)
+
+
+# ---- tokenizers --------------------------------------------------------------------------------
+
+def _write_json(path, d):
+    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(d, indent=2) + "\n"))
+
+
+def train_bpe(texts, vocab_size, folder, model_max_length):
+    """A GPT-2-style byte-level BPE trained on texts, saved as tokenizer.json plus GPT-2's own
+    files (vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    os.makedirs(folder, exist_ok=True)
+    tok.model.save(folder)  # vocab.json, merges.txt
+    atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: tok.save(tmp))
+    _write_json(os.path.join(folder, "special_tokens_map.json"), {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS})
+    _write_json(os.path.join(folder, "tokenizer_config.json"),
+                {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length,
+                 "bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "add_prefix_space": False})
+    return tok
+
+
+def train_wordpiece(texts, vocab_size, folder, model_max_length):
+    """A BERT-style lowercase WordPiece trained on texts, saved as tokenizer.json (with the
+    [CLS] ... [SEP] template) plus vocab.txt and tokenizer_config.json."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS]:0 $A:0 [SEP]:0",
+                                                       pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    os.makedirs(folder, exist_ok=True)
+    atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: tok.save(tmp))
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    atomic_write(os.path.join(folder, "vocab.txt"),
+                 lambda tmp: open(tmp, "w", encoding="utf-8").write("".join(t + "\n" for t, _ in vocab)))
+    _write_json(os.path.join(folder, "tokenizer_config.json"),
+                {"tokenizer_class": "DistilBertTokenizer", "do_lower_case": True, "model_max_length": model_max_length})
+    return tok
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+def tiny_gpt2(tokenizer, **arch):
+    """A randomly initialised GPT-2 for the BPE `tokenizer` (EOS doubles as BOS, as in GPT-2)."""
+    eos = tokenizer.token_to_id(EOS)
+    return GPT2(GPT2Config(vocab_size=tokenizer.get_vocab_size(), bos_token_id=eos, eos_token_id=eos, **arch))
+
+
+def tiny_distilbert(tokenizer, **arch):
+    """A randomly initialised DistilBERT sentiment classifier (0 = NEGATIVE, 1 = POSITIVE)."""
+    return DistilBertClassifier(DistilBertConfig(vocab_size=tokenizer.get_vocab_size(),
+                                                 pad_token_id=tokenizer.token_to_id("[PAD]"),
+                                                 id2label={0: "NEGATIVE", 1: "POSITIVE"}, **arch))

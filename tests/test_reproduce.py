@@ -1,0 +1,86 @@
+"""reproduce.py end to end on a tiny IMDB in the official layout, with tiny sizes: every stage
+writes an ordinary checkpoint, the results and (with matplotlib) the plot, and a second run
+skips what is done."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import reproduce
+from conftest import write_tiny_imdb
+from nanowarp.distilbert import DistilBertClassifier
+from nanowarp.gpt2 import GPT2
+from nanowarp.supervised import fit_review
+from nanowarp.tokenizer import load_tokenizer
+
+TINY = ["--policy_vocab", "300", "--reward_vocab", "200", "--policy_layers", "1", "--policy_width", "16",
+        "--reward_layers", "1", "--reward_width", "16", "--steps", "2", "--batch_size", "4", "--max_new_tokens", "8",
+        "--n_eval", "4", "--etas", "3", "--ppl_reviews", "0", "--threads", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def reproduction(tmp_path_factory):
+    threads = torch.get_num_threads()
+    source, out = tmp_path_factory.mktemp("imdb"), tmp_path_factory.mktemp("tiny")
+    write_tiny_imdb(str(source))
+    reproduce.main(["--source", str(source), "--out_dir", str(out), *TINY])
+    yield str(source), str(out)
+    torch.set_num_threads(threads)
+
+
+def test_every_stage_writes_an_ordinary_checkpoint(reproduction):
+    _, out = reproduction
+    sft = GPT2.from_pretrained(os.path.join(out, "sft"))
+    assert sft.config.n_layer == 1 and sft.config.n_embd == 16
+    assert DistilBertClassifier.from_pretrained(os.path.join(out, "reward_model")).config.id2label[1] == "POSITIVE"
+    for job, iterations in (("reinforce", 3), ("rloo", 2), ("fixed_anchor", 1)):
+        for name in ("run_0", "run_1", "slerp", "liti"):
+            assert os.path.isfile(os.path.join(out, "seed_0", job, f"iter_{iterations}", name, "model.safetensors"))
+
+
+def test_results_hold_the_table_the_claims_and_the_stage_times(reproduction):
+    _, out = reproduction
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert [row["setup"] for row in results["table"]] == [label for label, _ in reproduce.TABLE]
+    assert results["table"][0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the SFT model against itself
+    assert [c["name"] for c in results["claims"]] == ["SLERP vs LERP", "EMA anchor vs fixed anchor",
+                                                      "cosine between task vectors", "iterations push the front up",
+                                                      "KL grows with I"]
+    stages = {"tokenizers", "prepare", "sft", "reward", "seed_0/reinforce", "seed_0/rloo", "seed_0/fixed_anchor",
+              "seed_0/evaluate"}
+    assert set(results["stage_seconds"]) == stages
+    sweep = [r for r in results["evaluations"]["0"]["rows"] if r.get("sweep") == "reinforce/iter_2/slerp"]
+    assert [r["eta"] for r in sweep] == [0.0, 0.5, 1.0]
+    markdown = open(os.path.join(out, "results.md")).read()
+    assert "| WARP + RLOO (k=4) I=2 |" in markdown and "| total |" in markdown
+    assert str(out) not in markdown + json.dumps(results)  # no machine paths in the results
+
+
+def test_plot_is_written_when_matplotlib_is_installed(reproduction):
+    pytest.importorskip("matplotlib")
+    _, out = reproduction
+    with open(os.path.join(out, "pareto.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_second_run_skips_every_finished_stage(reproduction, capsys):
+    source, out = reproduction
+    before = os.path.getmtime(os.path.join(out, "sft", "model.safetensors"))
+    reproduce.main(["--source", source, "--out_dir", out, *TINY])
+    printed = capsys.readouterr().out
+    assert printed.count("skipped") == 8 and "0 stages run" in printed
+    assert os.path.getmtime(os.path.join(out, "sft", "model.safetensors")) == before
+
+
+def test_sft_reviews_are_cut_after_their_last_whole_sentence(bpe_dir):
+    tok = load_tokenizer(bpe_dir)
+    text = "I loved it. The cast was great! But the ending dragged on and on"
+    enc = tok.encode(text)
+    assert fit_review(enc, text, len(enc.ids) + 1, -1) == enc.ids + [-1]  # it fits: whole, then EOS
+    cut = fit_review(enc, text, len(enc.ids), -1)
+    assert cut[-1] == -1 and tok.decode(cut[:-1]) == "I loved it. The cast was great!"
+    no_end = "an endless sentence without a stop"
+    enc = tok.encode(no_end)
+    assert fit_review(enc, no_end, 4, -1) == enc.ids[:3] + [-1]  # no sentence end: cut at the limit
