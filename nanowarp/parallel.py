@@ -170,6 +170,9 @@ class Group:
 
     def close(self):
         if self.size > 1:
+            # every rank done with every collective before any tears its group down: a rank that
+            # exits while gloo still serves a peer aborts ("terminate called without an active exception")
+            dist.barrier()
             dist.destroy_process_group()
 
     def share(self, fn):
