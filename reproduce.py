@@ -21,8 +21,9 @@ every model an ordinary checkpoint that train.py, merge.py and eval.py take:
   7. report      OUT/results.json, OUT/results.md and OUT/pareto.png (matplotlib, when installed)
 
 A finished stage is recorded in OUT/stages.json and skipped when the command runs again, so an
-interrupted reproduction resumes (a WARP job also resumes inside itself). Delete a stage's output
-folder to redo it.
+interrupted reproduction resumes (a WARP job also resumes inside itself), and `--seeds 0 1 2` after
+`--seeds 0` only adds seeds 1 and 2. Delete a stage's output folder to redo it; other sizes or
+budgets need another --out_dir (OUT/settings.json holds the flags, and a change is refused).
 """
 
 import argparse
@@ -153,10 +154,39 @@ class Stages:
         return sum(self.done[n]["seconds"] for n in names if "side_by_side" not in self.done[n]) + sum(groups.values())
 
 
+# flags that change no result: a resumed reproduction may change them
+RESUME_FREE = ("source", "out_dir", "seeds", "device", "threads", "workers")
+
+
+def check_settings(args):
+    """OUT/settings.json holds the flags of the reproduction in OUT; different ones are refused,
+    since the stages done earlier would not be redone with them."""
+    path = os.path.join(args.out_dir, "settings.json")
+    settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in RESUME_FREE}
+    if os.path.isfile(path):
+        earlier = json.load(open(path))
+        differing = [f"--{k} {earlier.get(k)} (now {v})" for k, v in settings.items() if earlier.get(k) != v]
+        if differing:
+            sys.exit(f"reproduce.py: error: {args.out_dir} holds a reproduction with other settings: "
+                     f"{', '.join(differing)}. Use its settings to resume it, or another --out_dir")
+    write_json(path, settings)
+
+
 def timed(fn, *fn_args):
     start = time.perf_counter()
     result = fn(*fn_args)
     return time.perf_counter() - start, result
+
+
+def rounded(obj, digits=4):
+    """obj with every float rounded: results files a reader can diff."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
 
 
 def write_json(path, obj):
@@ -329,12 +359,15 @@ def mean_spread(values):
 
 
 def fmt(mean, spread, digits=3, sign=False):
+    if round(mean, digits) == 0:
+        mean = 0.0  # "0.000", not "-0.000"
     text = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
     return text + (f" ± {spread:.{digits}f}" if spread is not None else "")
 
 
-def front(rows, sweep):
-    return sorted(((r["kl"], r["reward"]) for r in rows if r.get("sweep") == sweep), key=lambda p: p[0])
+def front(rows, sweep, by="kl"):
+    """(KL, reward) of a LITI sweep's points, in order of KL (or of eta, by="eta")."""
+    return [(r["kl"], r["reward"]) for r in sorted((r for r in rows if r.get("sweep") == sweep), key=lambda r: r[by])]
 
 
 def front_gain(lower, upper):
@@ -372,9 +405,17 @@ def claims(evals):
 
     rows = [e["rows"] for e in evals]
     geo = [e["geometry"] for e in evals]
-    seeds = f"{len(evals)} seed{'s' if len(evals) > 1 else ''}"
 
-    # 1. SLERP vs LERP on the same two runs of iteration 1
+    # 1. the merge against the runs it merges, iteration 1
+    d_reward = [value(r, "reinforce/iter_1/slerp", "reward") - np.mean([value(r, f"reinforce/iter_1/run_{m}", "reward")
+                                                                       for m in (0, 1)]) for r in rows]
+    d_kl = [value(r, "reinforce/iter_1/slerp", "kl") - np.mean([value(r, f"reinforce/iter_1/run_{m}", "kl")
+                                                               for m in (0, 1)]) for r in rows]
+    add("SLERP vs its runs", "the SLERP of the M runs gets a higher reward than the runs themselves (at a higher KL)",
+        [f"reward SLERP − mean of the 2 runs {fmt(*mean_spread(d_reward), sign=True)}",
+         f"KL SLERP − mean of the 2 runs {fmt(*mean_spread(d_kl), sign=True)}"], d_reward)
+
+    # 2. SLERP vs LERP on the same two runs of iteration 1
     d_reward = [value(r, "reinforce/iter_1/slerp", "reward") - value(r, "reinforce/iter_1/lerp", "reward") for r in rows]
     d_kl = [value(r, "reinforce/iter_1/slerp", "kl") - value(r, "reinforce/iter_1/lerp", "kl") for r in rows]
     ratio_slerp = [g["reinforce/iter_1"]["merge_norm_ratio"] for g in geo]
@@ -387,7 +428,7 @@ def claims(evals):
          f"‖δ_merge‖ / mean ‖δ_m‖: SLERP {fmt(*mean_spread(ratio_slerp))}, LERP {fmt(*mean_spread(ratio_lerp))}",
          f"front SLERP above front LERP at equal KL by {fmt_or_none(gain)}"], d_reward)
 
-    # 2. the EMA anchor vs a fixed (SFT) anchor, iteration 1, same run seeds
+    # 3. the EMA anchor vs a fixed (SFT) anchor, iteration 1, same run seeds
     if all("fixed_anchor/iter_1" in g for g in geo):
         def runs_mean(r, job, key):
             return np.mean([value(r, f"{job}/iter_1/run_{m}", key) for m in (0, 1)])
@@ -400,7 +441,7 @@ def claims(evals):
              f"KL of the runs, EMA − fixed {fmt(*mean_spread(d_kl), sign=True)}",
              f"front (SFT → SLERP) EMA above fixed at equal KL by {fmt_or_none(gain)}"], d_reward)
 
-    # 3. the angle between task vectors of two runs
+    # 4. the angle between task vectors of two runs
     cos = [g["reinforce/iter_1"]["cos"] for g in geo]
     cos_med = [g["reinforce/iter_1"]["cos_per_tensor_median"] for g in geo]
     later = [g[k]["cos"] for g in geo for k in g if k != "reinforce/iter_1" and not k.endswith("lerp")]
@@ -412,9 +453,9 @@ def claims(evals):
                              f"other iterations and jobs: {min(later):.3f} to {max(later):.3f}" if later else ""],
                     verdict="measured"))
 
-    # 4. later iterations push the front up; the KL of the WARP model grows with I
+    # 5. later iterations push the front up; the KL of the WARP model grows with I
     iterations = job_iterations(rows[0], "reinforce")
-    numbers, per_seed = [], []
+    numbers = []
     gains = [[front_gain(front(r, f"reinforce/iter_{i}/slerp"), front(r, f"reinforce/iter_{i + 1}/slerp"))
               for i in range(1, iterations)] for r in rows]  # [seed][i]
     for i in range(1, iterations):
@@ -444,7 +485,7 @@ def job_iterations(rows, job):
 
 
 def report(args, stages, evals):
-    """results.json, results.md and pareto.png in OUT; returns the markdown."""
+    """results.json, results.md and pareto.png in OUT; returns the markdown, and whether it plotted."""
     table = []
     for label, model in TABLE:
         per_seed = [next((r for r in e["rows"] if r["model"] == model), None) for e in evals]
@@ -469,7 +510,7 @@ def report(args, stages, evals):
                    table=table, claims=found, stage_seconds=times,
                    total_seconds=stages.wall_time(list(times)),
                    evaluations={str(s): e for s, e in zip(args.seeds, evals)})
-    write_json(os.path.join(args.out_dir, "results.json"), results)
+    write_json(os.path.join(args.out_dir, "results.json"), rounded(results))
 
     spread = "± std over seeds" if len(evals) > 1 else "± standard error over the eval prompts"
     lines = [f"KL to the SFT model and mean reward on {args.n_eval} eval prompts, {len(evals)} seed(s) "
@@ -513,14 +554,14 @@ def plot(evaluation, done, seed, path):
     ax, ax_r, ax_k = axes["pareto"], axes["reward"], axes["kl"]
     n_iter = job_iterations(evaluation["rows"], "reinforce")
     for i in range(1, n_iter + 1):
-        pts = front(evaluation["rows"], f"reinforce/iter_{i}/slerp")
+        pts = front(evaluation["rows"], f"reinforce/iter_{i}/slerp", by="eta")
         line, = ax.plot(*zip(*pts), ".-", label=f"LITI sweep SFT → SLERP, iteration {i}")
         for m in (0, 1):
             r = rows[f"reinforce/iter_{i}/run_{m}"]
             ax.plot(r["kl"], r["reward"], "x", color=line.get_color(), label=f"RL runs, iteration {i}" if m == 0 else None)
     for name, style, label in (("reinforce/iter_1/lerp", ":", "LITI sweep SFT → LERP, iteration 1"),
                                ("fixed_anchor/iter_1/slerp", "--", "LITI sweep SFT → SLERP, fixed anchor")):
-        pts = front(evaluation["rows"], name)
+        pts = front(evaluation["rows"], name, by="eta")
         if pts:
             ax.plot(*zip(*pts), style, color="gray" if "fixed" in name else "olive", label=label)
     path_models = ["sft"] + [f"reinforce/iter_{i}/liti" for i in range(1, n_iter + 1)]
@@ -554,7 +595,7 @@ def plot(evaluation, done, seed, path):
     ax_r.legend(fontsize=7)
     for a in (ax_r, ax_k):
         a.grid(alpha=0.3)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     return True
 
 
@@ -565,6 +606,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out_dir, exist_ok=True)
+    check_settings(args)
     stages = Stages(args.out_dir)
     out = lambda *parts: os.path.join(args.out_dir, *parts)  # noqa: E731
     total = time.perf_counter()

@@ -18,6 +18,7 @@ import os
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from nanowarp.config import PRESETS
 from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig
 from nanowarp.gpt2 import GPT2, GPT2Config
 from nanowarp.hub import atomic_write
@@ -45,10 +46,8 @@ SFT = dict(epochs=1.0, train_batch_size=64, train_lr=2e-3, warmup=50, weight_dec
 # review than batches of 32), a learning rate for training from scratch
 REWARD = dict(epochs=2.0, train_batch_size=128, train_lr=3e-3, warmup=20, max_length=256)
 
-# Config overrides of `train.py` (WARP): the `tiny` preset. mu = 1/60 keeps mu * T = 1 as in the
-# reference (0.01 * 100): the EMA anchor covers the same share of the run.
-WARP = dict(iterations=3, runs=2, steps=60, batch_size=64, max_new_tokens=40, lr=1e-3, warmup=6,
-            lora_rank=8, lora_alpha=8.0, kl_coef=0.1, ema_rate=1 / 60, liti_rate=0.5)
+# Config overrides of `train.py` (WARP): `--preset tiny`, defined with the other presets
+WARP = PRESETS["tiny"]
 
 
 # ---- tokenizers --------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_results_hold_the_table_the_claims_and_the_stage_times(reproduction):
     results = json.load(open(os.path.join(out, "results.json")))
     assert [row["setup"] for row in results["table"]] == [label for label, _ in reproduce.TABLE]
     assert results["table"][0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the SFT model against itself
-    assert [c["name"] for c in results["claims"]] == ["SLERP vs LERP", "EMA anchor vs fixed anchor",
+    assert [c["name"] for c in results["claims"]] == ["SLERP vs its runs", "SLERP vs LERP", "EMA anchor vs fixed anchor",
                                                       "cosine between task vectors", "iterations push the front up",
                                                       "KL grows with I"]
     stages = {"tokenizers", "prepare", "sft", "reward", "seed_0/reinforce", "seed_0/rloo", "seed_0/fixed_anchor",
@@ -84,3 +84,11 @@ def test_sft_reviews_are_cut_after_their_last_whole_sentence(bpe_dir):
     no_end = "an endless sentence without a stop"
     enc = tok.encode(no_end)
     assert fit_review(enc, no_end, 4, -1) == enc.ids[:3] + [-1]  # no sentence end: cut at the limit
+
+
+def test_other_settings_in_the_same_folder_are_refused(reproduction):
+    source, out = reproduction
+    argv = ["--source", source, "--out_dir", out, *TINY]
+    argv[argv.index("--steps") + 1] = "3"
+    with pytest.raises(SystemExit, match="--steps 2 \\(now 3\\)"):
+        reproduce.main(argv)

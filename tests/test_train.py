@@ -121,3 +121,17 @@ def test_reward_model_with_one_label_is_refused(flags, tiny_reward_dir, tmp_path
     assert train.main(flags + ["--out_dir", str(tmp_path / "out"), "--reward_model", str(one)]) != 0
     assert "1 label" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_presets_set_defaults_and_explicit_flags_win():
+    from nanowarp.config import PRESETS, Config, parse_args
+    base = parse_args([])
+    for name, overrides in PRESETS.items():
+        cfg = parse_args(["--preset", name])
+        for key, value in vars(base).items():
+            assert getattr(cfg, key) == overrides.get(key, value if key != "preset" else name), (name, key)
+    assert set(PRESETS["tiny"]) <= {f for f in Config.__dataclass_fields__}
+    cfg = parse_args(["--preset", "tiny", "--steps", "7"])
+    assert cfg.steps == 7 and cfg.lora_rank == 8  # the flag beats the preset; the rest of the preset stays
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "nope"])
