@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from nanowarp.gpt2 import GPT2, GPT2Config  # noqa: E402
-from nanowarp.sampling import left_pad, lm_head, sample, sample_next  # noqa: E402
+from nanowarp.padding import left_pad  # noqa: E402
+from nanowarp.sampling import lm_head, sample, sample_next  # noqa: E402
 
 
 @dataclass

@@ -67,6 +67,31 @@ ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu": F.gelu, "relu": F.relu}
 
 
+# With at most this many rows (a decoding step feeds one row per sequence), a linear layer on a
+# CPU computes (W·xᵀ)ᵀ rather than x·Wᵀ: the same product, but MKL runs it 1.2x faster at 64 rows
+# and 1.5x at 16 with GPT-2's shapes on two threads (equal at 8, slower past ~400 rows).
+FEW_ROWS = 256
+
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias), x (..., in); as (W·xᵀ)ᵀ for few rows on a CPU (see FEW_ROWS).
+    The result is then a transposed view: (..., out) over memory laid out (out, rows), which is
+    what the next linear's xᵀ wants."""
+    rows = x.numel() // x.size(-1) if x.size(-1) else 0
+    if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS:
+        return F.linear(x, weight, bias)
+    xt = x.reshape(rows, x.size(-1)).t()
+    y = torch.mm(weight, xt) if bias is None else torch.addmm(bias[:, None], weight, xt)
+    return y.t().unflatten(0, x.shape[:-1])
+
+
+class Linear(nn.Linear):
+    """nn.Linear with `linear`'s choice of orientation."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values of one layer, (B, H, max_len, head_dim): no reallocation while
     decoding, so every decoding step has the same shapes."""
@@ -88,13 +113,13 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.kv_cache = None
 
     def forward(self, x, mask, input_pos):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = self.c_attn(x).contiguous().split(C, dim=2)  # (a no-op unless `linear` transposed)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -111,8 +136,8 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         inner = config.n_inner or 4 * config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, inner)
-        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.c_fc = Linear(config.n_embd, inner)
+        self.c_proj = Linear(inner, config.n_embd)
         self.act = ACTIVATIONS[config.activation_function]
 
     def forward(self, x):

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanowarp.gpt2 import linear
+
 
 class LoRALinear(nn.Linear):
     """An nn.Linear whose frozen `weight`/`bias` are shared with the layer it adapts, plus
@@ -37,7 +39,7 @@ class LoRALinear(nn.Linear):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        return linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
     def effective_weight(self):
         """W0 + s·B·A, (out, in)."""

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nanowarp.padding import left_pad
+
 # A check "have all rows finished?" reads a value back from the device: on a GPU that is a sync
 # that stops the host from queueing the next steps ahead. Checking every 8 steps costs at most
 # 7 wasted steps of a batch that is done. On a CPU the check is free, so it runs every step.
@@ -50,18 +52,6 @@ class Samples:
     logprobs: torch.Tensor  # (B, N) float32 log-prob under softmax(logits / temperature); 0 where masked
     prompt: torch.Tensor  # (B, P) int64, the left-padded prompts
     prompt_mask: torch.Tensor  # (B, P) bool: 1 = prompt token, 0 = padding
-
-
-def left_pad(prompts, pad_id, device=None):
-    """Lists of token ids -> idx (B, P) int64 and mask (B, P) bool, padded on the left."""
-    P = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), P), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        if len(p):
-            idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, P - len(p):] = True
-    return idx.to(device), mask.to(device)
 
 
 # ---- one step of sampling ----------------------------------------------------------------------
@@ -237,6 +227,7 @@ def sample(model, prompts, max_new_tokens, eos_token_id=None, temperature=1.0, t
     device = model.lm_head.weight.device
     pad_id = eos_token_id if eos_token_id is not None else 0
     prompt, prompt_mask = left_pad(prompts, pad_id, device)
+    prompt_mask = prompt_mask.bool()
     B = len(prompts)
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], dim=1)
     # no_grad, not inference_mode: the outputs feed training forward passes, which cannot save

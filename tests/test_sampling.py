@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nanowarp.gpt2 import GPT2, GPT2Config
-from nanowarp.sampling import decode_one_token, inverse_cdf, left_pad, prefill, sample, sample_next
+from nanowarp.padding import left_pad
+from nanowarp.sampling import decode_one_token, inverse_cdf, prefill, sample, sample_next
 
 PROMPTS = [[5, 17, 3], [40, 2, 9, 11, 60, 7, 21], [33], [8, 8, 1, 90, 4]]  # mixed lengths
 
