@@ -15,15 +15,21 @@ Gradients. With z = h·Wᵀ/τ, p = softmax(z) and ℓ = z_t − logsumexp(z), f
     ∂ℓ/∂h = (W_t − pᵀW) / τ        a d-vector, the same whatever the upstream gradient g
     ∂ℓ/∂W = (e_t − p) hᵀ / τ       a (V, d) matrix, summed over tokens weighted by g
 
-So the forward pass computes ∂ℓ/∂h for each chunk while the chunk's softmax is at hand (one more
-(n, V)·(V, d) matmul) and keeps it, (N, d) like `hidden`; the backward is g·(that). The weight
-gradient cannot be prepared without g, so the backward recomputes each chunk's softmax for it;
-that happens only when `weight` requires grad (with LoRA the tied LM head is frozen).
-In matmuls of the size of the logits: naive log_softmax + gather costs 2 (forward, gradient of
-hidden), or 3 with a weight gradient; this costs 2, or 4 with a weight gradient. Measured on a
-2-core CPU for 64 x 148 tokens (bench/logprobs.py): gradient to hidden only, 0.8x the time of
-naive and 3% of its extra peak memory (182 MiB vs 5.3 GiB); with the weight gradient too, 1.25x
-the time and 6.5% of the memory, of which 147 MiB is the weight gradient itself.
+Gradient to hidden only (WARP with LoRA: the tied LM head is frozen): the forward pass computes
+∂ℓ/∂h for each chunk while the chunk's softmax is at hand (one more (n, V)·(V, d) matmul) and
+keeps it, (N, d) like `hidden`; the backward is g·(that). Two matmuls of the size of the logits,
+as many as naive log_softmax + gather, and far fewer passes over memory.
+
+Gradient to the weight too: it cannot be prepared without g, so the forward keeps only each
+token's logsumexp (a running max and sum over tiles of (chunk, V / VOCAB_BLOCKS) logits), and
+the backward recomputes the softmax, tile by tile, and takes both gradients from it. The peak is
+then the gradients themselves plus one tile (an eighth of a chunk; every tile reuses one buffer).
+Four matmuls of the size of the logits against naive's three; what naive spends on passes over
+its (N, V) tensors pays for the fourth on a CPU.
+
+Measured on a 2-core CPU for 64 x 148 tokens (bench/logprobs.py; the README has the table):
+gradient to hidden, 0.64x naive's time and 3.3% of its extra peak memory; to hidden and weight,
+0.94x and 4.2% (of which 3.2% is the two gradients themselves).
 """
 
 import torch
@@ -32,6 +38,9 @@ import torch
 # Smaller chunks run the (n, d)·(d, V) matmuls less efficiently on a 2-core CPU; larger ones cost
 # memory and gain little.
 CHUNK_BYTES = 128 * 2**20
+# without the hidden-only shortcut (no gradient, or the weight's), logits are formed in tiles of
+# (chunk, V / VOCAB_BLOCKS): an eighth of a chunk's memory; (667, 6283) tiles keep the matmuls fast
+VOCAB_BLOCKS = 8
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None):
@@ -52,25 +61,51 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None):
     return out.view(targets.shape)
 
 
-def _logits(h, w, temperature):
-    """h (n, d), w (V, d) -> z = h·wᵀ / τ (n, V) in fp32."""
-    return torch.mm(h.float() / temperature, w.t())
+def _logits(h, w, temperature, buffer=None):
+    """h (n, d), w (V, d) -> z = h·wᵀ / τ (n, V) in fp32; written into the front of the flat
+    fp32 `buffer` when given (one buffer for every tile spares the allocator a block per tile)."""
+    out = None if buffer is None else buffer[:h.size(0) * w.size(0)].view(h.size(0), w.size(0))
+    return torch.mm(h.float() / temperature, w.t(), out=out)
 
 
-def _forward_chunk(h, w, t, temperature, with_grad_hidden):
-    """One chunk of n tokens: log-probs (n,), logsumexp (n,), ∂logprob/∂h (n, d) or None.
-    A function of its own so that its (n, V) block is freed before the next chunk's exists."""
+def _tile_buffer(chunk_size, V, device):
+    """A flat fp32 buffer that holds a tile of (chunk_size, V / VOCAB_BLOCKS) logits."""
+    return torch.empty(chunk_size * -(-V // VOCAB_BLOCKS), dtype=torch.float32, device=device)
+
+
+def _vocab_tiles(V):
+    """VOCAB_BLOCKS slices of the vocabulary 0..V-1, the last one possibly shorter."""
+    block = -(-V // VOCAB_BLOCKS)
+    return [slice(v, v + block) for v in range(0, V, block)]
+
+
+def _chunk_with_grad_hidden(h, w, t, temperature):
+    """One chunk of n tokens, its whole (n, V) softmax at once: log-probs (n,), logsumexp (n,)
+    and ∂logprob/∂h (n, d). A function of its own so that its block is freed before the next's."""
     z = _logits(h, w, temperature)  # (n, V)
     z_t = z.gather(1, t[:, None]).squeeze(1)
     m = z.amax(-1, keepdim=True)
     e = z.sub_(m).exp_()  # in place: z itself is no longer needed
     total = e.sum(-1, keepdim=True)
     lse = (m + total.log()).squeeze(1)  # logsumexp(z)
-    grad_hidden = None
-    if with_grad_hidden:
-        p = e.div_(total)  # softmax, in place
-        grad_hidden = (w[t] - p @ w) / temperature  # ∂ℓ/∂h = (W_t − pᵀW) / τ
+    p = e.div_(total)  # softmax, in place
+    grad_hidden = (w[t] - p @ w) / temperature  # ∂ℓ/∂h = (W_t − pᵀW) / τ
     return z_t - lse, lse, grad_hidden
+
+
+def _chunk_logprobs(h, w, t, temperature, buffer):
+    """One chunk of n tokens: log-probs (n,) and logsumexp (n,), one (n, V / VOCAB_BLOCKS) tile
+    of logits at a time, with a running maximum and sum (as flash attention does)."""
+    z_t = (h.float() * w[t]).sum(-1) / temperature
+    m = torch.full_like(z_t, -float("inf"))
+    total = torch.zeros_like(z_t)
+    for cols in _vocab_tiles(w.size(0)):
+        z = _logits(h, w[cols], temperature, buffer)
+        m_new = torch.maximum(m, z.amax(-1))
+        total = total * (m - m_new).exp() + z.sub_(m_new[:, None]).exp_().sum(-1)
+        m = m_new
+    lse = m + total.log()
+    return z_t - lse, lse
 
 
 def _forward(hidden, weight, targets, temperature, chunk_size, with_grad_hidden):
@@ -80,21 +115,42 @@ def _forward(hidden, weight, targets, temperature, chunk_size, with_grad_hidden)
     logprobs = torch.empty(N, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty(N, d, dtype=torch.float32, device=hidden.device) if with_grad_hidden else None
+    buffer = None if with_grad_hidden else _tile_buffer(min(chunk_size, N), w.size(0), hidden.device)
     for s in range(0, N, chunk_size):
         chunk = slice(s, s + chunk_size)
-        logprobs[chunk], lse[chunk], g = _forward_chunk(hidden[chunk], w, targets[chunk], temperature,
-                                                        with_grad_hidden)
         if with_grad_hidden:
-            grad_hidden[chunk] = g
+            logprobs[chunk], lse[chunk], grad_hidden[chunk] = _chunk_with_grad_hidden(
+                hidden[chunk], w, targets[chunk], temperature)
+        else:
+            logprobs[chunk], lse[chunk] = _chunk_logprobs(hidden[chunk], w, targets[chunk], temperature, buffer)
     return logprobs, lse, grad_hidden
 
 
-def _accumulate_weight_grad(dw, h, w, t, lse, g, temperature):
-    """dw += Σ_i (g_i / τ) (e_{t_i} − p_i) h_iᵀ over one chunk, recomputing its softmax p."""
-    hg = h.float() * (g / temperature)[:, None]  # (n, d)
-    dw.index_add_(0, t, hg)  # the e_t part
-    p = _logits(h, w, temperature).sub_(lse[:, None]).exp_()  # (n, V): p = exp(z − logsumexp z)
-    dw.addmm_(p.t(), hg, alpha=-1.0)  # − Σ p_i (g_i h_i / τ)ᵀ
+def _grads_from_softmax(hidden, weight, targets, lse, g, temperature, chunk_size, need_hidden):
+    """∂/∂weight of Σ g_i ℓ_i and, if asked, ∂/∂hidden: with a_i = g_i / τ,
+
+        ∂/∂W = Σ_i a_i (e_{t_i} − p_i) h_iᵀ,      ∂/∂h_i = a_i (W_{t_i} − p_iᵀ W),
+
+    the softmax p recomputed from the saved logsumexp, one (chunk, V / VOCAB_BLOCKS) tile at a time."""
+    (N, d), V = hidden.shape, weight.size(0)
+    w = weight.float()
+    dw = torch.zeros_like(w)
+    dh = torch.empty(N, d, dtype=torch.float32, device=hidden.device) if need_hidden else None
+    buffer = _tile_buffer(min(chunk_size, N), V, hidden.device)
+    for s in range(0, N, chunk_size):
+        rows = slice(s, s + chunk_size)
+        h, t, a = hidden[rows].float(), targets[rows], g[rows] / temperature
+        ha = h * a[:, None]  # (n, d)
+        dw.index_add_(0, t, ha)  # the e_t part
+        pw = torch.zeros_like(h) if need_hidden else None  # Σ_v p_v W_v, (n, d)
+        for cols in _vocab_tiles(V):
+            p = _logits(h, w[cols], temperature, buffer).sub_(lse[rows, None]).exp_()  # (n, block) of softmax
+            dw[cols].addmm_(p.t(), ha, alpha=-1.0)
+            if need_hidden:
+                pw.addmm_(p, w[cols])
+        if need_hidden:
+            dh[rows] = a[:, None] * (w[t] - pw)
+    return dh, dw
 
 
 class TokenLogprobs(torch.autograd.Function):
@@ -102,8 +158,10 @@ class TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size):
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        # with the weight's gradient, the backward forms the hidden's from the same recomputed softmax
         logprobs, lse, grad_hidden = _forward(hidden, weight, targets, temperature, chunk_size,
-                                              with_grad_hidden=ctx.needs_input_grad[0])
+                                              with_grad_hidden=need_hidden and not need_weight)
         ctx.save_for_backward(hidden, weight, targets, lse, grad_hidden)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return logprobs
@@ -111,16 +169,9 @@ class TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         hidden, weight, targets, lse, grad_hidden = ctx.saved_tensors
-        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
         g = g.float()
-        dh = dw = None
-        if ctx.needs_input_grad[0]:
-            dh = (g[:, None] * grad_hidden).to(hidden.dtype)
-        if ctx.needs_input_grad[1]:
-            w = weight.float()
-            dw = torch.zeros_like(w)
-            for s in range(0, hidden.size(0), chunk_size):
-                chunk = slice(s, s + chunk_size)
-                _accumulate_weight_grad(dw, hidden[chunk], w, targets[chunk], lse[chunk], g[chunk], temperature)
-            dw = dw.to(weight.dtype)
-        return dh, dw, None, None, None
+        if not need_weight:
+            return (g[:, None] * grad_hidden).to(hidden.dtype), None, None, None, None
+        dh, dw = _grads_from_softmax(hidden, weight, targets, lse, g, ctx.temperature, ctx.chunk_size, need_hidden)
+        return (dh.to(hidden.dtype) if need_hidden else None), dw.to(weight.dtype), None, None, None

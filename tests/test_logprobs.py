@@ -99,3 +99,21 @@ def test_matches_log_softmax_of_a_gpt2_forward_pass():
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
     # gradients reach the transformer's weights through hidden (and the tied embedding both ways)
     torch.autograd.grad(out.sum(), model.transformer.h[0].attn.c_attn.weight)
+
+
+@pytest.mark.parametrize("vocab", [1, 3, 4, 97, 50257])
+def test_vocab_tiles_cover_the_vocabulary_once(vocab):
+    from nanowarp.logprobs import VOCAB_BLOCKS, _vocab_tiles
+    tiles = _vocab_tiles(vocab)
+    assert len(tiles) <= VOCAB_BLOCKS
+    assert [i for t in tiles for i in range(vocab)[t]] == list(range(vocab))
+
+
+def test_tiled_logsumexp_survives_a_tile_far_below_the_others():
+    # one tile's logits hundreds of nats under the running maximum: its terms vanish, no NaN
+    hidden, weight, targets, upstream = inputs(seed=5)
+    weight[: V // 4] -= 50.0 * hidden.reshape(-1, d).mean(0) / hidden.reshape(-1, d).mean(0).norm() ** 2
+    ref = reference(hidden, weight, targets, upstream, 1.0)[0]
+    with torch.no_grad():
+        out = token_logprobs(hidden.float(), weight.float(), targets, chunk_size=4)
+    assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-5
