@@ -2,6 +2,7 @@
 EOS bookkeeping, reproducibility, and the distribution the sampler draws from."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -126,6 +127,17 @@ def test_seeded_generator_is_reproducible():
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
     assert not torch.equal(a.tokens, c.tokens)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_decoding_samples_what_eager_decoding_samples():
+    # the GPU path (compile=True: whole-mask steps of fixed shapes) gives the eager tokens
+    model = tiny_model()
+    eager, compiled = (sample(model, PROMPTS, 8, eos_token_id=0, generator=torch.Generator().manual_seed(3),
+                              compile=c) for c in (False, True))
+    assert torch.equal(eager.tokens, compiled.tokens) and torch.equal(eager.mask, compiled.mask)
+    torch.testing.assert_close(eager.logprobs, compiled.logprobs, rtol=0, atol=1e-5)
 
 
 def test_caches_are_cleared_and_the_model_trains_afterwards():
