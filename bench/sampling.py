@@ -18,6 +18,11 @@ wall time of one call, prompt processing included) and the ratio of each median 
 
     python bench/sampling.py                      # both shapes, 3 repeats: ~5 minutes on 2 cores
     python bench/sampling.py --shapes 64x32 --repeats 5 --no-cache-repeats 0
+    python bench/sampling.py --no-cache-repeats 0 --profile   # + where the time goes
+
+--profile times nanowarp's phases (prefill, transformer body, LM head, sampling), the matmuls of
+a call on their own (a bound on the tokens/s of any fp32 sampler built on these kernels, and so
+on its ratio to generate), and the top operators of generate and nanowarp by torch.profiler.
 """
 
 import argparse
@@ -31,7 +36,7 @@ from dataclasses import dataclass, fields
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
-from nanowarp.gpt2 import GPT2, GPT2Config  # noqa: E402
+from nanowarp.gpt2 import GPT2, GPT2Config, linear  # noqa: E402
 from nanowarp.padding import left_pad  # noqa: E402
 from nanowarp.sampling import lm_head, sample, sample_next  # noqa: E402
 
@@ -113,6 +118,32 @@ def breakdown(model, idx, new_tokens):
           f"{steps} steps of [body {1e3 * t['body'] / steps:.1f} ms ({B * body_flop * steps / t['body'] / 1e9:.0f} GFLOP/s), "
           f"LM head {1e3 * t['head'] / steps:.1f} ms ({B * head_flop * steps / t['head'] / 1e9:.0f} GFLOP/s), "
           f"sampling {1e3 * t['sample'] / new_tokens:.1f} ms]")
+
+
+@torch.no_grad()
+def matmul_floor(model, B, P, new_tokens, repeats=5):
+    """Seconds that the matmuls of one sample() call take on their own: every linear layer of the
+    prefill (B·P rows) and of each decoding step (B rows), and the LM head of B rows, with the
+    orientations sample() uses (gpt2.linear, sampling.lm_head), on the model's weights and random
+    inputs; medians of `repeats`. No attention, norms, GELU, copies or sampling: a lower bound on
+    the time of any sampler that does this arithmetic in fp32 with these kernels."""
+    def timed(rows):
+        xs = {k: torch.randn(rows, k) for k in (model.config.n_embd, 4 * model.config.n_embd)}
+        out, runs = torch.empty(model.config.vocab_size, B), []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for block in model.transformer.h:
+                for lin in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                    linear(xs[lin.in_features], lin.weight, lin.bias)
+            lm_head(model, xs[model.config.n_embd][:B], out)
+            runs.append(time.perf_counter() - t0)
+        return statistics.median(runs)
+
+    prefill, step = timed(B * P), timed(B)
+    total = prefill + (new_tokens - 1) * step
+    print(f"  matmuls alone, {B}x{new_tokens}: prefill {prefill:.2f} s + {new_tokens - 1} steps of "
+          f"{1e3 * step:.1f} ms = {total:.2f} s: at most {B * new_tokens / total:.1f} tokens/s")
+    return B * new_tokens / total
 
 
 def profile_ops(fn, label, rows=12):
@@ -197,6 +228,11 @@ def main():
         print("\nwhere the time goes")
         for B, N in shapes:
             breakdown(model, prompts[B, N], N)
+            bound = matmul_floor(model, B, prompts[B, N].size(1), N)
+            generate_times = times.get(((B, N), "generate"))
+            if generate_times:
+                print(f"  so at most {bound * statistics.median(generate_times) / (B * N):.2f}x generate's "
+                      f"median at {B}x{N}")
         if "generate" in contenders:
             B, N = shapes[0]
             profile_ops(lambda: contenders["generate"](prompts[B, N], N, None), f"generate, {B}x{N}")
