@@ -22,8 +22,10 @@ every model an ordinary checkpoint that train.py, merge.py and eval.py take:
 
 A finished stage is recorded in OUT/stages.json and skipped when the command runs again, so an
 interrupted reproduction resumes (a WARP job also resumes inside itself), and `--seeds 0 1 2` after
-`--seeds 0` only adds seeds 1 and 2. Delete a stage's output folder to redo it; other sizes or
-budgets need another --out_dir (OUT/settings.json holds the flags, and a change is refused).
+`--seeds 0` only adds seeds 1 and 2. Delete a stage's output folder to redo it: the stages computed
+from it are then redone too (a seed's evaluation after its WARP jobs; every WARP job, from scratch,
+after the SFT or reward model). Other sizes or budgets need another --out_dir (OUT/settings.json
+holds the flags, and a change is refused).
 """
 
 import argparse
@@ -101,39 +103,51 @@ def parse_args(argv=None):
 # ---- bookkeeping: one record per finished stage ------------------------------------------------
 
 class Stages:
-    """Runs the stages, prints the time of each, and records what they return in OUT/stages.json;
-    a stage recorded there whose output still exists is skipped."""
+    """Runs the stages, prints the time of each, and records what they return in OUT/stages.json.
+    A stage recorded there whose output still exists is skipped, unless a stage it is computed
+    from (`after`) was redone since: then it is redone too."""
 
     def __init__(self, out_dir):
         self.path = os.path.join(out_dir, "stages.json")
         self.done = json.load(open(self.path)) if os.path.isfile(self.path) else {}
         self.ran = []  # stages this invocation ran
 
-    def is_done(self, name, output):
+    def stale(self, name, after):
+        """The stages among `after` redone since `name` was done: in this invocation, or later than
+        it in an earlier one (every record holds the time it finished)."""
+        mine = self.done.get(name, {}).get("finished_at")
+        return [d for d in after if d in self.ran
+                or (mine is not None and self.done.get(d, {}).get("finished_at", 0.0) > mine)]
+
+    def is_done(self, name, output, after=()):
         if name in self.done and os.path.exists(output):
-            print(f"\n=== {name}: done earlier in {self.done[name]['seconds']:.0f}s, skipped", flush=True)
-            return True
+            redone = self.stale(name, after)
+            if not redone:
+                print(f"\n=== {name}: done earlier in {self.done[name]['seconds']:.0f}s, skipped", flush=True)
+                return True
+            print(f"\n=== {name}: done earlier, redone since {', '.join(redone)} changed", flush=True)
         return False
 
     def record(self, name, seconds, result, **extra):
-        self.done[name] = dict(seconds=round(seconds, 1), result=result, **extra)
+        self.done[name] = dict(seconds=round(seconds, 1), result=result, finished_at=time.time(), **extra)
         self.ran.append(name)
         write_json(self.path, self.done)
         print(f"=== {name}: {seconds:.1f}s", flush=True)
 
-    def __call__(self, name, output, fn, *fn_args):
-        if not self.is_done(name, output):
+    def __call__(self, name, output, fn, *fn_args, after=()):
+        if not self.is_done(name, output, after):
             print(f"\n=== {name}", flush=True)
             self.record(name, *timed(fn, *fn_args))
         return self.done[name]["result"]
 
-    def side_by_side(self, stages, workers, threads):
+    def side_by_side(self, stages, workers, threads, after=()):
         """(name, output, fn, *fn_args) stages in `workers` processes at once (spawned: fn and its
         arguments are pickled); each stage's own time is recorded, and printed with the wall time."""
-        todo = [s for s in stages if not self.is_done(*s[:2])]
+        todo = [s for s in stages if not self.is_done(*s[:2], after)]
         if workers <= 1 or len(todo) <= 1:
-            for stage in todo:
-                self(*stage)
+            for name, output, fn, *fn_args in todo:
+                print(f"\n=== {name}", flush=True)
+                self.record(name, *timed(fn, *fn_args))
             return
         print(f"\n=== {', '.join(s[0] for s in todo)}: side by side, one process each", flush=True)
         start = time.perf_counter()
@@ -181,7 +195,7 @@ def timed(fn, *fn_args):
 def rounded(obj, digits=4):
     """obj with every float rounded: results files a reader can diff."""
     if isinstance(obj, float):
-        return round(obj, digits)
+        return round(obj, digits) + 0.0  # + 0.0: no "-0.0"
     if isinstance(obj, dict):
         return {k: rounded(v, digits) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -247,14 +261,14 @@ def job_settings(args, job):
             **JOBS[job]}
 
 
-def warp_job(args, seed, job):
+def warp_job(args, seed, job, fresh=False):
     out = os.path.join(args.out_dir, f"seed_{seed}", job)
     argv = [f"--policy={os.path.join(args.out_dir, 'sft')}",
             f"--reward_model={os.path.join(args.out_dir, 'reward_model')}",
             f"--data={os.path.join(args.out_dir, 'data')}", f"--out_dir={out}", f"--seed={100 * seed}",
             f"--device={args.device}", f"--workers={args.workers}", f"--threads={args.threads}",
             f"--log_every={max(1, args.steps // 4)}"]
-    argv += [f"--{k}={v}" for k, v in job_settings(args, job).items()]
+    argv += [f"--{k}={v}" for k, v in job_settings(args, job).items()] + (["--fresh"] if fresh else [])
     print("$ python train.py " + " ".join(argv), flush=True)
     if train.main(argv) != 0:
         sys.exit(f"reproduce.py: the WARP job in {out} failed (see above); run the command again to resume it")
@@ -614,17 +628,23 @@ def main(argv=None):
         stages("tokenizers", out("tokenizers"), lambda: train_tokenizers(args, out("tokenizers")))
         stages("prepare", out("data", "meta.json"),
                lambda: prepare(args.source, out("tokenizers", "policy"), out("data"), n_eval=args.n_eval,
-                               cache_dir=out("cache"))["counts"])
+                               cache_dir=out("cache"))["counts"], after=["tokenizers"])
         stages.side_by_side([("sft", out("sft", "config.json"), sft_stage, args, out("tokenizers", "policy")),
                              ("reward", out("reward_model", "config.json"), reward_stage, args, out("tokenizers", "reward"))],
-                            args.workers, args.threads)
+                            args.workers, args.threads, after=["tokenizers", "prepare"])
+        models = ["prepare", "sft", "reward"]  # what every WARP job and evaluation is computed from
         evals = []
         for seed in args.seeds:
-            for job in (j for j in JOBS if j != "fixed_anchor" or args.ablations):
+            jobs = [f"seed_{seed}/{job}" for job in JOBS if job != "fixed_anchor" or args.ablations]
+            for name in jobs:
+                job = name.split("/")[1]
                 iterations = job_settings(args, job)["iterations"]
-                stages(f"seed_{seed}/{job}", out(f"seed_{seed}", job, f"iter_{iterations}", "liti", "config.json"),
-                       lambda: warp_job(args, seed, job))
-            evals.append(stages(f"seed_{seed}/evaluate", out(f"seed_{seed}"), lambda: evaluate_seed(args, seed)))
+                # a job whose models were redone starts over (--fresh) instead of resuming
+                fresh = bool(stages.stale(name, models))
+                stages(name, out(f"seed_{seed}", job, f"iter_{iterations}", "liti", "config.json"),
+                       lambda: warp_job(args, seed, job, fresh), after=models)
+            evals.append(stages(f"seed_{seed}/evaluate", out(f"seed_{seed}"), lambda: evaluate_seed(args, seed),
+                                after=models + jobs))
     except (DataError, hub.CheckpointError, ValueError) as e:
         sys.exit(f"reproduce.py: error: {e}")
     start = time.perf_counter()

@@ -74,6 +74,36 @@ def test_a_second_run_skips_every_finished_stage(reproduction, capsys):
     assert os.path.getmtime(os.path.join(out, "sft", "model.safetensors")) == before
 
 
+def test_a_deleted_stage_is_redone_with_the_stages_computed_from_it(reproduction, tmp_path, capsys):
+    import shutil
+    source, out = reproduction
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    before = json.load(open(os.path.join(copy, "stages.json")))
+    shutil.rmtree(os.path.join(copy, "seed_0", "rloo"))
+    reproduce.main(["--source", source, "--out_dir", copy, *TINY])
+    printed = capsys.readouterr().out
+    assert "3 stages run" not in printed and "2 stages run" in printed
+    assert "seed_0/evaluate: done earlier, redone since seed_0/rloo changed" in printed
+    after = json.load(open(os.path.join(copy, "stages.json")))
+    assert after["seed_0/rloo"] != before["seed_0/rloo"]  # redone (its time differs)
+    assert after["seed_0/reinforce"] == before["seed_0/reinforce"]
+
+    # an invocation that stopped after redoing a WARP job: the next one still redoes the evaluation
+    stages = json.load(open(os.path.join(copy, "stages.json")))
+    stages["seed_0/fixed_anchor"]["finished_at"] = stages["seed_0/evaluate"]["finished_at"] + 1
+    reproduce.write_json(os.path.join(copy, "stages.json"), stages)
+    reproduce.main(["--source", source, "--out_dir", copy, *TINY])
+    printed = capsys.readouterr().out
+    assert "1 stages run" in printed and "redone since seed_0/fixed_anchor changed" in printed
+
+    shutil.rmtree(os.path.join(copy, "reward_model"))  # the models change: every WARP job starts over
+    reproduce.main(["--source", source, "--out_dir", copy, *TINY])
+    printed = capsys.readouterr().out
+    assert "5 stages run" in printed  # reward, 3 WARP jobs, evaluation
+    assert printed.count("--fresh: deleted the earlier job's results") == 3
+
+
 def test_sft_reviews_are_cut_after_their_last_whole_sentence(bpe_dir):
     tok = load_tokenizer(bpe_dir)
     text = "I loved it. The cast was great! But the ending dragged on and on"
