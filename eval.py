@@ -158,7 +158,7 @@ def main(argv=None):
                    max_new_tokens=args.max_new_tokens, seed=args.seed)
         rows.append(row)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        hub.atomic_write(args.out, lambda tmp: open(tmp, "w").write(json.dumps(rows, indent=2) + "\n"))
+        hub.write_json(args.out, rows)
         seconds, last = time.perf_counter() - last, time.perf_counter()
         print(f"{name}: KL {row['kl']:.3f} reward {row['reward']:+.3f} finished {row['finished']:.2f} "
               f"length {row['length']:.1f} ({seconds:.1f}s)", flush=True)

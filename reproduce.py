@@ -28,7 +28,6 @@ after the SFT or reward model). Other sizes or budgets need another --out_dir (O
 holds the flags, and a change is refused).
 """
 
-import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -47,7 +46,8 @@ sys.path.insert(0, ROOT)  # run from anywhere without installing
 
 import train  # noqa: E402  (train.main(argv) is `python train.py ARGV`)
 from nanowarp import hub, merging, tiny  # noqa: E402
-from nanowarp.config import Config, flag  # noqa: E402
+from nanowarp.config import Config, changed_flags, flag, parse_args as parse_flags  # noqa: E402
+from nanowarp.hub import write_json  # noqa: E402
 from nanowarp.data import IMDB_URL, DataError, clean, load_prompts, prepare, read_imdb  # noqa: E402
 from nanowarp.evaluate import evaluate, liti_sweep  # noqa: E402
 from nanowarp.gpt2 import GPT2  # noqa: E402
@@ -65,39 +65,30 @@ class Args:
                         nargs="+", type=int)
     device: str = flag("auto", "cpu, cuda, cuda:N, or auto")
     threads: int = flag(1, "CPU threads per process; 0 = PyTorch's default. Models this small run faster on one "
-                           "thread per process than on two", type=int)
+                           "thread per process than on two")
     workers: int = flag(2, "processes side by side: the SFT and reward stages, and (train.py --workers) the M runs "
-                           "of a WARP iteration", type=int)
-    ablations: bool = flag(True, "also train the fixed-anchor WARP job (the EMA-vs-fixed-anchor claim)",
-                           action=argparse.BooleanOptionalAction)
+                           "of a WARP iteration")
+    ablations: bool = flag(True, "also train the fixed-anchor WARP job (the EMA-vs-fixed-anchor claim)")
     # sizes and budgets; the defaults are nanowarp/tiny.py's
-    policy_vocab: int = flag(tiny.POLICY_VOCAB, "BPE vocabulary of the policy", type=int)
-    reward_vocab: int = flag(tiny.REWARD_VOCAB, "WordPiece vocabulary of the reward model", type=int)
-    policy_layers: int = flag(tiny.GPT2_ARCH["n_layer"], "GPT-2 layers", type=int)
-    policy_width: int = flag(tiny.GPT2_ARCH["n_embd"], "GPT-2 width (4 heads)", type=int)
-    reward_layers: int = flag(tiny.DISTILBERT_ARCH["n_layers"], "DistilBERT layers", type=int)
-    reward_width: int = flag(tiny.DISTILBERT_ARCH["dim"], "DistilBERT width (2 heads, FFN 4x wider)", type=int)
-    sft_epochs: float = flag(tiny.SFT["epochs"], "passes over the training reviews of the SFT stage", type=float)
-    reward_epochs: float = flag(tiny.REWARD["epochs"], "passes over the training reviews of the reward stage",
-                                type=float)
-    steps: int = flag(tiny.WARP["steps"], "T: RL steps per WARP run", type=int)
-    batch_size: int = flag(tiny.WARP["batch_size"], "completions per RL step", type=int)
-    max_new_tokens: int = flag(tiny.WARP["max_new_tokens"], "completion length, in RL and evaluation", type=int)
-    n_eval: int = flag(100, "eval prompts: the first N test reviews of at least 200 characters (SPEC §2)", type=int)
-    etas: int = flag(11, "points of each LITI sweep, eta evenly spaced from 0 to 1", type=int)
-    ppl_reviews: int = flag(2500, "SFT perplexity on this many test reviews, evenly spaced; 0 = all", type=int)
-    accuracy_reviews: int = flag(0, "reward-model accuracy on this many test reviews, evenly spaced; 0 = all 25,000",
-                                 type=int)
+    policy_vocab: int = flag(tiny.POLICY_VOCAB, "BPE vocabulary of the policy")
+    reward_vocab: int = flag(tiny.REWARD_VOCAB, "WordPiece vocabulary of the reward model")
+    policy_layers: int = flag(tiny.GPT2_ARCH["n_layer"], "GPT-2 layers")
+    policy_width: int = flag(tiny.GPT2_ARCH["n_embd"], "GPT-2 width (4 heads)")
+    reward_layers: int = flag(tiny.DISTILBERT_ARCH["n_layers"], "DistilBERT layers")
+    reward_width: int = flag(tiny.DISTILBERT_ARCH["dim"], "DistilBERT width (2 heads, FFN 4x wider)")
+    sft_epochs: float = flag(tiny.SFT["epochs"], "passes over the training reviews of the SFT stage")
+    reward_epochs: float = flag(tiny.REWARD["epochs"], "passes over the training reviews of the reward stage")
+    steps: int = flag(tiny.WARP["steps"], "T: RL steps per WARP run")
+    batch_size: int = flag(tiny.WARP["batch_size"], "completions per RL step")
+    max_new_tokens: int = flag(tiny.WARP["max_new_tokens"], "completion length, in RL and evaluation")
+    n_eval: int = flag(100, "eval prompts: the first N test reviews of at least 200 characters (SPEC §2)")
+    etas: int = flag(11, "points of each LITI sweep, eta evenly spaced from 0 to 1")
+    ppl_reviews: int = flag(2500, "SFT perplexity on this many test reviews, evenly spaced; 0 = all")
+    accuracy_reviews: int = flag(0, "reward-model accuracy on this many test reviews, evenly spaced; 0 = all 25,000")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Args):
-        default = list(f.default) if isinstance(f.default, tuple) else f.default
-        meta = dict(f.metadata)
-        meta["help"] += " (default: %(default)s)"
-        parser.add_argument(f"--{f.name}", default=default, **meta)
-    return Args(**vars(parser.parse_args(argv)))
+    return parse_flags(argv, Args, presets=None, description=__doc__)
 
 
 # ---- bookkeeping: one record per finished stage ------------------------------------------------
@@ -178,8 +169,7 @@ def check_settings(args):
     path = os.path.join(args.out_dir, "settings.json")
     settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in RESUME_FREE}
     if os.path.isfile(path):
-        earlier = json.load(open(path))
-        differing = [f"--{k} {earlier.get(k)} (now {v})" for k, v in settings.items() if earlier.get(k) != v]
+        differing = changed_flags(json.load(open(path)), settings)
         if differing:
             sys.exit(f"reproduce.py: error: {args.out_dir} holds a reproduction with other settings: "
                      f"{', '.join(differing)}. Use its settings to resume it, or another --out_dir")
@@ -201,10 +191,6 @@ def rounded(obj, digits=4):
     if isinstance(obj, (list, tuple)):
         return [rounded(v, digits) for v in obj]
     return obj
-
-
-def write_json(path, obj):
-    hub.atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=2) + "\n"))
 
 
 # ---- stages 1-4: tokenizers, data, the SFT policy, the reward model -----------------------------
@@ -548,7 +534,7 @@ def report(args, stages, evals):
     lines += [f"| total, one seed (shared stages + seed {args.seeds[0]}) | {stages.wall_time(first):.0f} |",
               f"| total | {stages.wall_time(list(times)):.0f} |"]
     markdown = "\n".join(lines) + "\n"
-    hub.atomic_write(os.path.join(args.out_dir, "results.md"), lambda tmp: open(tmp, "w").write(markdown))
+    hub.write_text(os.path.join(args.out_dir, "results.md"), markdown)
     plotted = plot(evals[0], stages.done, args.seeds[0], os.path.join(args.out_dir, "pareto.png"))
     return markdown, plotted
 

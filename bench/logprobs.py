@@ -36,36 +36,26 @@ from dataclasses import dataclass, fields
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+from nanowarp.config import flag, parse_args as parse_flags  # noqa: E402
 from nanowarp.logprobs import token_logprobs  # noqa: E402
 
 
 @dataclass
 class Args:
-    batch: int = 64
-    seq: int = 148
-    vocab: int = 50257
-    dim: int = 768
-    chunk_size: int = 0  # tokens per chunk of the fused version; 0: its default
-    cases: str = "hidden,hidden+weight"  # comma-separated: hidden, hidden+weight
-    repeats: int = 2  # fresh processes per variant and case
-    threads: int = 0  # torch.set_num_threads in the workers; 0 keeps torch's default
-    worker: str = ""  # internal: run one variant (fused or naive) in this process and print JSON
-    case: str = "hidden"  # internal: the worker's case
-
-
-HELP = {"batch": "B", "seq": "T", "vocab": "V", "dim": "d", "chunk_size": "tokens per chunk, fused; 0: its default",
-        "cases": "comma-separated: hidden (LM head frozen), hidden+weight",
-        "repeats": "fresh processes per variant and case; medians are reported",
-        "threads": "torch.set_num_threads in the workers; 0 keeps torch's default",
-        "worker": argparse.SUPPRESS, "case": argparse.SUPPRESS}
+    batch: int = flag(64, "B")
+    seq: int = flag(148, "T")
+    vocab: int = flag(50257, "V")
+    dim: int = flag(768, "d")
+    chunk_size: int = flag(0, "tokens per chunk, fused; 0: its default")
+    cases: str = flag("hidden,hidden+weight", "comma-separated: hidden (LM head frozen), hidden+weight")
+    repeats: int = flag(2, "fresh processes per variant and case; medians are reported")
+    threads: int = flag(0, "torch.set_num_threads in the workers; 0 keeps torch's default")
+    worker: str = flag("", argparse.SUPPRESS)  # internal: run one variant (fused or naive) here, print JSON
+    case: str = flag("hidden", argparse.SUPPRESS)  # internal: the worker's case
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Args):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, default=f.default, help=HELP[f.name])
-    return Args(**vars(p.parse_args()))
+    return parse_flags(None, Args, presets=None, description=__doc__, dashes=True)
 
 
 def naive(hidden, weight, targets):

@@ -25,17 +25,17 @@ a call on their own (a bound on the tokens/s of any fp32 sampler built on these 
 on its ratio to generate), and the top operators of generate and nanowarp by torch.profiler.
 """
 
-import argparse
 import os
 import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+from nanowarp.config import flag, parse_args as parse_flags  # noqa: E402
 from nanowarp.gpt2 import GPT2, GPT2Config, linear  # noqa: E402
 from nanowarp.padding import left_pad  # noqa: E402
 from nanowarp.sampling import lm_head, sample, sample_next  # noqa: E402
@@ -43,33 +43,20 @@ from nanowarp.sampling import lm_head, sample, sample_next  # noqa: E402
 
 @dataclass
 class Args:
-    shapes: str = "64x32,16x64"  # comma-separated BATCHxNEW_TOKENS
-    prompt_len: int = 16  # tokens per prompt
-    repeats: int = 3  # timed calls per contender and shape (medians are reported)
-    no_cache_repeats: int = 1  # timed calls of the (slow) no-cache loop; 0 skips it
-    hf: bool = True  # include transformers' generate (skipped when transformers is missing)
-    compile: bool = False  # also time nanowarp with torch.compile of the decoding step
-    profile: bool = False  # also show where the time goes: nanowarp's phases, generate's top ops
-    threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
-    seed: int = 0
+    shapes: str = flag("64x32,16x64", "comma-separated BATCHxNEW_TOKENS")
+    prompt_len: int = flag(16, "tokens per prompt")
+    repeats: int = flag(3, "timed calls per contender and shape; medians are reported")
+    no_cache_repeats: int = flag(1, "timed calls of the slow no-cache loop; 0 skips it")
+    hf: bool = flag(True, "include transformers' generate (skipped when transformers is missing)")
+    compile: bool = flag(False, "also time nanowarp with compile=True")
+    profile: bool = flag(False, "also show where the time goes: nanowarp's phases, the matmuls alone, "
+                                "generate's and nanowarp's top operators")
+    threads: int = flag(0, "torch.set_num_threads; 0 keeps torch's default")
+    seed: int = flag(0, "weights, prompts, sampling")
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = {"shapes": "comma-separated BATCHxNEW_TOKENS", "prompt_len": "tokens per prompt",
-             "repeats": "timed calls per contender and shape; medians are reported",
-             "no_cache_repeats": "timed calls of the slow no-cache loop; 0 skips it",
-             "hf": "include transformers' generate", "compile": "also time nanowarp with compile=True",
-             "profile": "also show where the time goes: nanowarp's phases, generate's top operators",
-             "threads": "torch.set_num_threads; 0 keeps torch's default", "seed": "weights, prompts, sampling"}
-    for f in fields(Args):
-        if f.type is bool:
-            p.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
-                           default=f.default, help=helps[f.name])
-        else:
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, default=f.default, help=helps[f.name])
-    return Args(**vars(p.parse_args()))
+    return parse_flags(None, Args, presets=None, description=__doc__, dashes=True)
 
 
 @torch.no_grad()

@@ -88,13 +88,21 @@ PRESETS = {
 }
 
 
+def changed_flags(earlier, now, free=()):
+    """The settings (dicts of flag values) that differ between an earlier run and this one, those
+    in `free` aside, each as "--name old (now new)"."""
+    return [f"--{k} {earlier.get(k, '(unset)')} (now {now.get(k, '(unset)')})"
+            for k in sorted(set(earlier) | set(now)) if k not in free and earlier.get(k, "(unset)") != now.get(k, "(unset)")]
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows every default, and the script's docstring as written."""
 
 
-def parse_args(argv=None, cls=Config, presets=PRESETS, description=None):
+def parse_args(argv=None, cls=Config, presets=PRESETS, description=None, dashes=False):
     """Parse flags into a `cls` instance: one flag per field, its argparse settings (help, choices,
-    nargs, ...) in the field's metadata. With presets, --preset NAME sets the defaults first."""
+    nargs, ...) in the field's metadata. With presets, --preset NAME sets the defaults first.
+    dashes: spell field `a_b` as --a-b (the benchmarks) instead of --a_b."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     for f in dataclasses.fields(cls):
         kw = dict(f.metadata)
@@ -106,7 +114,7 @@ def parse_args(argv=None, cls=Config, presets=PRESETS, description=None):
             kw["action"] = argparse.BooleanOptionalAction
         elif f.default is not None and "nargs" not in kw:
             kw.setdefault("type", type(f.default))
-        parser.add_argument(f"--{f.name}", **kw)
+        parser.add_argument("--" + (f.name.replace("_", "-") if dashes else f.name), **kw)
     if presets:
         known, _ = parser.parse_known_args(argv)
         if known.preset not in presets:

@@ -27,7 +27,7 @@ import zipfile
 
 import numpy as np
 
-from nanowarp.hub import atomic_write
+from nanowarp.hub import atomic_write, write_json, write_text
 from nanowarp.tokenizer import load_tokenizer
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
@@ -206,13 +206,6 @@ def _write_npz(path, arrays):
     atomic_write(path, write)
 
 
-def _write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
 def prepare(source, tokenizer_name_or_dir, out_dir, seed=0, min_chars=200, n_eval=100, min_len=5, max_len=20,
             cache_dir="data/imdb/cache", log=print):
     """Read IMDB, build the prompt and review files in out_dir (see the module docstring); return meta."""
@@ -244,8 +237,8 @@ def prepare(source, tokenizer_name_or_dir, out_dir, seed=0, min_chars=200, n_eva
         _write_npz(os.path.join(out_dir, f"prompts_{split}.npz"), packed[split])
     for split, reviews in data.items():
         rows = [json.dumps({"label": y, "text": t}, ensure_ascii=False, sort_keys=True) + "\n" for t, y in reviews]
-        _write_text(os.path.join(out_dir, f"reviews_{split}.jsonl"), "".join(rows))
-    _write_text(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_text(os.path.join(out_dir, f"reviews_{split}.jsonl"), "".join(rows))
+    write_json(os.path.join(out_dir, "meta.json"), meta, sort_keys=True)
     log(f"wrote meta.json, prompts_{{train,eval}}.npz, reviews_{{train,test}}.jsonl to {out_dir}")
     return meta
 

@@ -157,10 +157,22 @@ def atomic_write(path, write):
         raise
 
 
+def write_text(path, text):
+    """Write text (UTF-8, "\n" line ends) to path atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(path, obj, sort_keys=False):
+    """Write obj as indented JSON to path atomically."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
 def save_checkpoint(folder, config, state_dict):
     """Write config.json and model.safetensors (both atomically)."""
     state_dict = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     atomic_write(os.path.join(folder, "model.safetensors"),
                  lambda p: save_file(state_dict, p, metadata={"format": "pt"}))
-    atomic_write(os.path.join(folder, "config.json"),
-                 lambda p: open(p, "w").write(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    write_json(os.path.join(folder, "config.json"), config, sort_keys=True)

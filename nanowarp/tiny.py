@@ -13,7 +13,6 @@ Everything is an ordinary checkpoint, so train.py, merge.py and eval.py take the
 The sizes are plain data; reproduce.py's flags override the ones a user may want to change.
 """
 
-import json
 import os
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -21,7 +20,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from nanowarp.config import PRESETS
 from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig
 from nanowarp.gpt2 import GPT2, GPT2Config
-from nanowarp.hub import atomic_write
+from nanowarp.hub import atomic_write, write_json, write_text
 
 EOS = "<|endoftext|>"
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] = 0, as in BERT
@@ -52,10 +51,6 @@ WARP = PRESETS["tiny"]
 
 # ---- tokenizers --------------------------------------------------------------------------------
 
-def _write_json(path, d):
-    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(d, indent=2) + "\n"))
-
-
 def train_bpe(texts, vocab_size, folder, model_max_length):
     """A GPT-2-style byte-level BPE trained on texts, saved as tokenizer.json plus GPT-2's own
     files (vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json)."""
@@ -69,10 +64,10 @@ def train_bpe(texts, vocab_size, folder, model_max_length):
     os.makedirs(folder, exist_ok=True)
     tok.model.save(folder)  # vocab.json, merges.txt
     atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: tok.save(tmp))
-    _write_json(os.path.join(folder, "special_tokens_map.json"), {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS})
-    _write_json(os.path.join(folder, "tokenizer_config.json"),
-                {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length,
-                 "bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "add_prefix_space": False})
+    write_json(os.path.join(folder, "special_tokens_map.json"), {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS})
+    write_json(os.path.join(folder, "tokenizer_config.json"),
+               {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length,
+                "bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "add_prefix_space": False})
     return tok
 
 
@@ -92,10 +87,9 @@ def train_wordpiece(texts, vocab_size, folder, model_max_length):
     os.makedirs(folder, exist_ok=True)
     atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: tok.save(tmp))
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    atomic_write(os.path.join(folder, "vocab.txt"),
-                 lambda tmp: open(tmp, "w", encoding="utf-8").write("".join(t + "\n" for t, _ in vocab)))
-    _write_json(os.path.join(folder, "tokenizer_config.json"),
-                {"tokenizer_class": "DistilBertTokenizer", "do_lower_case": True, "model_max_length": model_max_length})
+    write_text(os.path.join(folder, "vocab.txt"), "".join(t + "\n" for t, _ in vocab))
+    write_json(os.path.join(folder, "tokenizer_config.json"),
+               {"tokenizer_class": "DistilBertTokenizer", "do_lower_case": True, "model_max_length": model_max_length})
     return tok
 
 

@@ -38,7 +38,7 @@ import time
 import torch
 
 from nanowarp import hub, merging, parallel
-from nanowarp.config import RESUME_FREE
+from nanowarp.config import RESUME_FREE, changed_flags
 from nanowarp.data import load_prompts
 from nanowarp.gpt2 import GPT2, GPT2Config
 from nanowarp.reward import RewardModel
@@ -134,16 +134,9 @@ def save_policy(folder, theta, gpt2_config, tokenizer_folder):
     hub.save_checkpoint(folder, gpt2_config.to_hf(), theta)  # config.json last: the folder is complete
 
 
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    hub.atomic_write(path, write)
-
-
 def save_run(cfg, iteration, run, theta, rows, gpt2_config):
     folder = job_folder(cfg, iteration, f"run_{run}")
-    write_text(os.path.join(folder, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    hub.write_text(os.path.join(folder, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     save_policy(folder, theta, gpt2_config, policy_folder(cfg.policy))
     if os.path.exists(os.path.join(folder, "state.pt")):
         os.remove(os.path.join(folder, "state.pt"))  # the run is complete: its training state is no use
@@ -159,7 +152,7 @@ def write_metrics(cfg):
             if is_complete(folder):
                 with open(os.path.join(folder, "metrics.jsonl")) as f:
                     lines.append(f.read())
-    write_text(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(lines))
+    hub.write_text(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(lines))
 
 
 def start_job(cfg, log=print):
@@ -178,19 +171,16 @@ def start_job(cfg, log=print):
     elif os.path.exists(path):
         with open(path) as f:
             earlier = json.load(f)
-        differing = [k for k in sorted(set(earlier) | set(settings))
-                     if k not in RESUME_FREE and earlier.get(k, "(unset)") != settings.get(k, "(unset)")]
+        differing = changed_flags(earlier, settings, RESUME_FREE)
         if differing:
-            raise ValueError(f"{cfg.out_dir} holds a job with other settings: "
-                             + ", ".join(f"--{k} {earlier.get(k, '(unset)')} (now {settings.get(k, '(unset)')})"
-                                         for k in differing)
-                             + ". Run it with its own flags to resume it, add --fresh to delete its results and "
-                               "start over, or choose another --out_dir")
+            raise ValueError(f"{cfg.out_dir} holds a job with other settings: {', '.join(differing)}. Run it "
+                             "with its own flags to resume it, add --fresh to delete its results and start over, "
+                             "or choose another --out_dir")
         log(f"resuming the job in {cfg.out_dir}")
     elif results:
         raise ValueError(f"{cfg.out_dir} holds WARP results but no job.json, so they cannot be resumed: "
                          f"add --fresh to delete them and start over, or choose another --out_dir")
-    write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    hub.write_json(path, settings, sort_keys=True)
     for folder, _, files in os.walk(cfg.out_dir):  # what a kill -9 may have left behind
         for name in files:
             if name.startswith(".tmp-") or (name == "state.pt" and is_complete(folder)):
