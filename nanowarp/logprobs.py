@@ -175,3 +175,69 @@ class TokenLogprobs(torch.autograd.Function):
             return (g[:, None] * grad_hidden).to(hidden.dtype), None, None, None, None
         dh, dw = _grads_from_softmax(hidden, weight, targets, lse, g, ctx.temperature, ctx.chunk_size, need_hidden)
         return (dh.to(hidden.dtype) if need_hidden else None), dw.to(weight.dtype), None, None, None
+
+
+@torch.no_grad()
+def sequence_kl(hidden, weight, ref_hidden, ref_weight, mask, temperature=1.0, chunk_size=None):
+    """Σ_k KL(π(·|x, y_<k) ‖ π_ref(·|x, y_<k)) of each sequence: the full-vocabulary KL at every
+    masked position, summed. With z = h·Wᵀ/τ (the policy's logits), u = h_ref·W_refᵀ/τ (the
+    reference's) and p = softmax(z), one position's KL is
+
+        KL = Σ_v p_v (z_v − u_v) − logsumexp(z) + logsumexp(u)
+
+    computed like token_logprobs: the masked positions in chunks of `chunk_size`, each over
+    (chunk, V / VOCAB_BLOCKS) tiles of both logits, with running maxima and sums (the Σ_v p_v (z_v −
+    u_v) term rescaled like the softmax's sum). Never holds (B, T, V).
+
+    Summed along sampled prefixes y ~ π this is the Rao-Blackwellised form of the sampled estimate
+    Σ_k log π(y_k|…) − log π_ref(y_k|…): the same expectation, lower variance, and never negative.
+
+    hidden, ref_hidden (B, T, d) and (B, T, d_ref): hidden states at the positions that predict the
+    completion tokens; weight (V, d), ref_weight (V, d_ref): the LM heads (one vocabulary); mask (B, T)
+    1 for the tokens to count (up to and including EOS). Returns (B,) float32. No gradient.
+    """
+    assert hidden.shape[:-1] == ref_hidden.shape[:-1] == mask.shape and weight.size(0) == ref_weight.size(0), \
+        f"shapes: hidden {tuple(hidden.shape)}, ref_hidden {tuple(ref_hidden.shape)}, weight " \
+        f"{tuple(weight.shape)}, ref_weight {tuple(ref_weight.shape)}, mask {tuple(mask.shape)}"
+    V = weight.size(0)
+    chunk_size = chunk_size or max(1, CHUNK_BYTES // (4 * V))
+    rows = mask.reshape(-1).nonzero().squeeze(1)  # only the counted positions are computed
+    h, h_ref = hidden.reshape(-1, hidden.size(-1))[rows], ref_hidden.reshape(-1, ref_hidden.size(-1))[rows]
+    w, w_ref = weight.float(), ref_weight.float()
+    kl = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+    n = min(chunk_size, max(1, rows.numel()))
+    buffers = _tile_buffer(n, V, hidden.device), _tile_buffer(n, V, hidden.device)
+    for s in range(0, rows.numel(), chunk_size):
+        chunk = slice(s, s + chunk_size)
+        kl[chunk] = _chunk_kl(h[chunk], w, h_ref[chunk], w_ref, temperature, buffers)
+    per_sequence = torch.zeros(mask.numel(), dtype=torch.float32, device=hidden.device)
+    per_sequence[rows] = kl.clamp_(min=0)  # ≥ 0 exactly; rounding can leave −1e-7 where π = π_ref
+    return per_sequence.view(mask.shape).sum(1)
+
+
+def _chunk_kl(h, w, h_ref, w_ref, temperature, buffers):
+    """One chunk of n positions: KL(softmax(z) ‖ softmax(u)) (n,), tile by tile over the vocabulary.
+
+    In the shifted form KL = Σ_v p_v ((z_v − m) − (u_v − m_ref)) − log Σ_v e^(z_v − m) + log Σ_v e^(u_v − m_ref)
+    (m, m_ref the maxima of z and u): the terms stay small where both models are confident about
+    the same token, so fp32 does not cancel two large numbers."""
+    m = torch.full((h.size(0),), -float("inf"), device=h.device)  # running max of z
+    total = torch.zeros_like(m)  # Σ exp(z − m)
+    weighted = torch.zeros_like(m)  # Σ exp(z − m)((z − m) − (u − m_ref))
+    m_ref, total_ref = m.clone(), total.clone()  # the same for u
+    for cols in _vocab_tiles(w.size(0)):
+        z = _logits(h, w[cols], temperature, buffers[0])
+        u = _logits(h_ref, w_ref[cols], temperature, buffers[1])
+        m_new, m_ref_new = torch.maximum(m, z.amax(-1)), torch.maximum(m_ref, u.amax(-1))
+        scale = (m - m_new).exp()
+        # re-shift what is summed so far: each earlier term gains (m − m_new) − (m_ref − m_ref_new)
+        shift = torch.where(total > 0, (m - m_new) - (m_ref - m_ref_new), 0.0)
+        z.sub_(m_new[:, None])
+        u.sub_(m_ref_new[:, None])
+        diff = z - u  # (n, block)
+        e = z.exp_()  # exp(z − m), in place
+        weighted = (weighted + total * shift) * scale + diff.mul_(e).sum(-1)
+        total = total * scale + e.sum(-1)
+        total_ref = total_ref * (m_ref - m_ref_new).exp() + u.exp_().sum(-1)
+        m, m_ref = m_new, m_ref_new
+    return weighted / total - total.log() + total_ref.log()
