@@ -11,6 +11,15 @@ averaged over the prompts. The KL estimate is single-sample and unbiased, so it 
 slightly negative for models close to the reference. Both log-probs are taken at the sampling
 temperature (the sampler returns π's; π_ref's come from one forward pass over prompt + y).
 
+Along the same samples, the other axes of the paper:
+
+    kl_exact    = Σ_k KL(π(·|x, y_<k) ‖ π_ref(·|x, y_<k))   the full-vocabulary KL at each position
+                  (Rao-Blackwellised: the same expectation as `kl`, lower variance, never negative)
+    distinct_n  = distinct n-grams of completion tokens / n-grams, over all completions (diversity)
+    judge       = mean P(positive) under an independent classifier, over ALL completions (no −1 rule):
+                  the "gold" reward of reward-overoptimisation studies, never trained against
+    heldout_nll = mean negative log-likelihood per token of real held-out reviews (forgetting)
+
 Sampling draws from a torch.Generator seeded with `seed`: the same seed, batch size and device
 give the same completions. Every model evaluated with the same seed consumes the same random
 numbers (common random numbers), so differences between models, and between the η of a sweep,
@@ -22,8 +31,11 @@ import math
 import torch
 
 from nanowarp import merging
-from nanowarp.rl import completion_logprobs, decode
+from nanowarp.data import load_reviews
+from nanowarp.logprobs import sequence_kl, token_logprobs
+from nanowarp.rl import completion_hidden, decode
 from nanowarp.sampling import sample
+from nanowarp.supervised import fit_review, perplexity, test_subset
 
 
 def mean_and_se(values):
@@ -34,37 +46,81 @@ def mean_and_se(values):
     return values.mean().item(), se
 
 
+def distinct_n(completions, n):
+    """Distinct n-grams / n-grams over all completions (lists of token ids; n-grams never span two
+    completions). 0.0 when there is no n-gram at all."""
+    grams = [tuple(c[i:i + n]) for c in completions for i in range(len(c) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def heldout_sequences(data, n, tokenizer, n_positions, eos_id):
+    """n test reviews, evenly spaced over the test split (both labels), each tokenized with the
+    policy's tokenizer and cut to the context with EOS after it as the SFT model was trained
+    (supervised.fit_review): the token-id lists evaluate(heldout=...) scores."""
+    texts, _ = test_subset(*load_reviews(data, "test"), n)
+    return [fit_review(e, text, n_positions, eos_id) for e, text in zip(tokenizer.encode_batch(texts), texts)]
+
+
+def heldout_nll(policy, sequences, eos_id, batch_size=32):
+    """Mean negative log-likelihood per token (nats) of `policy` on `sequences` (token-id lists, as
+    heldout_sequences gives): each token after the first predicted from those before, EOS included."""
+    return math.log(perplexity(policy, sequences, eos_id, policy.lm_head.weight.device, batch_size))
+
+
 @torch.no_grad()
 def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_tokens=128, temperature=1.0,
-             batch_size=64, seed=0):
+             batch_size=64, seed=0, judge=None, heldout=None):
     """KL(π‖π_ref) and reward of `policy` on `prompts` (lists of token ids), one completion each.
 
     policy, ref: GPT2 models (same vocabulary; in eval mode if they have dropout); reward_model: nanowarp.reward.RewardModel;
     tokenizer: the policy's tokenizers.Tokenizer, to decode prompt + completion for the reward.
-    Returns dict(kl, reward, finished, length, n, kl_se, reward_se): means over prompts, finished
-    = fraction that emitted EOS, length = mean completion tokens (EOS included), *_se = standard
-    errors of the means.
+    judge: an optional second classifier (a RewardModel, e.g. of another architecture) scoring the
+    same texts; heldout: optional token-id lists (heldout_sequences) for heldout_nll.
+    Returns dict(kl, reward, finished, length, n, kl_se, reward_se, kl_exact, kl_exact_se,
+    distinct_1, distinct_2), plus judge, judge_se when a judge is given and heldout_nll when
+    heldout is: means over prompts, finished = fraction that emitted EOS, length = mean
+    completion tokens (EOS included), *_se = standard errors of the means, distinct_n over the
+    completions' token ids up to EOS (EOS excluded; tokens, not words, so it does not depend on
+    how a tokenizer decodes).
     """
     device = policy.lm_head.weight.device
     ref_device = ref.lm_head.weight.device
     generator = torch.Generator(device).manual_seed(seed)
-    kls, rewards, finished, lengths = [], [], [], []
+    kls, kls_exact, rewards, judged, finished, lengths, completions = [], [], [], [], [], [], []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         s = sample(policy, batch, max_new_tokens, eos_token_id=eos_id, temperature=temperature,
                    generator=generator)
-        ref_logprobs = completion_logprobs(ref, s.prompt.to(ref_device), s.prompt_mask.to(ref_device),
-                                           s.tokens.to(ref_device), temperature)
+        ref_hidden = completion_hidden(ref, s.prompt.to(ref_device), s.prompt_mask.to(ref_device),
+                                       s.tokens.to(ref_device))
+        ref_logprobs = token_logprobs(ref_hidden, ref.lm_head.weight, s.tokens.to(ref_device), temperature)
+        mask = s.mask.to(ref_device)
         # Σ_k log π(y_k|…) − log π_ref(y_k|…), over the completion's tokens only (mask: up to EOS)
-        kls.append(((s.logprobs.to(ref_device) - ref_logprobs) * s.mask.to(ref_device)).sum(1).cpu())
+        kls.append(((s.logprobs.to(ref_device) - ref_logprobs) * mask).sum(1).cpu())
+        # Σ_k KL(π(·|…) ‖ π_ref(·|…)) at the same positions, from one forward pass of the policy
+        hidden = completion_hidden(policy, s.prompt, s.prompt_mask, s.tokens).to(ref_device)
+        kls_exact.append(sequence_kl(hidden, policy.lm_head.weight.to(ref_device), ref_hidden, ref.lm_head.weight,
+                                     mask, temperature).cpu())
         n_tokens = s.mask.sum(1)
-        rewards.append(reward_model.score(decode(tokenizer, batch, s.tokens, n_tokens), s.finished))
+        texts = decode(tokenizer, batch, s.tokens, n_tokens)
+        rewards.append(reward_model.score(texts, s.finished))
+        if judge is not None:
+            judged.append(judge.score(texts))
         finished.append(s.finished.cpu())
         lengths.append(n_tokens.cpu())
+        completions += [t[:n] for t, n in zip(s.tokens.tolist(), (n_tokens - s.finished.long()).tolist())]
     kl, kl_se = mean_and_se(torch.cat(kls))
+    kl_exact, kl_exact_se = mean_and_se(torch.cat(kls_exact))
     reward, reward_se = mean_and_se(torch.cat(rewards))
-    return dict(kl=kl, reward=reward, finished=torch.cat(finished).double().mean().item(),
-                length=torch.cat(lengths).double().mean().item(), n=len(prompts), kl_se=kl_se, reward_se=reward_se)
+    result = dict(kl=kl, reward=reward, finished=torch.cat(finished).double().mean().item(),
+                  length=torch.cat(lengths).double().mean().item(), n=len(prompts), kl_se=kl_se, reward_se=reward_se,
+                  kl_exact=kl_exact, kl_exact_se=kl_exact_se,
+                  distinct_1=distinct_n(completions, 1), distinct_2=distinct_n(completions, 2))
+    if judge is not None:
+        result["judge"], result["judge_se"] = mean_and_se(torch.cat(judged))
+    if heldout is not None:
+        result["heldout_nll"] = heldout_nll(policy, heldout, eos_id)
+    return result
 
 
 def liti_sweep(theta_a, theta_b, etas, policy, ref, reward_model, prompts, tokenizer, eos_id, log=None, **kwargs):
@@ -73,7 +129,8 @@ def liti_sweep(theta_a, theta_b, etas, policy, ref, reward_model, prompts, token
     theta_a, theta_b: dense state dicts in the Hugging Face layout (GPT2.hf_state_dict()).
     policy: a GPT2 of their architecture whose weights are overwritten for each η (one model in
     memory, whatever the number of points); not the model theta_a or theta_b are views of.
-    kwargs go to evaluate(); log(eta, result), if given, is called after each point.
+    kwargs go to evaluate() (judge and heldout included); log(eta, result), if given, is called
+    after each point.
     Returns a list of evaluate() dicts, each with its `eta`.
     """
     merging.check_compatible([theta_a, theta_b], ["sweep start", "sweep end"])

@@ -62,11 +62,16 @@ def ema_update(anchor, policy, mu):
         anchor.get_submodule(name).weight.lerp_(module.effective_weight(), mu)
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, tokens, temperature):
-    """log π(y_k | x, y_<k) of the completion tokens (B, N), through the fused log-prob."""
+def completion_hidden(model, prompt_ids, prompt_mask, tokens):
+    """Hidden states (B, N, d) at the positions that predict the completion tokens (B, N)."""
     idx = torch.cat([prompt_ids, tokens], 1)[:, :-1]  # the last token predicts nothing we need
     mask = torch.cat([prompt_mask, torch.ones_like(tokens)], 1)[:, :-1]
-    h = model.hidden_states(idx, mask)[:, prompt_ids.size(1) - 1:]  # (B, N, d): positions that predict y
+    return model.hidden_states(idx, mask)[:, prompt_ids.size(1) - 1:]
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, tokens, temperature):
+    """log π(y_k | x, y_<k) of the completion tokens (B, N), through the fused log-prob."""
+    h = completion_hidden(model, prompt_ids, prompt_mask, tokens)
     return token_logprobs(h, model.lm_head.weight, tokens, temperature)
 
 

@@ -9,13 +9,14 @@ import torch
 
 import eval as eval_cli
 from conftest import perturbed_copy
-from nanowarp.data import load_prompts
-from nanowarp.evaluate import evaluate, liti_sweep, plot
+from nanowarp.data import load_prompts, load_reviews
+from nanowarp.evaluate import distinct_n, evaluate, heldout_nll, heldout_sequences, liti_sweep, plot
 from nanowarp.gpt2 import GPT2
 from nanowarp.padding import left_pad
 from nanowarp.reward import RewardModel
 from nanowarp.rl import decode
 from nanowarp.sampling import sample
+from nanowarp.supervised import fit_review
 from nanowarp.tokenizer import load_tokenizer
 
 MAX_NEW = 12
@@ -98,6 +99,68 @@ def test_metrics_match_a_by_hand_computation(setup):
     assert result["kl"] == pytest.approx(sum(kls) / 12, abs=1e-4)
     assert result["finished"] == pytest.approx(sum(finished) / 12)
     assert result["length"] == pytest.approx(sum(lengths) / 12)
+
+
+def test_new_metrics_match_a_by_hand_computation(setup):
+    """kl_exact = Σ over completion tokens up to EOS of the float64 full-vocabulary KL; judge =
+    mean P(positive) over all completions (no −1 rule); distinct_n over token ids, EOS excluded;
+    the older metrics are the same numbers with or without the new ones."""
+    s, seed = setup, 5
+    judge = s["reward_model"]  # the same classifier as judge: only the −1 rule differs
+    result = run(s, s["far"], seed=seed, judge=judge)
+    assert {k: result[k] for k in ("kl", "reward", "finished", "length", "n", "kl_se", "reward_se")} == \
+        {k: v for k, v in run(s, s["far"], seed=seed).items() if k in ("kl", "reward", "finished", "length", "n",
+                                                                       "kl_se", "reward_se")}
+    g = torch.Generator().manual_seed(seed)
+    kls, judged, completions = [], [], []
+    for start in range(0, 12, 5):
+        batch = s["prompts"][start:start + 5]
+        out = sample(s["far"], batch, MAX_NEW, eos_token_id=s["eos_id"], generator=g)
+        n = out.mask.sum(1)
+        judged += judge.score(decode(s["tokenizer"], batch, out.tokens, n)).tolist()
+        ids, mask = left_pad(batch, s["eos_id"], "cpu")
+        full = torch.cat([ids, out.tokens], 1)
+        full_mask = torch.cat([mask, torch.ones_like(out.tokens)], 1)
+        logp, logq = (m(full, full_mask)[:, ids.size(1) - 1:-1].double().log_softmax(-1) for m in (s["far"], s["ref"]))
+        kls += ((logp.exp() * (logp - logq)).sum(-1) * out.mask).sum(1).tolist()
+        completions += [t[:k] for t, k in zip(out.tokens.tolist(), (n - out.finished.long()).tolist())]
+    assert min(kls) > 0 and result["kl_exact"] == pytest.approx(sum(kls) / 12, rel=1e-5)
+    assert result["kl_exact_se"] == pytest.approx(torch.tensor(kls).std().item() / 12 ** 0.5, rel=1e-4)
+    assert result["judge"] == pytest.approx(sum(judged) / 12, abs=1e-6) and all(0 < j < 1 for j in judged)
+    assert s["eos_id"] not in sum(completions, [])
+    for k in (1, 2):
+        grams = [tuple(c[i:i + k]) for c in completions for i in range(len(c) - k + 1)]
+        assert result[f"distinct_{k}"] == len(set(grams)) / len(grams)
+    assert "heldout_nll" not in result
+
+
+def test_kl_exact_of_a_model_against_itself_is_zero(setup):
+    result = run(setup, setup["ref"], temperature=0.7)
+    assert result["kl_exact"] == 0 and "judge" not in result
+
+
+def test_distinct_n_counts_n_grams_within_completions():
+    assert distinct_n([[1, 2, 1, 2], [2, 1]], 1) == 2 / 6
+    assert distinct_n([[1, 2, 1, 2], [2, 1]], 2) == 2 / 4  # (1,2) (2,1) (1,2) | (2,1); none spans two completions
+    assert distinct_n([[5], []], 2) == 0.0
+
+
+def test_heldout_nll_is_the_mean_nll_per_token_of_test_reviews(setup, prepared_imdb_dir):
+    s = setup
+    texts, labels = load_reviews(prepared_imdb_dir, "test")
+    seqs = heldout_sequences(prepared_imdb_dir, 4, s["tokenizer"], 24, s["eos_id"])
+    assert len(seqs) == 4 and all(len(q) <= 24 and q[-1] == s["eos_id"] for q in seqs)
+    assert any(len(q) == 24 for q in seqs)  # some were cut
+    picked = [0, 4, 7, 11]  # 4 of the 12 test reviews, evenly spaced over the split (sorted by label)
+    assert [labels[i] for i in picked] == [0, 0, 1, 1]
+    assert seqs == [fit_review(s["tokenizer"].encode(texts[i]), texts[i], 24, s["eos_id"]) for i in picked]
+    nll, count = 0.0, 0
+    for q in seqs:
+        ids = torch.tensor([q])
+        logp = s["far"](ids[:, :-1]).double().log_softmax(-1).gather(2, ids[:, 1:, None])
+        nll, count = nll - logp.sum().item(), count + len(q) - 1
+    assert heldout_nll(s["far"], seqs, s["eos_id"]) == pytest.approx(nll / count, rel=1e-5)
+    assert run(s, s["far"], heldout=seqs)["heldout_nll"] == heldout_nll(s["far"], seqs, s["eos_id"])
 
 
 def test_same_seed_same_results_other_seed_other_samples(setup):
