@@ -13,9 +13,14 @@ weight is [in, out], the transpose of `nn.Linear`; and `lm_head` is tied to `wte
 Batches are left-padded: `attention_mask` (B, T) has 1 for tokens and 0 for padding, and each
 row's positions count from its first real token, so a padded row computes exactly what it would
 alone.
+
+`GPT2Classifier` is transformers' GPT2ForSequenceClassification: the same body and a `score` head
+(num_labels, n_embd), no bias, read at each row's last real token (a judge of another kind than
+the DistilBERT reward model).
 """
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -158,6 +163,8 @@ class Block(nn.Module):
 
 
 class GPT2(nn.Module):
+    config_class = GPT2Config  # what from_pretrained reads config.json into
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -249,7 +256,8 @@ class GPT2(nn.Module):
             if k.endswith(SKIPPED) or k == "lm_head.weight":  # buffers; lm_head is tied to wte
                 continue
             sd[k] = v
-        expected = {k.removeprefix("transformer."): v.shape for k, v in self.hf_state_dict().items()}
+        expected = {k.removeprefix("transformer."): v.shape for k, v in self.hf_state_dict().items()
+                    if k.startswith("transformer.")}  # a head other than the tied lm_head loads apart
         hub.check_keys(expected, {k: v.shape for k, v in sd.items()}, where)
         sd = {"transformer." + k: v.t() if k.endswith(CONV1D) else v for k, v in sd.items()}
         self.load_state_dict(sd, strict=False)  # strict=False: lm_head.weight comes with wte
@@ -258,12 +266,77 @@ class GPT2(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path):
         folder = hub.resolve(name_or_path)
-        config = GPT2Config.from_hf(hub.load_config(folder), where=folder)
+        config = cls.config_class.from_hf(hub.load_config(folder), where=folder)
         state_dict, path = hub.load_state_dict(folder)
         return cls(config).load_hf_state_dict(state_dict, where=path)
 
     def save_pretrained(self, folder, state_dict=None):
         hub.save_checkpoint(folder, self.config.to_hf(), self.hf_state_dict(state_dict))
+
+
+@dataclass
+class GPT2ClassifierConfig(GPT2Config):
+    num_labels: int = 2
+    id2label: dict | None = None  # {0: "NEGATIVE", 1: "POSITIVE"}; LABEL_i when None
+    pad_token_id: int | None = None  # transformers finds each row's last token as the last non-pad id
+
+    def __post_init__(self):
+        if self.id2label is None:
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        self.id2label = {int(i): label for i, label in self.id2label.items()}  # config.json's keys are strings
+        self.num_labels = len(self.id2label)
+
+    @property
+    def label2id(self):
+        return {label: i for i, label in self.id2label.items()}
+
+    @property
+    def max_position_embeddings(self):  # DistilBertConfig's name: RewardModel truncates to it
+        return self.n_positions
+
+    def to_hf(self):
+        d = {k: v for k, v in super().to_hf().items() if k != "num_labels"}  # transformers counts id2label
+        return {**d, "architectures": ["GPT2ForSequenceClassification"],
+                "id2label": {str(i): label for i, label in self.id2label.items()}, "label2id": self.label2id}
+
+
+class GPT2Classifier(GPT2):
+    """A sequence classifier in the layout of transformers' GPT2ForSequenceClassification:
+    `transformer.*` plus `score.weight` (num_labels, n_embd). Batches are right-padded (or
+    left-padded: positions count from each row's first real token either way)."""
+    config_class = GPT2ClassifierConfig
+
+    def __init__(self, config):
+        super().__init__(config)  # keeps the tied lm_head: no parameter of its own, never saved
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
+
+    def forward(self, input_ids, attention_mask=None):
+        """input_ids (B, T), attention_mask (B, T) 1 = token, 0 = padding -> logits (B, num_labels),
+        read at each row's last real token."""
+        B, T = input_ids.shape
+        if T > self.config.n_positions:
+            raise ValueError(f"{T} tokens is more than the model's n_positions ({self.config.n_positions}): "
+                             f"truncate the inputs")
+        h = self.hidden_states(input_ids, attention_mask)  # (B, T, d)
+        last = torch.full((B,), T - 1, device=input_ids.device) if attention_mask is None else \
+            T - 1 - attention_mask.flip(1).argmax(1)  # the last column holding a real token
+        return self.score(h[torch.arange(B, device=h.device), last])
+
+    def load_hf_state_dict(self, state_dict, where="state dict"):
+        """The body as GPT2 loads it, then `score.weight`; a GPT-2 language model (no head) gets a
+        fresh, randomly initialised head, with a warning."""
+        state_dict = dict(state_dict)
+        score = state_dict.pop("score.weight", None)
+        super().load_hf_state_dict(state_dict, where)
+        if score is None:
+            warnings.warn(f"{where} has no classifier head: new, randomly initialised score.weight. "
+                          f"Fine-tune the model before using its outputs.", stacklevel=3)
+        else:
+            hub.check_keys({"score.weight": self.score.weight.shape}, {"score.weight": score.shape}, where)
+            with torch.no_grad():
+                self.score.weight.copy_(score)
+        return self
 
 
 def to_hf_state_dict(state_dict):

@@ -3,11 +3,20 @@ The reward: a sentiment classifier's opinion of the decoded text (prompt + compl
 
 r(x, y) = P(positive | x + y) by default (or the raw positive logit), and a fixed penalty
 (−1) for a completion that never emitted EOS within the token budget.
+
+The classifier is a DistilBERT (the reward model of the paper) or a GPT-2 sequence classifier
+(an independent judge of another kind), whichever the checkpoint's config.json names; the
+tokenizer is the one its folder holds. Scored without `finished`, the same class is a judge:
+plain P(positive), no −1 rule.
 """
+
+import os
 
 import torch
 
+from nanowarp import hub
 from nanowarp.distilbert import DistilBertClassifier
+from nanowarp.gpt2 import GPT2Classifier
 from nanowarp.hub import CheckpointError
 from nanowarp.padding import right_pad
 from nanowarp.tokenizer import load_tokenizer
@@ -23,9 +32,22 @@ def positive_index(id2label):
     return len(id2label) - 1
 
 
+CLASSIFIERS = {"distilbert": DistilBertClassifier, "gpt2": GPT2Classifier}  # by config.json's model_type
+
+
+def load_classifier(name_or_path):
+    """A DistilBertClassifier or GPT2Classifier, by the model_type of the checkpoint's config.json."""
+    folder = hub.resolve(name_or_path)
+    model_type = hub.load_config(folder).get("model_type")
+    if model_type not in CLASSIFIERS:
+        raise CheckpointError(f"unknown model_type {model_type!r} in {os.path.join(folder, 'config.json')}: "
+                              f"a sentiment classifier must be one of {', '.join(CLASSIFIERS)}")
+    return CLASSIFIERS[model_type].from_pretrained(folder)
+
+
 class RewardModel:
     def __init__(self, name_or_path, device="cpu", batch_size=64, kind="prob", no_eos_penalty=-1.0):
-        self.model = DistilBertClassifier.from_pretrained(name_or_path).eval().to(device)
+        self.model = load_classifier(name_or_path).eval().to(device)
         cfg = self.model.config
         if cfg.num_labels < 2:
             raise CheckpointError(f"the reward model {name_or_path} has {cfg.num_labels} label: a sentiment "
@@ -44,7 +66,8 @@ class RewardModel:
         out = []
         for start in range(0, len(texts), self.batch_size):
             enc = self.tokenizer.encode_batch(texts[start:start + self.batch_size])
-            ids, mask = right_pad([e.ids for e in enc], self.pad_id, self.device)  # the head reads token 0
+            # right padding: DistilBERT's head reads token 0, GPT-2's the last real token
+            ids, mask = right_pad([e.ids for e in enc], self.pad_id, self.device)
             logits = self.model(ids, mask).float()
             out.append(logits.softmax(-1)[:, self.positive] if self.kind == "prob" else logits[:, self.positive])
         rewards = torch.cat(out).cpu() if out else torch.zeros(0)

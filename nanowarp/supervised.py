@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from nanowarp import hub
 from nanowarp.data import load_reviews
-from nanowarp.distilbert import DistilBertClassifier
-from nanowarp.gpt2 import GPT2
+from nanowarp.gpt2 import GPT2, GPT2Classifier
 from nanowarp.logprobs import token_logprobs
 from nanowarp.lora import add_lora, effective_state_dict
 from nanowarp.padding import right_pad
+from nanowarp.reward import load_classifier
 from nanowarp.rl import lr_factor
 from nanowarp.tokenizer import load_tokenizer
 from nanowarp.warp import save_policy
@@ -70,11 +70,14 @@ def warmup_steps(cfg, total):
 def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None, test_limit=None):
     """Fine-tune a sentiment classifier; writes OUT/reward_model and returns its test accuracy
     (on every test review, or on `test_limit` of them, evenly spaced). `model` (a
-    DistilBertClassifier, e.g. a fresh one to train from scratch) and `tokenizer_folder` replace
-    cfg.reward_base when given."""
+    DistilBertClassifier or a GPT2Classifier, e.g. a fresh one to train from scratch) and
+    `tokenizer_folder` replace cfg.reward_base when given."""
     folder = tokenizer_folder or hub.resolve(cfg.reward_base, weights=model is None)
-    model = (model or DistilBertClassifier.from_pretrained(folder)).to(device)
+    model = (model or load_classifier(folder)).to(device)
     model.config.id2label = {0: "NEGATIVE", 1: "POSITIVE"}
+    if isinstance(model, GPT2Classifier) and model.config.pad_token_id is None:
+        # training masks padding whatever its id; transformers finds a GPT-2's last token by this id
+        model.config.pad_token_id = model.config.eos_token_id
     tokenizer = load_tokenizer(folder)
     tokenizer.no_padding()
     tokenizer.enable_truncation(min(cfg.max_length, model.config.max_position_embeddings))
@@ -99,7 +102,7 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
     acc = accuracy(model, tokenizer, test_texts, test_labels, device)
     out = os.path.join(cfg.out_dir, "reward_model")
     model.save_pretrained(out)
-    for name in ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):  # for transformers
+    for name in (n for n in hub.TOKENIZER_FILES if n != "tokenizer.json"):  # for transformers
         if os.path.isfile(os.path.join(folder, name)):
             hub.atomic_write(os.path.join(out, name), lambda tmp: shutil.copyfile(os.path.join(folder, name), tmp))
     tokenizer.no_truncation()

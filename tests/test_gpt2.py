@@ -210,3 +210,68 @@ def test_hub_id_while_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE is set and the file is not in the local cache"):
         GPT2.from_pretrained("lvwerra/gpt2-imdb")
+
+
+# ---- GPT2Classifier: transformers' GPT2ForSequenceClassification -------------------------------
+
+PAD = 0  # the classifier's pad_token_id; never inside the text (transformers finds the last token by it)
+
+
+def reference_classifier(seed=0, labels=("NEGATIVE", "POSITIVE", "MIXED")):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=101, n_positions=48, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=100, eos_token_id=100, pad_token_id=PAD,
+                                     id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    return transformers.GPT2ForSequenceClassification(config).eval()
+
+
+def right_padded_batch(lengths=(12, 7, 1, 12)):
+    torch.manual_seed(1)
+    T = max(lengths)
+    idx = torch.randint(1, 101, (len(lengths), T))  # never PAD
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        mask[r, :n] = 1
+    return idx.masked_fill(mask == 0, PAD), mask
+
+
+def test_classifier_logits_match_transformers_on_right_padded_batches(tmp_path):
+    ref = reference_classifier()
+    ref.save_pretrained(str(tmp_path))
+    model = gpt2.GPT2Classifier.from_pretrained(str(tmp_path)).eval()
+    assert model.config.id2label == {0: "NEGATIVE", 1: "POSITIVE", 2: "MIXED"} and model.config.pad_token_id == PAD
+    idx, mask = right_padded_batch()
+    with torch.no_grad():
+        ours, theirs = model(idx, mask), ref(idx, attention_mask=mask).logits
+        alone = [model(idx[r:r + 1, :int(mask[r].sum())]) for r in range(idx.size(0))]
+    assert ours.shape == (4, 3)
+    assert (ours - theirs).abs().max() <= TOL
+    assert (ours - torch.cat(alone)).abs().max() <= TOL  # each row reads its own last real token
+
+
+def test_classifier_save_pretrained_round_trips_through_transformers(tmp_path):
+    torch.manual_seed(0)
+    config = gpt2.GPT2ClassifierConfig(vocab_size=101, n_positions=48, n_embd=32, n_layer=2, n_head=4,
+                                       pad_token_id=PAD, id2label={0: "NEGATIVE", 1: "POSITIVE"})
+    model = gpt2.GPT2Classifier(config).eval()
+    model.save_pretrained(str(tmp_path))
+    saved = json.load(open(tmp_path / "config.json"))
+    assert saved["architectures"] == ["GPT2ForSequenceClassification"] and saved["label2id"]["POSITIVE"] == 1
+    back = transformers.GPT2ForSequenceClassification.from_pretrained(str(tmp_path)).eval()
+    assert back.config.id2label == {0: "NEGATIVE", 1: "POSITIVE"} and back.config.pad_token_id == PAD
+    idx, mask = right_padded_batch()
+    with torch.no_grad():
+        assert (model(idx, mask) - back(idx, attention_mask=mask).logits).abs().max() <= TOL
+    again = gpt2.GPT2Classifier.from_pretrained(str(tmp_path))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_classifier_from_a_language_model_gets_a_fresh_head_with_a_warning(tmp_path):
+    reference_model().save_pretrained(str(tmp_path))
+    with pytest.warns(UserWarning, match="no classifier head"):
+        model = gpt2.GPT2Classifier.from_pretrained(str(tmp_path))
+    assert model.score.weight.shape == (2, 32)
+    with pytest.raises(CheckpointError, match="unexpected key 'score.weight'"):
+        reference_classifier().save_pretrained(str(tmp_path / "clf"))
+        GPT2.from_pretrained(str(tmp_path / "clf"))  # a classifier is no language model
