@@ -8,6 +8,12 @@ prompt is sampled and scored:
     KL     = mean over prompts of Σ_k [log π(y_k|x, y_<k) − log π_ref(y_k|x, y_<k)]   (tokens up to EOS)
     reward = mean of P(positive | x + y) under --reward_model, −1 for a completion without EOS
 
+and, along the same samples: kl_exact (the full-vocabulary KL at each position, summed: never
+negative), distinct_1 / distinct_2 (distinct unigrams / bigrams of completion tokens over all
+completions, divided by their counts), with --judge the mean P(positive) under an independent
+classifier over all completions (no −1 rule), with --heldout N the mean NLL per token of N
+held-out test reviews (forgetting).
+
 All models use the same seed, hence the same random numbers: their differences are less noisy
 than independent draws. Writes --out (a JSON list, one object per model or sweep point) after
 each model, prints a table, and plots the points when matplotlib is installed.
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 from nanowarp import hub
 from nanowarp.config import flag, parse_args as parse_flags
 from nanowarp.data import DataError, load_meta, load_prompts
-from nanowarp.evaluate import evaluate, liti_sweep, plot
+from nanowarp.evaluate import evaluate, heldout_sequences, liti_sweep, plot
 from nanowarp.gpt2 import GPT2
 from nanowarp.reward import RewardModel
 from nanowarp.tokenizer import load_tokenizer
@@ -56,8 +62,16 @@ class Args:
                         metavar=("A", "B"))
     etas: tuple = flag(tuple(round(i / 10, 10) for i in range(11)), "eta values of --sweep, in [0, 1]",
                        nargs="+", type=float, metavar="E")
+    judge: str = flag(None, "independent sentiment classifier (DistilBERT or GPT-2, Hugging Face layout): rows "
+                            "gain judge, its mean P(positive) over all completions", metavar="DIR")
+    heldout: int = flag(0, "rows gain heldout_nll: mean NLL per token of N test reviews of --data (0: off)",
+                        type=int, metavar="N")
     plot: str = flag(None, "KL-reward plot (PNG); None: --out with .png when matplotlib is installed; "
                            "'none': no plot", metavar="PNG")
+
+
+# evaluate()'s metrics beyond KL and reward, copied into each row when present
+NEW_METRICS = ("kl_exact", "kl_exact_se", "distinct_1", "distinct_2", "judge", "judge_se", "heldout_nll")
 
 
 def parse_args(argv=None):
@@ -77,6 +91,7 @@ def validate(args):
         (args.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
         (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
         (args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}"),
+        (args.heldout >= 0, f"--heldout must be >= 0, got {args.heldout}"),
         (all(0 <= eta <= 1 for eta in args.etas), f"--etas must lie in [0, 1], got {args.etas}"),
     ]
     for ok, message in checks:
@@ -114,9 +129,13 @@ def check_prompts(prompts, args, ref):
 
 def print_table(rows):
     width = max([len("model")] + [len(r["model"]) for r in rows])
-    print(f"{'model':<{width}}  {'KL':>8}  {'reward':>8}  {'finished':>8}  {'length':>7}")
+    extra = [k for k in ("judge", "heldout_nll") if k in rows[0]]
+    print(f"{'model':<{width}}  {'KL':>8}  {'KL exact':>8}  {'reward':>8}  {'finished':>8}  {'length':>7}  "
+          f"{'dist-1':>6}  {'dist-2':>6}" + "".join(f"  {k:>11}" for k in extra))
     for r in rows:
-        print(f"{r['model']:<{width}}  {r['kl']:8.3f}  {r['reward']:+8.3f}  {r['finished']:8.2f}  {r['length']:7.1f}")
+        print(f"{r['model']:<{width}}  {r['kl']:8.3f}  {r['kl_exact']:8.3f}  {r['reward']:+8.3f}  {r['finished']:8.2f}  "
+              f"{r['length']:7.1f}  {r['distinct_1']:6.3f}  {r['distinct_2']:6.3f}" +
+              "".join(f"  {r[k]:11.3f}" for k in extra))
 
 
 def main(argv=None):
@@ -126,7 +145,8 @@ def main(argv=None):
     # 1. inputs: fail on a missing folder or missing data before loading anything large
     try:
         prompts = load_prompts(args.data, "eval")
-        for name in (*(args.models or ()), *(args.sweep or ()), args.ref, args.reward_model):
+        for name in (*(args.models or ()), *(args.sweep or ()), args.ref, args.reward_model,
+                     *([args.judge] if args.judge else [])):
             hub.resolve(name)
     except (DataError, hub.CheckpointError) as e:
         fail(str(e))
@@ -139,10 +159,13 @@ def main(argv=None):
     try:
         tokenizer = load_tokenizer(args.ref)  # the policy tokenizer, to decode completions
         reward_model = RewardModel(args.reward_model, device, batch_size=args.batch_size)
-    except hub.CheckpointError as e:
+        judge = RewardModel(args.judge, device, batch_size=args.batch_size) if args.judge else None
+        heldout = heldout_sequences(args.data, args.heldout, tokenizer, ref.config.n_positions,
+                                    ref.config.eos_token_id) if args.heldout else None
+    except (DataError, hub.CheckpointError) as e:
         fail(str(e))
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.batch_size,
-                    seed=args.seed)
+                    seed=args.seed, judge=judge, heldout=heldout)
     eos_id = ref.config.eos_token_id
     print(f"evaluating on {len(prompts)} prompts of {args.data}, KL to {args.ref}, reward {args.reward_model}, "
           f"device {device}")
@@ -154,7 +177,8 @@ def main(argv=None):
         nonlocal last
         row = dict(model=name, kl=result["kl"], reward=result["reward"], finished=result["finished"],
                    length=result["length"], n_prompts=result["n"], kl_se=result["kl_se"],
-                   reward_se=result["reward_se"], **extra, temperature=args.temperature,
+                   reward_se=result["reward_se"], **{k: result[k] for k in NEW_METRICS if k in result},
+                   **extra, temperature=args.temperature,
                    max_new_tokens=args.max_new_tokens, seed=args.seed)
         rows.append(row)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

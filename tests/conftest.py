@@ -3,12 +3,13 @@ Hugging Face layouts, so every test runs offline in seconds."""
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from nanowarp.gpt2 import GPT2, GPT2Config
+from nanowarp.gpt2 import GPT2, GPT2Classifier, GPT2ClassifierConfig, GPT2Config
 
 # The test models are tiny: one thread runs them as fast as two, and far faster when the cores
 # are busy with other work (thread oversubscription); it also fixes float reduction order.
@@ -98,6 +99,24 @@ def tiny_gpt2_dir(tmp_path_factory, bpe_dir):
     config = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=32, n_layer=2, n_head=4,
                         bos_token_id=vocab[EOS], eos_token_id=vocab[EOS])
     GPT2(config).save_pretrained(folder)
+    return folder
+
+
+def gpt2_classifier(bpe_dir, n_positions=32, pad=True):
+    """A random 1-layer GPT-2 sentiment classifier over the fixture BPE vocabulary (pad id: EOS)."""
+    vocab = json.load(open(os.path.join(bpe_dir, "vocab.json")))
+    torch.manual_seed(0)
+    return GPT2Classifier(GPT2ClassifierConfig(
+        vocab_size=len(vocab), n_positions=n_positions, n_embd=16, n_layer=1, n_head=2, bos_token_id=vocab[EOS],
+        eos_token_id=vocab[EOS], pad_token_id=vocab[EOS] if pad else None, id2label={0: "NEGATIVE", 1: "POSITIVE"}))
+
+
+@pytest.fixture(scope="session")
+def judge_dir(bpe_dir, tmp_path_factory):
+    """A random GPT-2 sentiment classifier with the fixture BPE tokenizer, in the Hugging Face layout."""
+    folder = str(tmp_path_factory.mktemp("judge"))
+    shutil.copytree(bpe_dir, folder, dirs_exist_ok=True)
+    gpt2_classifier(bpe_dir, n_positions=128).save_pretrained(folder)
     return folder
 
 

@@ -226,6 +226,26 @@ def test_cli_writes_results_with_models_and_sweep_rows(cli_args, tmp_path, capsy
     assert "reward" in printed and f"liti({sft},{other},eta=0.5)" in printed
 
 
+def test_cli_rows_gain_kl_exact_distinct_judge_and_heldout_nll(cli_args, judge_dir, tiny_reward_dir, tmp_path,
+                                                                capsys):
+    sft, other, out = cli_args["sft"], cli_args["other"], str(tmp_path / "r.json")
+    eval_cli.main(["--models", sft, other, "--out", out, "--plot", "none", "--judge", judge_dir, "--heldout", "3",
+                   *cli_args["argv"]])
+    rows = json.load(open(out))
+    for r in rows:
+        assert r["kl_exact"] >= 0 and 0 < r["distinct_1"] <= 1 and 0 <= r["distinct_2"] <= 1
+        assert 0 < r["judge"] < 1 and r["judge_se"] > 0 and r["heldout_nll"] > 0
+    assert rows[0]["kl_exact"] == 0 and rows[1]["kl_exact"] > 0  # the reference against itself, then another
+    assert rows[0]["heldout_nll"] != rows[1]["heldout_nll"]
+    table = capsys.readouterr().out.split("model")[-1]
+    assert all(k in table for k in ("KL exact", "dist-1", "dist-2", "judge", "heldout_nll"))
+    eval_cli.main(["--models", sft, "--out", out, "--plot", "none", "--judge", tiny_reward_dir, *cli_args["argv"]])
+    row = json.load(open(out))[0]  # a DistilBERT judge, no --heldout
+    assert "heldout_nll" not in row and 0 < row["judge"] < 1
+    assert {k: row[k] for k in ("kl", "reward", "kl_exact", "distinct_2")} == \
+        {k: rows[0][k] for k in ("kl", "reward", "kl_exact", "distinct_2")}
+
+
 def test_cli_uses_all_prompts_when_asked_for_more(cli_args, tmp_path, capsys):
     out = str(tmp_path / "r.json")
     argv = [a if a != "3" else "1000" for a in cli_args["argv"]]
@@ -235,14 +255,17 @@ def test_cli_uses_all_prompts_when_asked_for_more(cli_args, tmp_path, capsys):
     assert not (tmp_path / "r.png").exists()
 
 
-@pytest.mark.parametrize("case", ["missing model", "missing ref", "missing data", "zero prompts", "nothing"])
+@pytest.mark.parametrize("case", ["missing model", "missing ref", "missing data", "zero prompts", "nothing",
+                                  "missing judge", "negative heldout"])
 def test_cli_refuses_bad_input_in_one_line(cli_args, tmp_path, capsys, case):
     missing = str(tmp_path / "missing")
     argv = {"missing model": ["--models", missing],
             "missing ref": ["--models", cli_args["sft"], "--ref", missing],
             "missing data": ["--models", cli_args["sft"], "--data", missing],
             "zero prompts": ["--models", cli_args["sft"], "--n_prompts", "0"],
-            "nothing": []}[case]
+            "nothing": [],
+            "missing judge": ["--models", cli_args["sft"], "--judge", missing],
+            "negative heldout": ["--models", cli_args["sft"], "--heldout", "-1"]}[case]
     with pytest.raises(SystemExit) as e:
         eval_cli.main([*cli_args["argv"], *argv, "--out", str(tmp_path / "r.json")])  # later flags win
     err = capsys.readouterr().err.strip()
@@ -256,5 +279,6 @@ def test_cli_help_documents_every_flag(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--models", "--ref", "--reward_model", "--data", "--n_prompts", "--seed", "--out",
-                 "--max_new_tokens", "--temperature", "--batch_size", "--device", "--sweep", "--etas", "--plot"):
+                 "--max_new_tokens", "--temperature", "--batch_size", "--device", "--sweep", "--etas", "--plot",
+                 "--judge", "--heldout"):
         assert flag in out

@@ -9,33 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import EOS, REVIEWS
+from conftest import REVIEWS, gpt2_classifier
 from nanowarp.config import Config
 from nanowarp.data import load_reviews
 from nanowarp.distilbert import DistilBertClassifier
-from nanowarp.gpt2 import GPT2Classifier, GPT2ClassifierConfig
+from nanowarp.gpt2 import GPT2Classifier
 from nanowarp.hub import CheckpointError
 from nanowarp.padding import right_pad
 from nanowarp.reward import RewardModel, load_classifier
 from nanowarp.supervised import train_reward_model
 from nanowarp.tokenizer import load_tokenizer
-
-
-def gpt2_classifier(bpe_dir, n_positions=32, pad=True):
-    vocab = json.load(open(os.path.join(bpe_dir, "vocab.json")))
-    torch.manual_seed(0)
-    return GPT2Classifier(GPT2ClassifierConfig(
-        vocab_size=len(vocab), n_positions=n_positions, n_embd=16, n_layer=1, n_head=2, bos_token_id=vocab[EOS],
-        eos_token_id=vocab[EOS], pad_token_id=vocab[EOS] if pad else None, id2label={0: "NEGATIVE", 1: "POSITIVE"}))
-
-
-@pytest.fixture(scope="module")
-def judge_dir(bpe_dir, tmp_path_factory):
-    """A random GPT-2 sentiment classifier with the fixture BPE tokenizer, in the Hugging Face layout."""
-    folder = str(tmp_path_factory.mktemp("judge"))
-    shutil.copytree(bpe_dir, folder, dirs_exist_ok=True)
-    gpt2_classifier(bpe_dir, n_positions=128).save_pretrained(folder)
-    return folder
 
 
 def test_load_classifier_picks_the_kind_from_config_json(judge_dir, tiny_reward_dir, tiny_gpt2_dir, tmp_path):
