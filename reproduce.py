@@ -82,7 +82,8 @@ class Args:
     batch_size: int = flag(tiny.WARP["batch_size"], "completions per RL step")
     max_new_tokens: int = flag(tiny.WARP["max_new_tokens"], "completion length, in RL and evaluation")
     n_eval: int = flag(100, "eval prompts: the first N test reviews of at least 200 characters (SPEC §2)")
-    etas: int = flag(11, "points of each LITI sweep, eta evenly spaced from 0 to 1")
+    etas: tuple = flag(tuple(round(i / 10, 10) for i in range(11)), "eta values of each LITI sweep, in [0, 1] "
+                       "(as eval.py --etas)", nargs="+", type=float)
     ppl_reviews: int = flag(2500, "SFT perplexity on this many test reviews, evenly spaced; 0 = all")
     accuracy_reviews: int = flag(0, "reward-model accuracy on this many test reviews, evenly spaced; 0 = all 25,000")
 
@@ -288,7 +289,7 @@ def evaluate_seed(args, seed):
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=1.0, batch_size=64, seed=seed)
     policy = GPT2(ref.config).to(device).eval()  # one model whose weights change
     theta_sft = load_theta(sft_dir)
-    etas = [round(k / (args.etas - 1), 4) for k in range(args.etas)] if args.etas > 1 else [1.0]
+    etas = list(args.etas)
     rows, geometry, start = [], {}, time.perf_counter()
 
     def record(name, result, **extra):

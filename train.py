@@ -27,7 +27,7 @@ from nanowarp.warp import resolve_device, validate, warp  # noqa: E402
 
 
 def main(argv=None):
-    cfg = parse_args(argv, description=__doc__.strip().split("\n\n")[0])
+    cfg = parse_args(argv, description=__doc__.strip())
     try:
         validate(cfg)
         if cfg.stage == "reward":

@@ -96,7 +96,13 @@ def changed_flags(earlier, now, free=()):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default, and the script's docstring as written."""
+    """--help shows every default (a list as the values one would type: `1`, not `['1']`), and the
+    script's docstring as written."""
+
+    def _get_help_string(self, action):
+        if isinstance(action.default, (list, tuple)):
+            return f"{action.help} (default: {' '.join(map(str, action.default))})".replace("%", "%%")
+        return super()._get_help_string(action)
 
 
 def parse_args(argv=None, cls=Config, presets=PRESETS, description=None, dashes=False):

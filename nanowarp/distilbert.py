@@ -13,7 +13,7 @@ a left-padded row gives different logits than the same row unpadded.
 """
 
 import os
-import warnings
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -175,7 +175,7 @@ class DistilBertClassifier(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path):
         """Load a local folder or a Hub id. A base checkpoint (masked-LM, or the bare encoder)
-        gets a freshly initialised classifier head, with a warning naming the new keys."""
+        gets a freshly initialised classifier head, with a one-line note on stderr."""
         folder = hub.resolve(name_or_path)
         d = hub.load_config(folder)
         if d.get("model_type") != "distilbert":
@@ -199,13 +199,12 @@ class DistilBertClassifier(nn.Module):
         hub.check_keys({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in found.items()},
                        path, new_ok=new)
         self.load_state_dict(found, strict=False)
-        if new:
-            warnings.warn(f"{path} is a base DistilBERT checkpoint: new, randomly initialised "
-                          f"classifier head {', '.join(new)}"
-                          + (f"; ignored its masked-LM head {', '.join(ignored)}" if ignored else "")
-                          + ". Fine-tune the model before using its outputs.", stacklevel=3)
-        elif ignored:
-            warnings.warn(f"ignored the masked-LM head of {path}: {', '.join(ignored)}", stacklevel=3)
+        if new or ignored:  # one line, not a UserWarning with a quoted source line
+            modules = lambda keys: ", ".join(sorted({k.rsplit(".", 1)[0] for k in keys}))  # noqa: E731
+            print(f"note: {path}: " + (f"a base DistilBERT checkpoint: new, randomly initialised classifier head "
+                                      f"({modules(new)}); fine-tune it before using its outputs" if new else "")
+                  + ("; " if new and ignored else "") + (f"ignored its masked-LM head ({modules(ignored)})"
+                                                         if ignored else ""), file=sys.stderr)
 
 
 def sinusoidal_table(n_positions, dim):

@@ -52,45 +52,55 @@ def resolve(name_or_path, weights=True, revision=None):
 
 
 def _download(repo_id, weights, revision):
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError)
+    """The cache folder of a Hub repo: from the local cache alone when it holds config.json, the
+    weights (if asked for) and a tokenizer; otherwise after one request for the repo's file list,
+    fetching only the files the repo has. Without a network, each request for a file costs retries
+    (~23 s each), so the cache is read first and the Hub asked once, not once per candidate file."""
+    from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
 
-    def fetch(filename):
-        return hf_hub_download(repo_id, filename, revision=revision)
+    def cached(filename):
+        path = try_to_load_from_cache(repo_id, filename, revision=revision)
+        return path if isinstance(path, str) else None  # None, or the "known missing" marker
 
-    def fail(e):
+    def fail(e, what):
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = ("HF_HUB_OFFLINE is set and the file is not in the local cache: download it once with "
                 "a network, or pass a local folder" if offline else
                 "check the id and your network, or pass a local folder")
-        raise CheckpointError(f"'{repo_id}' is no local folder, and it could not be fetched from the "
+        raise CheckpointError(f"'{repo_id}' is no local folder, and {what} could not be fetched from the "
                               f"Hugging Face Hub ({type(e).__name__}): {hint}") from None
 
+    config = cached("config.json")
+    has_weights = not weights or any(cached(f) for f in WEIGHT_FILES)
+    has_tokenizer = any(cached(f) for f in ("tokenizer.json", "vocab.json", "vocab.txt"))
+    if config and has_weights and has_tokenizer:
+        return os.path.dirname(config)
     try:
-        folder = os.path.dirname(fetch("config.json"))
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, HfHubHTTPError,
-            EntryNotFoundError, OSError, ValueError) as e:
-        fail(e)
-    optional = list(TOKENIZER_FILES)
+        files = set(HfApi().list_repo_files(repo_id, revision=revision))  # the one request
+    except (OfflineModeIsEnabled, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        if config and has_weights:
+            return os.path.dirname(config)  # no tokenizer in the cache: loading it will say so
+        if config:
+            raise CheckpointError(f"'{repo_id}': config.json is in the local cache but its weights "
+                                  f"({' or '.join(WEIGHT_FILES)}) are not in the local cache (offline): the Hub "
+                                  f"could not be reached ({type(e).__name__}); download them once with a network, "
+                                  f"or pass a local folder") from None
+        fail(e, "its config.json")
+    if "config.json" not in files:
+        raise CheckpointError(f"'{repo_id}' on the Hub has no config.json: is it a Hugging Face model repo?")
+    wanted = ["config.json"]
     if weights:
-        for filename in WEIGHT_FILES:
-            try:
-                fetch(filename)
-                break
-            except EntryNotFoundError:
-                continue
-            except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
-                if filename == WEIGHT_FILES[-1]:
-                    fail(e)
-        else:
+        present = [f for f in WEIGHT_FILES if f in files]
+        if not present:
             raise CheckpointError(f"'{repo_id}' on the Hub has none of {', '.join(WEIGHT_FILES)}")
-    for filename in optional:  # tokenizer files: whichever the repo ships
-        try:
-            fetch(filename)
-        except (EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError):
-            pass
-    return folder
+        wanted.append(present[0])
+    wanted += [f for f in TOKENIZER_FILES if f in files]  # whichever the repo ships
+    try:
+        paths = [cached(f) or hf_hub_download(repo_id, f, revision=revision) for f in wanted]
+    except (OfflineModeIsEnabled, HfHubHTTPError, OSError, ValueError) as e:
+        fail(e, "its files")
+    return os.path.dirname(paths[0])
 
 
 def load_config(folder):
@@ -148,6 +158,7 @@ def atomic_write(path, write):
     try:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make every checkpoint private
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # again: a writer that replaces the file (safetensors) makes it 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -312,7 +312,7 @@ def warp(cfg, res=None, log=print):
                     kill_point(f"iter_{i}/merge")
                     theta_init = merging.liti(theta_init, theta_merged, cfg.liti_rate)  # (1−η) θ_init + η θ_slerp
                     save_policy(liti_folder, theta_init, gpt2_config, policy_folder(cfg.policy))
-                    log(f"iter {i}: merged {cfg.runs} runs ({cfg.merge}), LITI eta={cfg.liti_rate} -> {liti_folder}")
+                    log(f"iter {i}: merged {cfg.runs} run{'s' * (cfg.runs > 1)} ({cfg.merge}), LITI eta={cfg.liti_rate} -> {liti_folder}")
             theta_init = group.broadcast(theta_init)  # the new θ_init on every rank
     finally:
         if pool is not None:

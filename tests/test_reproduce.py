@@ -17,7 +17,7 @@ from nanowarp.tokenizer import load_tokenizer
 
 TINY = ["--policy_vocab", "300", "--reward_vocab", "200", "--policy_layers", "1", "--policy_width", "16",
         "--reward_layers", "1", "--reward_width", "16", "--steps", "2", "--batch_size", "4", "--max_new_tokens", "8",
-        "--n_eval", "4", "--etas", "3", "--ppl_reviews", "0", "--threads", "1", "--device", "cpu"]
+        "--n_eval", "4", "--etas", "0", "0.5", "1", "--ppl_reviews", "0", "--threads", "1", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

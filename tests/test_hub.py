@@ -1,0 +1,100 @@
+"""Hub ids: the local cache first, one file-list request when it is not enough, a clear offline
+message; and the files nanowarp writes are readable by others (no private 0600 checkpoints)."""
+
+import os
+import stat
+
+import pytest
+import torch
+
+import huggingface_hub
+import huggingface_hub.constants as constants
+from huggingface_hub.errors import OfflineModeIsEnabled
+
+from nanowarp import hub
+from nanowarp.hub import CheckpointError
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_cache(root, repo_id, files):
+    """A huggingface_hub cache holding `files` of repo_id at revision main, as hf_hub_download lays it out."""
+    repo = os.path.join(root, "models--" + repo_id.replace("/", "--"))
+    os.makedirs(os.path.join(repo, "refs"))
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(COMMIT)
+    snapshot = os.path.join(repo, "snapshots", COMMIT)
+    os.makedirs(snapshot)
+    for name in files:
+        with open(os.path.join(snapshot, name), "w") as f:
+            f.write("{}")
+    return snapshot
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty cache, no network: every file-list request is counted and fails as offline."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    calls = []
+
+    def list_repo_files(self, repo_id, **kw):
+        calls.append(repo_id)
+        raise OfflineModeIsEnabled("no network")
+
+    def download(*a, **kw):
+        raise AssertionError("no single-file request may be made")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return str(tmp_path / "hub"), calls
+
+
+def test_complete_cache_asks_the_hub_nothing(cache):
+    root, calls = cache
+    snapshot = fake_cache(root, "owner/model", ["config.json", "model.safetensors", "vocab.json", "merges.txt"])
+    assert hub.resolve("owner/model") == snapshot
+    assert calls == []
+
+
+def test_incomplete_cache_asks_for_the_file_list_once(cache):
+    root, calls = cache
+    fake_cache(root, "owner/model", ["config.json", "model.safetensors"])  # no tokenizer file
+    hub.resolve("owner/model")  # falls back to the cache: the tokenizer loader reports what is missing
+    assert calls == ["owner/model"]
+
+
+def test_cached_config_without_weights_is_an_offline_error(cache):
+    root, calls = cache
+    fake_cache(root, "owner/model", ["config.json", "tokenizer.json"])
+    with pytest.raises(CheckpointError, match=r"not in the local cache \(offline\)") as e:
+        hub.resolve("owner/model")
+    assert "has none of" not in str(e.value)
+    assert calls == ["owner/model"]
+
+
+def test_files_on_the_hub_are_fetched_by_list(cache, monkeypatch, tmp_path):
+    """Only files the repo lists are requested: no probing of every candidate name."""
+    root, _ = cache
+    listed = ["config.json", "pytorch_model.bin", "vocab.txt", "README.md"]
+    fetched = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, **kw: listed)
+
+    def download(repo_id, filename, revision=None):
+        fetched.append(filename)
+        return os.path.join(str(tmp_path), "snap", filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert hub.resolve("owner/model") == os.path.join(str(tmp_path), "snap")
+    assert fetched == ["config.json", "pytorch_model.bin", "vocab.txt"]
+
+
+def test_saved_checkpoint_files_share_one_mode(tmp_path):
+    """safetensors replaces the file it writes (mode 0600): the checkpoint's weights must end up with
+    the mode of every other file nanowarp writes (0666 less the umask)."""
+    umask = os.umask(0o022)
+    try:
+        hub.save_checkpoint(str(tmp_path), {"model_type": "gpt2"}, {"w": torch.zeros(2)})
+    finally:
+        os.umask(umask)
+    modes = {name: stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in ("model.safetensors", "config.json")}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644}
