@@ -20,14 +20,17 @@ Along the same samples, the other axes of the paper:
                   the "gold" reward of reward-overoptimisation studies, never trained against
     heldout_nll = mean negative log-likelihood per token of real held-out reviews (forgetting)
 
-Sampling draws from a torch.Generator seeded with `seed`: the same seed, batch size and device
-give the same completions. Every model evaluated with the same seed consumes the same random
-numbers (common random numbers), so differences between models, and between the η of a sweep,
-are less noisy than independent draws would make them.
+Sampling draws from one torch.Generator per batch, seeded from (`seed`, batch index): the same
+seed, batch size and device give the same completions. Every model evaluated with the same seed
+sees the same random numbers in every batch (common random numbers), so differences between
+models, and between the η of a sweep, are less noisy than independent draws would make them. (One
+generator for all batches would not do: a batch whose rows all end early draws fewer numbers, so
+the next batch of a model that stops sooner would read another part of the stream.)
 """
 
 import math
 
+import numpy as np
 import torch
 
 from nanowarp import merging
@@ -67,6 +70,11 @@ def heldout_nll(policy, sequences, eos_id, batch_size=32):
     return math.log(perplexity(policy, sequences, eos_id, policy.lm_head.weight.device, batch_size))
 
 
+def batch_seed(seed, batch):
+    """The seed of batch `batch` of an evaluation with seed `seed`: distinct for every pair (SeedSequence)."""
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1, np.uint64)[0])
+
+
 @torch.no_grad()
 def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_tokens=128, temperature=1.0,
              batch_size=64, seed=0, judge=None, heldout=None):
@@ -85,10 +93,10 @@ def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_toke
     """
     device = policy.lm_head.weight.device
     ref_device = ref.lm_head.weight.device
-    generator = torch.Generator(device).manual_seed(seed)
     kls, kls_exact, rewards, judged, finished, lengths, completions = [], [], [], [], [], [], []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
+        generator = torch.Generator(device).manual_seed(batch_seed(seed, start // batch_size))
         s = sample(policy, batch, max_new_tokens, eos_token_id=eos_id, temperature=temperature,
                    generator=generator)
         ref_hidden = completion_hidden(ref, s.prompt.to(ref_device), s.prompt_mask.to(ref_device),

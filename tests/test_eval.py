@@ -10,7 +10,8 @@ import torch
 import eval as eval_cli
 from conftest import perturbed_copy
 from nanowarp.data import load_prompts, load_reviews
-from nanowarp.evaluate import distinct_n, evaluate, heldout_nll, heldout_sequences, liti_sweep, plot
+from nanowarp.evaluate import (batch_seed, distinct_n, evaluate, heldout_nll, heldout_sequences, liti_sweep,
+                               plot)
 from nanowarp.gpt2 import GPT2
 from nanowarp.padding import left_pad
 from nanowarp.reward import RewardModel
@@ -79,10 +80,10 @@ def test_metrics_match_a_by_hand_computation(setup):
     up to EOS of log π − log π_ref, with π_ref from a plain full-vocabulary log_softmax."""
     s, seed = setup, 3
     result = run(s, s["far"], seed=seed)
-    g = torch.Generator().manual_seed(seed)
     rewards, kls, finished, lengths = [], [], [], []
     for start in range(0, 12, 5):
         batch = s["prompts"][start:start + 5]
+        g = torch.Generator().manual_seed(batch_seed(seed, start // 5))
         out = sample(s["far"], batch, MAX_NEW, eos_token_id=s["eos_id"], generator=g)
         n = out.mask.sum(1)
         texts = decode(s["tokenizer"], batch, out.tokens, n)
@@ -111,10 +112,10 @@ def test_new_metrics_match_a_by_hand_computation(setup):
     assert {k: result[k] for k in ("kl", "reward", "finished", "length", "n", "kl_se", "reward_se")} == \
         {k: v for k, v in run(s, s["far"], seed=seed).items() if k in ("kl", "reward", "finished", "length", "n",
                                                                        "kl_se", "reward_se")}
-    g = torch.Generator().manual_seed(seed)
     kls, judged, completions = [], [], []
     for start in range(0, 12, 5):
         batch = s["prompts"][start:start + 5]
+        g = torch.Generator().manual_seed(batch_seed(seed, start // 5))
         out = sample(s["far"], batch, MAX_NEW, eos_token_id=s["eos_id"], generator=g)
         n = out.mask.sum(1)
         judged += judge.score(decode(s["tokenizer"], batch, out.tokens, n)).tolist()
@@ -161,6 +162,24 @@ def test_heldout_nll_is_the_mean_nll_per_token_of_test_reviews(setup, prepared_i
         nll, count = nll - logp.sum().item(), count + len(q) - 1
     assert heldout_nll(s["far"], seqs, s["eos_id"]) == pytest.approx(nll / count, rel=1e-5)
     assert run(s, s["far"], heldout=seqs)["heldout_nll"] == heldout_nll(s["far"], seqs, s["eos_id"])
+
+
+def test_every_model_sees_the_same_random_numbers(setup, tiny_gpt2_dir, monkeypatch):
+    """A model whose completions all end at once and one that never ends draw different amounts of
+    random numbers per batch; each batch must still start from the same generator state."""
+    import nanowarp.evaluate as ev
+    states = []
+
+    def spy(*args, generator=None, **kw):
+        states.append(generator.get_state())
+        return sample(*args, generator=generator, **kw)
+
+    monkeypatch.setattr(ev, "sample", spy)
+    early = eos_prone(GPT2.from_pretrained(tiny_gpt2_dir), 50.0)  # EOS first, every row
+    late = eos_prone(GPT2.from_pretrained(tiny_gpt2_dir), -50.0)  # never EOS
+    assert run(setup, early)["length"] == 1 and run(setup, late)["length"] == MAX_NEW
+    assert len(states) == 6
+    assert all(torch.equal(a, b) for a, b in zip(states[:3], states[3:]))  # batch by batch
 
 
 def test_same_seed_same_results_other_seed_other_samples(setup):
