@@ -31,9 +31,10 @@ from dataclasses import dataclass
 
 from nanowarp import hub
 from nanowarp.config import flag, parse_args as parse_flags
-from nanowarp.data import DataError, load_meta, load_prompts
+from nanowarp.data import DataError, load_meta, load_prompt_file, load_prompts
 from nanowarp.evaluate import evaluate, heldout_sequences, liti_sweep, plot
 from nanowarp.gpt2 import GPT2
+from nanowarp.logger import Logger, check_report_to
 from nanowarp.reward import RewardModel
 from nanowarp.tokenizer import load_tokenizer
 from nanowarp.warp import resolve_device
@@ -54,8 +55,20 @@ class Args:
                      metavar="PATH")
     max_new_tokens: int = flag(128, "maximum completion length; no EOS by then = reward -1", type=int,
                                metavar="N")
-    temperature: float = flag(1.0, "sampling temperature, also used for both log-probs of the KL",
-                              type=float, metavar="T")
+    temperature: float = flag(None, "sampling temperature, also used for both log-probs of the KL; None: the "
+                                    "train.py job's (see --reward_kind), else 1", type=float, metavar="T")
+    reward_kind: str = flag(None, "prob = P(positive), logit = raw positive logit; None: the job's, else prob",
+                            choices=["prob", "logit"])
+    no_eos_penalty: float = flag(None, "reward of a completion without EOS; None: the job's, else -1", type=float,
+                                 metavar="R")
+    reward_label: str = flag(None, "the reward model's rewarded label; None: the job's, else the one named POSITIVE "
+                                   "(else the last)", metavar="NAME")
+    prompts: str = flag(None, "prompt file to evaluate on instead of --data's eval prompts: text, one per line, "
+                              "or .jsonl {\"prompt\": ...}", metavar="PATH")
+    samples: int = flag(0, "store the first K completions of each model (prompt, completion, reward, kl) in --out",
+                        type=int, metavar="K")
+    report_to: str = flag("none", "also log the results to tensorboard (in --out's folder) or wandb",
+                          choices=["none", "tensorboard", "wandb"])
     batch_size: int = flag(64, "prompts sampled together", type=int, metavar="B")
     device: str = flag("auto", "cpu, cuda, cuda:N, or auto")
     sweep: tuple = flag(None, "also evaluate the LITI sweep (1 - eta) A + eta B, merged in memory", nargs=2,
@@ -89,7 +102,8 @@ def validate(args):
         (args.models or args.sweep, "nothing to evaluate: give --models, --sweep A B, or both"),
         (args.n_prompts >= 1, f"--n_prompts must be >= 1, got {args.n_prompts}"),
         (args.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
-        (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
+        (args.temperature is None or args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
+        (args.samples >= 0, f"--samples must be >= 0, got {args.samples}"),
         (args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}"),
         (args.heldout >= 0, f"--heldout must be >= 0, got {args.heldout}"),
         (all(0 <= eta <= 1 for eta in args.etas), f"--etas must lie in [0, 1], got {args.etas}"),
@@ -97,6 +111,31 @@ def validate(args):
     for ok, message in checks:
         if not ok:
             fail(message)
+    try:
+        check_report_to(args.report_to)
+    except ValueError as e:
+        fail(str(e))
+
+
+# What a policy is scored with: a train.py job's own values for its checkpoints, unless given here.
+JOB_SETTINGS = dict(temperature=1.0, reward_kind="prob", no_eos_penalty=-1.0, reward_label=None)
+
+
+def scoring_settings(args, name):
+    """{setting: value} for model `name`: the flag if given, else the value of the train.py job the
+    folder belongs to (OUT/iter_i/NAME/ with OUT/job.json), else the default; says so when the job's are used."""
+    path = os.path.join(name, os.pardir, os.pardir, "job.json")
+    job = {}
+    if os.path.isdir(name) and os.path.isfile(path):
+        with open(path) as f:
+            job = json.load(f)
+    values = {k: getattr(args, k) if getattr(args, k) is not None else job.get(k, default)
+              for k, default in JOB_SETTINGS.items()}
+    used = [f"--{k} {values[k]}" for k in JOB_SETTINGS if getattr(args, k) is None and k in job]
+    if used:
+        print(f"note: {name} belongs to the train.py job in {os.path.normpath(os.path.dirname(path))}: scored with "
+              f"its {', '.join(used)} (give the flags to override)")
+    return values
 
 
 def load_gpt2(name, role, ref=None):
@@ -114,7 +153,7 @@ def load_gpt2(name, role, ref=None):
 
 def check_prompts(prompts, args, ref):
     """The prompts fit the reference tokenizer and the context window."""
-    meta_eos = load_meta(args.data).get("eos_token_id")
+    meta_eos = None if args.prompts else load_meta(args.data).get("eos_token_id")
     if meta_eos is not None and meta_eos != ref.config.eos_token_id:
         fail(f"{args.data} was prepared with a tokenizer whose EOS is {meta_eos}, but --ref's is "
              f"{ref.config.eos_token_id}: prepare the data with the policy's tokenizer")
@@ -144,14 +183,19 @@ def main(argv=None):
 
     # 1. inputs: fail on a missing folder or missing data before loading anything large
     try:
-        prompts = load_prompts(args.data, "eval")
+        prompts = None if args.prompts else load_prompts(args.data, "eval")
         for name in (*(args.models or ()), *(args.sweep or ()), args.ref, args.reward_model,
                      *([args.judge] if args.judge else [])):
             hub.resolve(name)
     except (DataError, hub.CheckpointError) as e:
         fail(str(e))
+    if args.prompts:
+        try:
+            prompts = load_prompt_file(args.prompts, load_tokenizer(args.ref))
+        except (DataError, hub.CheckpointError) as e:
+            fail(str(e))
     if args.n_prompts > len(prompts):
-        print(f"note: {args.data} has {len(prompts)} eval prompts, fewer than --n_prompts {args.n_prompts}: using all")
+        print(f"note: {args.prompts or args.data} has {len(prompts)} eval prompts, fewer than --n_prompts {args.n_prompts}: using all")
     prompts = prompts[:args.n_prompts]
     device = resolve_device(args.device)
     ref = load_gpt2(args.ref, "--ref").to(device).eval()
@@ -164,23 +208,37 @@ def main(argv=None):
                                     ref.config.eos_token_id) if args.heldout else None
     except (DataError, hub.CheckpointError) as e:
         fail(str(e))
-    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.batch_size,
-                    seed=args.seed, judge=judge, heldout=heldout)
+    logger = Logger(args.report_to, os.path.dirname(os.path.abspath(args.out)), "eval", dataclasses.asdict(args))
+
+    def settings(name):
+        """evaluate()'s keyword arguments for model `name`, the reward model set to score as its job did."""
+        scoring = scoring_settings(args, name)
+        try:
+            reward_model.positive = reward_model.label_index(scoring["reward_label"])
+        except ValueError as e:
+            fail(str(e))
+        reward_model.kind, reward_model.no_eos_penalty = scoring["reward_kind"], scoring["no_eos_penalty"]
+        return scoring, dict(max_new_tokens=args.max_new_tokens, temperature=scoring["temperature"],
+                             batch_size=args.batch_size, seed=args.seed, samples=args.samples,
+                             judge=judge, heldout=heldout)
     eos_id = ref.config.eos_token_id
-    print(f"evaluating on {len(prompts)} prompts of {args.data}, KL to {args.ref}, reward {args.reward_model}, "
+    print(f"evaluating on {len(prompts)} prompts of {args.prompts or args.data}, KL to {args.ref}, reward {args.reward_model}, "
           f"device {device}")
 
     rows, last = [], time.perf_counter()
 
-    def record(name, result, **extra):
+    def record(name, result, scoring, **extra):
         """Add a row, rewrite --out (a crash keeps what is done), print a progress line."""
         nonlocal last
         row = dict(model=name, kl=result["kl"], reward=result["reward"], finished=result["finished"],
                    length=result["length"], n_prompts=result["n"], kl_se=result["kl_se"],
                    reward_se=result["reward_se"], **{k: result[k] for k in NEW_METRICS if k in result},
-                   **extra, temperature=args.temperature,
-                   max_new_tokens=args.max_new_tokens, seed=args.seed)
+                   **extra, **scoring, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                   **({"samples": result["samples"]} if "samples" in result else {}))
         rows.append(row)
+        logger.scalars({k: row[k] for k in ("kl", "reward", "finished", "length")}, len(rows) - 1)
+        if "samples" in row:
+            logger.completions(row["samples"], len(rows) - 1)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         hub.write_json(args.out, rows)
         seconds, last = time.perf_counter() - last, time.perf_counter()
@@ -190,7 +248,8 @@ def main(argv=None):
     # 2. each model: sample, score, KL to the reference
     for name in args.models or ():
         policy = load_gpt2(name, "--models", ref).to(device).eval()
-        record(name, evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, **settings))
+        scoring, kwargs = settings(name)
+        record(name, evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, **kwargs), scoring)
         del policy  # before loading the next one
 
     # 3. the LITI sweep (1 − η) A + η B, one GPT2 in memory whose weights change with η
@@ -204,11 +263,13 @@ def main(argv=None):
             fail(f"--sweep {a} and {b} have different architectures ({', '.join(differ)})")
         theta_a, theta_b = model_a.hf_state_dict(), model_b.hf_state_dict()
         policy = GPT2(model_a.config).to(device).eval()  # a third model: theta_a shares model_a's storage
+        scoring, kwargs = settings(b)  # scored as B's job was trained
         liti_sweep(theta_a, theta_b, args.etas, policy, ref, reward_model, prompts, tokenizer, eos_id,
-                   log=lambda eta, result: record(f"liti({a},{b},eta={eta:g})", result, eta=eta,
+                   log=lambda eta, result: record(f"liti({a},{b},eta={eta:g})", result, scoring, eta=eta,
                                                   sweep=f"liti({a},{b})"),
-                   **settings)
+                   **kwargs)
 
+    logger.close()
     print_table(rows)
     print(f"wrote {args.out}")
     plot_path = args.plot if args.plot is not None else os.path.splitext(args.out)[0] + ".png"

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 
 from nanowarp import hub, merging
+from nanowarp.card import model_card
 from nanowarp.config import flag, parse_args as parse_flags
 from nanowarp.gpt2 import GPT2
 from nanowarp.warp import save_policy
@@ -141,8 +142,13 @@ def main(argv=None):
 
     # 3. θ_out = (1 − η) θ_base + η θ_merge, for each η (LITI)
     base_name = args.liti_base if args.liti_base is not None else args.init
+    stats = {k: v for k, v in dict(mean_cos_task_vectors=cos, merge_norm_ratio=ratio).items() if v is not None}
     for folder, eta in outputs.items():
-        save_policy(folder, merging.liti(base, merged, eta), init_config, init_folder)
+        card = model_card(f"nanowarp merge: {folder}", f"(1 − η)·{base_name} + η·{args.method.upper()}({args.init}; "
+                          f"{', '.join(args.policies)}) with η = {eta:g}: the task vectors of the policies against "
+                          f"--init merged per tensor, then interpolated towards the base (LITI).", args.init,
+                          {**dataclasses.asdict(args), "eta": eta}, stats)
+        save_policy(folder, merging.liti(base, merged, eta), init_config, init_folder, card)
         print(f"wrote {folder}: (1 - {eta:g}) * {base_name} + {eta:g} * {args.method}")
 
 

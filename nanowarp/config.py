@@ -63,6 +63,16 @@ class Config:
     workers: int = flag(0, "processes training runs in parallel; 0 = one per visible CUDA device (1 on a CPU)")
     threads: int = flag(0, "CPU threads per process; 0 = this machine's threads split evenly between the workers")
     log_every: int = flag(1, "print a progress line every N steps (metrics.jsonl gets every step)")
+    # other prompt sets and classifiers; logging
+    prompts: str = flag(None, "prompt file to train on instead of --data's: text, one per line, or .jsonl "
+                              "{\"prompt\": ...}", metavar="PATH")
+    reward_label: str = flag(None, "the reward model's label that is rewarded; None: the one named POSITIVE, else "
+                                   "the last (index 1 of two)", metavar="NAME")
+    report_to: str = flag("none", "also log metrics and completions to tensorboard or wandb (pip install it)",
+                          choices=["none", "tensorboard", "wandb"])
+    log_completions: int = flag(0, "every N steps, write a few (prompt, completion, reward, kl) rows to "
+                                   "OUT/completions.jsonl; 0 = off", metavar="N")
+    test_limit: int = flag(0, "--stage reward/sft: score N test reviews, evenly spaced; 0 = all", metavar="N")
     # crash safety
     save_every: int = flag(0, "also save a run's training state every N steps, to resume inside a run; 0 = off")
     fresh: bool = flag(False, "delete the earlier job's results in --out_dir and start over, instead of resuming it")
@@ -70,9 +80,11 @@ class Config:
 
 # Flags a resumed job may change: they do not change what the job computes (--device and --threads
 # only in the last bits). --iterations may grow: iteration i never depends on I, so a finished job
-# can be extended. --preset is not compared, the values it sets are. The last five are other stages'.
+# can be extended. --preset is not compared, the values it sets are. reward_base .. test_limit are other
+# stages'; the last two only log.
 RESUME_FREE = ("out_dir", "fresh", "preset", "iterations", "workers", "threads", "device", "log_every", "save_every",
-               "reward_base", "epochs", "train_batch_size", "train_lr", "max_length")
+               "reward_base", "epochs", "train_batch_size", "train_lr", "max_length", "test_limit",
+               "report_to", "log_completions")
 
 # Plain data: each preset is a set of overrides of the defaults above.
 PRESETS = {

@@ -28,6 +28,7 @@ import zipfile
 import numpy as np
 
 from nanowarp.hub import atomic_write, write_json, write_text
+from nanowarp.logger import progress
 from nanowarp.tokenizer import load_tokenizer
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
@@ -146,7 +147,7 @@ def read_imdb(source, cache_dir="data/imdb/cache"):
         raise DataError(f"no IMDB data at {source}: pass the aclImdb_v1.tar.gz archive, the folder it "
                         f"extracts to, or a URL")
     found = {(split, label): [] for split in ("train", "test") for label in LABELS}
-    for name, raw in files:
+    for name, raw in progress(files, f"reading {os.path.basename(source.rstrip('/'))}", total=50000, unit="review"):
         split, label, filename = REVIEW.fullmatch(name).groups()
         if filename.startswith("."):  # .DS_Store and the like
             continue
@@ -269,3 +270,34 @@ def load_reviews(data_dir, split):
     with open(_existing(data_dir, f"reviews_{split}.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+def load_prompt_file(path, tokenizer):
+    """Prompts of any task, as lists of token ids of `tokenizer` (a tokenizers.Tokenizer): a JSONL
+    file (name ending in .jsonl, one {"prompt": "..."} per line) or plain text, one prompt per
+    line. Blank lines are skipped; the text of a prompt is kept as it is (leading spaces count)."""
+    if not os.path.isfile(path):
+        raise DataError(f"no prompt file at {path}: give a text file (one prompt per line) or JSONL "
+                        f"({{\"prompt\": ...}} per line)")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}, line {n}: not JSON ({e})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                    raise DataError(f"{path}, line {n}: expected an object with a \"prompt\" string")
+                line = row["prompt"]
+            texts.append(line)
+    prompts = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    if not prompts:
+        raise DataError(f"{path} holds no prompts")
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise DataError(f"{path}: prompt {empty[0] + 1} encodes to no tokens")
+    return prompts

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from nanowarp import merging
+from nanowarp.logger import completion_rows, progress
 from nanowarp.data import load_reviews
 from nanowarp.logprobs import sequence_kl, token_logprobs
 from nanowarp.rl import completion_hidden, decode
@@ -77,7 +78,7 @@ def batch_seed(seed, batch):
 
 @torch.no_grad()
 def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_tokens=128, temperature=1.0,
-             batch_size=64, seed=0, judge=None, heldout=None):
+             batch_size=64, seed=0, judge=None, heldout=None, samples=0):
     """KL(π‖π_ref) and reward of `policy` on `prompts` (lists of token ids), one completion each.
 
     policy, ref: GPT2 models (same vocabulary; in eval mode if they have dropout); reward_model: nanowarp.reward.RewardModel;
@@ -89,12 +90,13 @@ def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_toke
     heldout is: means over prompts, finished = fraction that emitted EOS, length = mean
     completion tokens (EOS included), *_se = standard errors of the means, distinct_n over the
     completions' token ids up to EOS (EOS excluded; tokens, not words, so it does not depend on
-    how a tokenizer decodes).
+    how a tokenizer decodes). With samples = K > 0, also `samples`: the first K (prompt,
+    completion, reward, kl) rows.
     """
     device = policy.lm_head.weight.device
     ref_device = ref.lm_head.weight.device
-    kls, kls_exact, rewards, judged, finished, lengths, completions = [], [], [], [], [], [], []
-    for start in range(0, len(prompts), batch_size):
+    kls, kls_exact, rewards, judged, finished, lengths, completions, shown = [], [], [], [], [], [], [], []
+    for start in progress(range(0, len(prompts), batch_size), "evaluating", unit="batch"):
         batch = prompts[start:start + batch_size]
         generator = torch.Generator(device).manual_seed(batch_seed(seed, start // batch_size))
         s = sample(policy, batch, max_new_tokens, eos_token_id=eos_id, temperature=temperature,
@@ -116,6 +118,9 @@ def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_toke
             judged.append(judge.score(texts))
         finished.append(s.finished.cpu())
         lengths.append(n_tokens.cpu())
+        if len(shown) < samples:
+            k = min(samples - len(shown), len(batch))
+            shown += completion_rows(tokenizer, batch[:k], s.tokens[:k], n_tokens[:k], rewards[-1][:k], kls[-1][:k], k)
         completions += [t[:n] for t, n in zip(s.tokens.tolist(), (n_tokens - s.finished.long()).tolist())]
     kl, kl_se = mean_and_se(torch.cat(kls))
     kl_exact, kl_exact_se = mean_and_se(torch.cat(kls_exact))
@@ -128,6 +133,8 @@ def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_toke
         result["judge"], result["judge_se"] = mean_and_se(torch.cat(judged))
     if heldout is not None:
         result["heldout_nll"] = heldout_nll(policy, heldout, eos_id)
+    if samples:
+        result["samples"] = shown
     return result
 
 
@@ -143,7 +150,7 @@ def liti_sweep(theta_a, theta_b, etas, policy, ref, reward_model, prompts, token
     """
     merging.check_compatible([theta_a, theta_b], ["sweep start", "sweep end"])
     results = []
-    for eta in etas:
+    for eta in progress(etas, "LITI sweep", unit="point"):
         policy.load_hf_state_dict(merging.liti(theta_a, theta_b, eta), where=f"LITI eta={eta}")
         result = dict(eta=eta, **evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, **kwargs))
         if log is not None:

@@ -7,7 +7,8 @@ r(x, y) = P(positive | x + y) by default (or the raw positive logit), and a fixe
 The classifier is a DistilBERT (the reward model of the paper) or a GPT-2 sequence classifier
 (an independent judge of another kind), whichever the checkpoint's config.json names; the
 tokenizer is the one its folder holds. Scored without `finished`, the same class is a judge:
-plain P(positive), no −1 rule.
+plain P(positive), no −1 rule. Any such classifier works, whatever its classes: `label` names
+the one that is rewarded (by default the one named POSITIVE).
 """
 
 import os
@@ -46,7 +47,7 @@ def load_classifier(name_or_path):
 
 
 class RewardModel:
-    def __init__(self, name_or_path, device="cpu", batch_size=64, kind="prob", no_eos_penalty=-1.0):
+    def __init__(self, name_or_path, device="cpu", batch_size=64, kind="prob", no_eos_penalty=-1.0, label=None):
         self.model = load_classifier(name_or_path).eval().to(device)
         cfg = self.model.config
         if cfg.num_labels < 2:
@@ -57,8 +58,20 @@ class RewardModel:
         self.tokenizer.no_padding()  # padding is done here, to the right
         self.tokenizer.enable_truncation(cfg.max_position_embeddings)  # long texts: keep the beginning
         self.pad_id = cfg.pad_token_id or 0
-        self.positive = positive_index(cfg.id2label)
+        self.name = name_or_path
+        self.positive = self.label_index(label)
         self.device, self.batch_size, self.kind, self.no_eos_penalty = device, batch_size, kind, no_eos_penalty
+
+    def label_index(self, label=None):
+        """Index of the rewarded label: the one named `label`, or by default positive_index's."""
+        id2label = self.model.config.id2label
+        if label is None:
+            return positive_index(id2label)
+        for i, name in id2label.items():
+            if str(name) == label:
+                return int(i)
+        raise ValueError(f"the reward model {self.name} has no label {label!r}; its labels are "
+                         f"{', '.join(repr(str(id2label[k])) for k in sorted(id2label, key=int))}")
 
     @torch.no_grad()
     def score(self, texts, finished=None):

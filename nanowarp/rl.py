@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from nanowarp.gpt2 import GPT2
+from nanowarp.logger import completion_rows
 from nanowarp.logprobs import token_logprobs
 from nanowarp.lora import add_lora, effective_state_dict, lora_modules
 from nanowarp.sampling import sample
@@ -123,12 +124,14 @@ def restore_training_state(state, policy, anchor, opt, sched, generator, order):
     return state["step"], list(state["queue"])
 
 
-def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=None, save_state=None):
+def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=None, save_state=None,
+           log_completions=None):
     """Train one policy from θ_init (dense, Hugging Face layout) for cfg.steps steps and return
     its effective dense weights (Hugging Face layout, on the CPU).
 
     With `save_state`, the run calls save_state(training_state(...)) every cfg.save_every steps;
-    `resume`, such a state, continues the run from there with the same result as a run never stopped."""
+    `resume`, such a state, continues the run from there with the same result as a run never stopped.
+    With `log_completions`, every cfg.log_completions steps it gets (step, a few completion rows)."""
     device, k = res.device, cfg.rloo_k
     torch.manual_seed(seed)  # LoRA's A initialisation
     policy = add_lora(build_policy(theta_init, res.gpt2_config, device), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
@@ -193,6 +196,8 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
                  length=lengths.float().mean().item(), finished=s.finished.float().mean().item(), lr=lr,
                  grad_norm=grad_norm.item(), loss=loss.item(), tokens_per_s=lengths.sum().item() / (t3 - t0),
                  time_sample=t1 - t0, time_score=t2 - t1, time_update=t3 - t2))
+        if log_completions is not None and cfg.log_completions and (step + 1) % cfg.log_completions == 0:
+            log_completions(step + 1, completion_rows(res.tokenizer, prompts, s.tokens, lengths, rewards, kl))
         if save_state is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             save_state(training_state(step + 1, policy, anchor, opt, sched, generator, order, queue))
 

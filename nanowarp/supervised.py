@@ -10,6 +10,7 @@ The two supervised stages that precede WARP:
 Both write ordinary Hugging Face checkpoints that train.py, merge.py and eval.py take.
 """
 
+import dataclasses
 import math
 import os
 import shutil
@@ -20,8 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from nanowarp import hub
+from nanowarp.card import model_card, write_card
 from nanowarp.data import load_reviews
 from nanowarp.gpt2 import GPT2, GPT2Classifier
+from nanowarp.logger import progress
 from nanowarp.logprobs import token_logprobs
 from nanowarp.lora import add_lora, effective_state_dict
 from nanowarp.padding import right_pad
@@ -47,7 +50,7 @@ def autocast(device):
 def accuracy(model, tokenizer, texts, labels, device, batch_size=64):
     model.eval()
     correct = 0
-    for i in range(0, len(texts), batch_size):
+    for i in progress(range(0, len(texts), batch_size), "test accuracy", unit="batch"):
         ids, mask = right_pad([e.ids for e in tokenizer.encode_batch(texts[i:i + batch_size])], 0, device)
         with autocast(device):
             correct += (model(ids, mask).argmax(-1).cpu() == torch.tensor(labels[i:i + batch_size])).sum().item()
@@ -73,6 +76,7 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
     DistilBertClassifier or a GPT2Classifier, e.g. a fresh one to train from scratch) and
     `tokenizer_folder` replace cfg.reward_base when given."""
     folder = tokenizer_folder or hub.resolve(cfg.reward_base, weights=model is None)
+    base = cfg.reward_base if model is None else "(none: trained from scratch)"
     model = (model or load_classifier(folder)).to(device)
     model.config.id2label = {0: "NEGATIVE", 1: "POSITIVE"}
     if isinstance(model, GPT2Classifier) and model.config.pad_token_id is None:
@@ -86,7 +90,7 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps(cfg, len(steps)), len(steps)))
     start = time.perf_counter()
-    for step, idx in enumerate(steps, 1):
+    for step, idx in enumerate(progress(steps, "reward model", unit="step"), 1):
         model.train()
         ids, mask = right_pad([e.ids for e in tokenizer.encode_batch([texts[i] for i in idx])],
                               model.config.pad_token_id or 0, device)
@@ -98,15 +102,22 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
         sched.step()
         if step % cfg.log_every == 0 or step == len(steps):
             log(f"reward model step {step}/{len(steps)} | loss {loss.item():.4f} | {time.perf_counter() - start:.0f}s")
-    test_texts, test_labels = test_subset(*load_reviews(cfg.data, "test"), test_limit)
-    acc = accuracy(model, tokenizer, test_texts, test_labels, device)
+    # save first: scoring 25,000 test reviews takes minutes, and a crash then must not lose the model
     out = os.path.join(cfg.out_dir, "reward_model")
     model.save_pretrained(out)
     for name in (n for n in hub.TOKENIZER_FILES if n != "tokenizer.json"):  # for transformers
         if os.path.isfile(os.path.join(folder, name)):
             hub.atomic_write(os.path.join(out, name), lambda tmp: shutil.copyfile(os.path.join(folder, name), tmp))
-    tokenizer.no_truncation()
+    tokenizer.no_truncation()  # the saved tokenizer: its users choose their own length
     hub.atomic_write(os.path.join(out, "tokenizer.json"), lambda tmp: tokenizer.save(tmp))
+    tokenizer.enable_truncation(min(cfg.max_length, model.config.max_position_embeddings))
+    test_texts, test_labels = test_subset(*load_reviews(cfg.data, "test"), test_limit or cfg.test_limit or None)
+    log(f"reward model saved to {out}; scoring {len(test_texts)} test reviews (--test_limit N scores fewer)")
+    acc = accuracy(model, tokenizer, test_texts, test_labels, device)
+    write_card(out, model_card(f"nanowarp reward model: {out}", f"A sentiment classifier (labels NEGATIVE, POSITIVE) "
+                               f"fine-tuned by `train.py --stage reward` on the labelled IMDB training reviews.",
+                               base, dataclasses.asdict(cfg),
+                               dict(test_accuracy=acc, test_reviews=len(test_texts))))
     log(f"reward model: test accuracy {acc:.4f} on {len(test_texts)} reviews -> {out}")
     return acc
 
@@ -140,6 +151,7 @@ def train_sft(cfg, device, log=print, model=None, tokenizer_folder=None, lora=Tr
     (every test review, or `test_limit` of them, evenly spaced). With lora=False every weight
     trains (e.g. a fresh `model`, from scratch)."""
     folder = tokenizer_folder or hub.resolve(cfg.policy)
+    from_base = model is None
     model = (model or GPT2.from_pretrained(folder)).to(device)
     if lora:
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
@@ -156,7 +168,7 @@ def train_sft(cfg, device, log=print, model=None, tokenizer_folder=None, lora=Tr
     opt = torch.optim.AdamW(params, lr=cfg.train_lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps(cfg, len(steps)), len(steps)))
     start = time.perf_counter()
-    for step, idx in enumerate(steps, 1):
+    for step, idx in enumerate(progress(steps, "sft", unit="step"), 1):
         model.train()
         ids, mask = right_pad(encode([texts[i] for i in idx]), eos, device)
         with autocast(device):
@@ -168,9 +180,14 @@ def train_sft(cfg, device, log=print, model=None, tokenizer_folder=None, lora=Tr
         sched.step()
         if step % cfg.log_every == 0 or step == len(steps):
             log(f"sft step {step}/{len(steps)} | loss {loss.item():.4f} | {time.perf_counter() - start:.0f}s")
-    ppl = perplexity(model, encode(test_subset(*load_reviews(cfg.data, "test"), test_limit)[0]), eos, device)
+    test_texts = test_subset(*load_reviews(cfg.data, "test"), test_limit or cfg.test_limit or None)[0]
+    ppl = perplexity(model, encode(test_texts), eos, device)
     out = os.path.join(cfg.out_dir, "sft")
-    save_policy(out, effective_state_dict(model) if lora else model.hf_state_dict(), model.config, folder)
+    card = model_card(f"nanowarp SFT policy: {out}", "A GPT-2 fine-tuned by `train.py --stage sft` on the IMDB training "
+                      "reviews, each followed by EOS" + (" (LoRA, folded into dense weights)." if lora else "."),
+                      cfg.policy if from_base else "(none: trained from scratch)", dataclasses.asdict(cfg),
+                      dict(test_perplexity=ppl, test_reviews=len(test_texts)))
+    save_policy(out, effective_state_dict(model) if lora else model.hf_state_dict(), model.config, folder, card)
     log(f"sft: test perplexity {ppl:.2f} -> {out}")
     return ppl
 
@@ -179,7 +196,7 @@ def train_sft(cfg, device, log=print, model=None, tokenizer_folder=None, lora=Tr
 def perplexity(model, seqs, pad_id, device, batch_size=32):
     model.eval()
     nll, count = 0.0, 0
-    for i in range(0, len(seqs), batch_size):
+    for i in progress(range(0, len(seqs), batch_size), "test perplexity", unit="batch"):
         ids, mask = right_pad(seqs[i:i + batch_size], pad_id, device)
         n = mask[:, 1:].sum().item()
         nll += lm_loss(model, ids, mask).item() * n

@@ -38,8 +38,10 @@ import time
 import torch
 
 from nanowarp import hub, merging, parallel
+from nanowarp.card import model_card
 from nanowarp.config import RESUME_FREE, changed_flags
-from nanowarp.data import load_prompts
+from nanowarp.data import load_prompt_file, load_prompts
+from nanowarp.logger import Logger, append_jsonl, check_report_to
 from nanowarp.gpt2 import GPT2, GPT2Config
 from nanowarp.reward import RewardModel
 from nanowarp.rl import Resources, rl_run
@@ -77,10 +79,13 @@ def validate(cfg):
         (cfg.workers >= 0, f"--workers must be >= 0 (0 = one per CUDA device), got {cfg.workers}"),
         (cfg.threads >= 0, f"--threads must be >= 0 (0 = automatic), got {cfg.threads}"),
         (cfg.save_every >= 0, f"--save_every must be >= 0 (0 = off), got {cfg.save_every}"),
+        (cfg.log_completions >= 0, f"--log_completions must be >= 0 (0 = off), got {cfg.log_completions}"),
+        (cfg.test_limit >= 0, f"--test_limit must be >= 0 (0 = all), got {cfg.test_limit}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    check_report_to(cfg.report_to)  # a missing package fails now, not after the first run
 
 
 def load_resources(cfg, device=None):
@@ -89,8 +94,9 @@ def load_resources(cfg, device=None):
     gpt2_config = GPT2Config.from_hf(hub.load_config(folder), where=folder)
     tokenizer = load_tokenizer(folder)
     eos_id = gpt2_config.eos_token_id
-    prompts = load_prompts(cfg.data, "train")
-    reward_model = RewardModel(cfg.reward_model, device, kind=cfg.reward_kind, no_eos_penalty=cfg.no_eos_penalty)
+    prompts = load_prompt_file(cfg.prompts, tokenizer) if cfg.prompts else load_prompts(cfg.data, "train")
+    reward_model = RewardModel(cfg.reward_model, device, kind=cfg.reward_kind, no_eos_penalty=cfg.no_eos_penalty,
+                               label=cfg.reward_label)
     return Resources(gpt2_config, tokenizer, reward_model, prompts, eos_id, device)
 
 
@@ -125,8 +131,11 @@ def load_theta_init(cfg, iteration):
     return load_theta(policy_folder(cfg.policy) if iteration == 1 else job_folder(cfg, iteration - 1, "liti"))
 
 
-def save_policy(folder, theta, gpt2_config, tokenizer_folder):
-    """A complete Hugging Face checkpoint: weights, config, and the policy's tokenizer files."""
+def save_policy(folder, theta, gpt2_config, tokenizer_folder, card=None):
+    """A complete Hugging Face checkpoint: weights, config, the policy's tokenizer files, and the
+    model card `card` (the text of README.md), if given."""
+    if card is not None:
+        hub.write_text(os.path.join(folder, "README.md"), card)
     for name in hub.TOKENIZER_FILES:
         src = os.path.join(tokenizer_folder, name)
         if os.path.isfile(src):
@@ -137,9 +146,28 @@ def save_policy(folder, theta, gpt2_config, tokenizer_folder):
 def save_run(cfg, iteration, run, theta, rows, gpt2_config):
     folder = job_folder(cfg, iteration, f"run_{run}")
     hub.write_text(os.path.join(folder, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    save_policy(folder, theta, gpt2_config, policy_folder(cfg.policy))
+    card = job_card(cfg, f"iter_{iteration}/run_{run}", f"Run {run + 1} of {cfg.runs} of WARP iteration {iteration}: "
+                    f"{'REINFORCE' if cfg.rloo_k == 1 else f'RLOO (k = {cfg.rloo_k})'} for {cfg.steps} steps from "
+                    f"that iteration's θ_init, seed {run_seed(cfg, iteration, run)}, its LoRA folded into dense "
+                    f"weights.", rows[-1:])
+    save_policy(folder, theta, gpt2_config, policy_folder(cfg.policy), card)
     if os.path.exists(os.path.join(folder, "state.pt")):
         os.remove(os.path.join(folder, "state.pt"))  # the run is complete: its training state is no use
+
+
+def job_card(cfg, name, what, metrics):
+    """The model card of a job's checkpoint `name`: what it is, the base (SFT) policy, every flag."""
+    return model_card(f"nanowarp WARP: {os.path.basename(os.path.abspath(cfg.out_dir))}/{name}", what, cfg.policy,
+                      dataclasses.asdict(cfg), metrics)
+
+
+def last_rows(cfg, iteration):
+    """The last metrics row of every run of an iteration (for the merges' model cards)."""
+    rows = []
+    for m in range(cfg.runs):
+        with open(os.path.join(job_folder(cfg, iteration, f"run_{m}"), "metrics.jsonl")) as f:
+            rows += [json.loads(line) for line in f][-1:]
+    return rows
 
 
 def write_metrics(cfg):
@@ -164,9 +192,10 @@ def start_job(cfg, log=print):
     if cfg.fresh and (results or os.path.exists(path)):
         for name in results:
             shutil.rmtree(os.path.join(cfg.out_dir, name))
-        for name in ("job.json", "metrics.jsonl"):
+        for name in ("job.json", "metrics.jsonl", "completions.jsonl"):
             if os.path.exists(os.path.join(cfg.out_dir, name)):
                 os.remove(os.path.join(cfg.out_dir, name))
+        shutil.rmtree(os.path.join(cfg.out_dir, "tensorboard"), ignore_errors=True)
         log(f"--fresh: deleted the earlier job's results in {cfg.out_dir}")
     elif os.path.exists(path):
         with open(path) as f:
@@ -216,9 +245,17 @@ def train_run(cfg, res, iteration, run, theta_init, log=print, save=True):
         rows = resume.pop("metrics")
         log(f"iter {i} run {m + 1}: resuming at step {resume['step']} from {state_path}")
 
+    logger = Logger(cfg.report_to if save else "none", cfg.out_dir, f"iter_{i}/run_{m}", dataclasses.asdict(cfg))
+
+    def log_completions(step, samples):
+        samples = [dict(iteration=i, run=m, step=step, **r) for r in samples]
+        append_jsonl(os.path.join(cfg.out_dir, "completions.jsonl"), samples)
+        logger.completions(samples, step)
+
     def log_step(row):
         row = dict(iteration=i, run=m, **row)
         rows.append(row)
+        logger.scalars(row, row["step"])
         if row["step"] % cfg.log_every == 0 or row["step"] == cfg.steps:
             log(f"iter {i}/{cfg.iterations} run {m + 1}/{cfg.runs} step {row['step']:4d}/{cfg.steps} | "
                 f"reward {row['reward']:+.3f} kl {row['kl']:.3f} r_beta {row['r_beta']:+.3f} "
@@ -232,9 +269,12 @@ def train_run(cfg, res, iteration, run, theta_init, log=print, save=True):
 
     start, seed = time.perf_counter(), run_seed(cfg, i, m)
     try:
-        theta_m = canonical(rl_run(theta_init, m, seed, cfg, res, log_step, resume, save_state if save else None))
+        theta_m = canonical(rl_run(theta_init, m, seed, cfg, res, log_step, resume, save_state if save else None,
+                                   log_completions if save else None))
     except FloatingPointError as e:  # say which run; the finished ones (and state.pt) stay on disk
         raise FloatingPointError(f"iter_{i}/run_{m}: {e}") from None
+    finally:
+        logger.close()
     if save:
         save_run(cfg, i, m, theta_m, rows, res.gpt2_config)
         kill_point(f"iter_{i}/run_{m}/saved")
@@ -254,6 +294,11 @@ def train_runs(cfg, iteration, runs, theta_init, res, pool, group, log):
             theta_m, rows = train_run(cfg, res, iteration, batch[group.rank], theta_init, log, save=group.leader)
         for m, theta_m, rows in group.gather_runs(batch, theta_m, rows, like=theta_init):  # to rank 0
             save_run(cfg, iteration, m, theta_m, rows, res.gpt2_config)
+            if m != batch[0] and cfg.report_to != "none":  # another rank's run: its metrics, logged now
+                logger = Logger(cfg.report_to, cfg.out_dir, f"iter_{iteration}/run_{m}", dataclasses.asdict(cfg))
+                for row in rows:
+                    logger.scalars(row, row["step"])
+                logger.close()
         if group.leader:
             write_metrics(cfg)
 
@@ -308,10 +353,16 @@ def warp(cfg, res=None, log=print):
                 if group.leader:
                     thetas = [load_theta(job_folder(cfg, i, f"run_{m}")) for m in range(cfg.runs)]
                     theta_merged = merge(theta_init, thetas)  # SLERP(θ_init, {θ_m}, λ = 1/M), per tensor
-                    save_policy(job_folder(cfg, i, "slerp"), theta_merged, gpt2_config, policy_folder(cfg.policy))
+                    runs_last = last_rows(cfg, i)
+                    save_policy(job_folder(cfg, i, "slerp"), theta_merged, gpt2_config, policy_folder(cfg.policy),
+                                job_card(cfg, f"iter_{i}/slerp", f"The {cfg.merge.upper()} of the {cfg.runs} runs of WARP "
+                                         f"iteration {i} around its θ_init (λ = 1/{cfg.runs}, per tensor).", runs_last))
                     kill_point(f"iter_{i}/merge")
                     theta_init = merging.liti(theta_init, theta_merged, cfg.liti_rate)  # (1−η) θ_init + η θ_slerp
-                    save_policy(liti_folder, theta_init, gpt2_config, policy_folder(cfg.policy))
+                    save_policy(liti_folder, theta_init, gpt2_config, policy_folder(cfg.policy),
+                                job_card(cfg, f"iter_{i}/liti", f"θ_init after WARP iteration {i} (the policy a job with "
+                                         f"--iterations {i} returns): LITI (1 − η) θ_init + η θ_slerp, η = "
+                                         f"{cfg.liti_rate}.", runs_last))
                     log(f"iter {i}: merged {cfg.runs} run{'s' * (cfg.runs > 1)} ({cfg.merge}), LITI eta={cfg.liti_rate} -> {liti_folder}")
             theta_init = group.broadcast(theta_init)  # the new θ_init on every rank
     finally:
