@@ -40,7 +40,7 @@ class Logger:
                 raise ValueError(missing("wandb")) from None
             job = os.path.basename(os.path.abspath(out_dir))
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "nanowarp"), group=job,
-                                  name=f"{job}/{name}", dir=out_dir, config=config, reinit="create_new")
+                                  name=f"{job}/{name}", dir=out_dir, config=config)
 
     def scalars(self, row, step):
         """Every number of a metrics row, under its own name."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import train
 from nanowarp import logger as logger_module
@@ -118,3 +119,24 @@ def test_progress_bars_only_on_a_terminal(monkeypatch, tty):
     monkeypatch.setattr(sys, "stderr", stream)
     assert list(logger_module.progress(range(3), "counting")) == [0, 1, 2]
     assert ("counting" in stream.getvalue()) == tty
+
+
+def test_reward_stage_saves_before_scoring_and_limits_the_reviews(tiny_reward_dir, prepared_imdb_dir, tmp_path,
+                                                                   monkeypatch):
+    import nanowarp.supervised as supervised
+    scored = []
+
+    def accuracy(model, tokenizer, texts, labels, device):
+        assert os.path.isfile(tmp_path / "reward_model" / "config.json"), "the model is saved before scoring"
+        scored.append(len(texts))
+        return 0.5
+
+    monkeypatch.setattr(supervised, "accuracy", accuracy)
+    cfg = parse_args(["--stage", "reward", "--reward_base", tiny_reward_dir, "--data", prepared_imdb_dir,
+                      "--out_dir", str(tmp_path), "--epochs", "0.5", "--train_batch_size", "4", "--test_limit", "5"])
+    lines = []
+    supervised.train_reward_model(cfg, torch.device("cpu"), log=lines.append)
+    assert scored == [5]
+    assert any("scoring 5 test reviews" in line for line in lines)
+    card = (tmp_path / "reward_model" / "README.md").read_text(encoding="utf-8")
+    assert "| 0.5 | 5 |" in card and f"Base model: `{tiny_reward_dir}`" in card

@@ -1,0 +1,26 @@
+# Two commands on a fresh machine with Python >= 3.10, each setting up what it needs in .venv:
+#   make demo    the laptop reproduction, one seed (reproduce.py; ARGS="--source PATH" offline)
+#   make test    the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+# torch first, pinned: an unpinned torch pulls the multi-GB CUDA build onto a CPU-only machine
+TORCH ?= torch==2.13.0
+ARGS ?=
+BIN = $(VENV)/bin
+
+.PHONY: demo test
+
+demo: $(VENV)/.installed-plot
+	$(BIN)/python reproduce.py $(ARGS)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest $(ARGS)
+
+$(VENV)/.installed-torch:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	touch $@
+
+$(VENV)/.installed-%: $(VENV)/.installed-torch pyproject.toml
+	$(BIN)/pip install -q -e ".[$*]"
+	touch $@
