@@ -14,9 +14,12 @@ completions, divided by their counts), with --judge the mean P(positive) under a
 classifier over all completions (no −1 rule), with --heldout N the mean NLL per token of N
 held-out test reviews (forgetting).
 
-All models use the same seed, hence the same random numbers: their differences are less noisy
-than independent draws. Writes --out (a JSON list, one object per model or sweep point) after
-each model, prints a table, and plots the points when matplotlib is installed.
+All models use the same seed, hence the same random numbers, batch by batch: their differences are
+less noisy than independent draws. A model folder of a train.py job (OUT/iter_i/NAME, next to
+OUT/job.json) is scored with that job's --temperature, --reward_kind, --no_eos_penalty and
+--reward_label unless they are given here. --prompts PATH evaluates on a prompt file instead of
+--data. Writes --out (a JSON list, one object per model or sweep point) after each model, prints a
+table, and plots the points when matplotlib is installed.
 
     python eval.py --models runs/warp/iter_1/liti runs/warp/iter_2/liti --ref lvwerra/gpt2-imdb \\
         --sweep lvwerra/gpt2-imdb runs/warp/iter_2/slerp --n_prompts 100 --out results.json

@@ -7,7 +7,8 @@ against --init, then LITI towards a base:
 
 One η writes a checkpoint to --out; several write --out/eta_{E}/ for each E as typed, e.g.
 `--eta 0 0.5 1` gives eta_0/, eta_0.5/, eta_1/ (a LITI sweep, ready for eval.py). Every output is
-a complete checkpoint: config.json, model.safetensors and the tokenizer files of --init.
+a complete checkpoint: config.json, model.safetensors, the tokenizer files of --init and a
+model card (README.md).
 Everything is checked before anything is written: a mismatched checkpoint or a bad η writes nothing.
 
     python merge.py --init lvwerra/gpt2-imdb --policies runs/a runs/b --out runs/merged --eta 0.3 0.5 1

@@ -43,8 +43,10 @@ class Logger:
                                   name=f"{job}/{name}", dir=out_dir, config=config)
 
     def scalars(self, row, step):
-        """Every number of a metrics row, under its own name."""
-        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        """Every number of a metrics row under its own name, but the run's coordinates (iteration,
+        run: the run itself; step: the x axis)."""
+        numbers = {k: v for k, v in row.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("iteration", "run", "step")}
         if self.writer is not None:
             for k, v in numbers.items():
                 self.writer.add_scalar(k, v, step)

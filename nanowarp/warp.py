@@ -18,6 +18,10 @@ The job folder (--out_dir) holds, each a checkpoint with the policy's tokenizer 
     iter_{i}/slerp/          the merge of the runs
     iter_{i}/liti/           the next θ_init
     metrics.jsonl            every step of every finished run, rebuilt as runs finish
+    completions.jsonl        with --log_completions: a few completions every N steps, appended live
+    tensorboard/             with --report_to tensorboard: iter_{i}/run_{m}/ event files
+
+Every checkpoint folder also holds a model card, README.md (nanowarp/card.py).
 
 Crash safety. Every file is written atomically and a checkpoint's config.json last, so a folder with
 a config.json is complete. Running the same command again resumes the job: a finished iteration
