@@ -204,6 +204,8 @@ def start_job(cfg, log=print):
     elif os.path.exists(path):
         with open(path) as f:
             earlier = json.load(f)
+        # a flag newer than the job's job.json: the job ran with what its default does
+        earlier = {**{f.name: f.default for f in dataclasses.fields(cfg) if f.name not in earlier}, **earlier}
         differing = changed_flags(earlier, settings, RESUME_FREE)
         if differing:
             raise ValueError(f"{cfg.out_dir} holds a job with other settings: {', '.join(differing)}. Run it "

@@ -97,8 +97,13 @@ def test_eval_uses_the_jobs_settings_and_says_so(job, emotion_dir, tiny_gpt2_dir
     common = ["--models", os.path.join(job, "iter_1", "liti"), "--ref", tiny_gpt2_dir, "--reward_model", emotion_dir,
               "--prompts", prompt_files[0], "--max_new_tokens", "6", "--device", "cpu", "--plot", "none",
               "--samples", "3"]
-    eval_script.main(common + ["--out", out])
+    tensorboard = pytest.importorskip("tensorboard")
+    eval_script.main(common + ["--out", out, "--report_to", "tensorboard"])
     row = json.load(open(out))[0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "eval")).Reload()
+    assert [e.value for e in events.Scalars("reward")] == pytest.approx([row["reward"]])
+    assert "completions/text_summary" in events.Tags()["tensors"]
     assert (row["temperature"], row["no_eos_penalty"], row["reward_kind"], row["reward_label"]) == (0.7, -2.0, "prob", "joy")
     assert "scored with its --temperature 0.7, --reward_kind prob, --no_eos_penalty -2.0, --reward_label joy" in \
         capsys.readouterr().out
@@ -107,3 +112,19 @@ def test_eval_uses_the_jobs_settings_and_says_so(job, emotion_dir, tiny_gpt2_dir
     eval_script.main(common + ["--out", out, "--temperature", "1.0", "--reward_label", "anger"])  # flags win
     row = json.load(open(out))[0]
     assert (row["temperature"], row["reward_label"]) == (1.0, "anger")
+
+
+def test_a_job_from_before_a_new_flag_resumes(job):
+    """A job.json written before --prompts and --reward_label existed: the job ran with their defaults."""
+    from nanowarp.config import parse_args
+    from nanowarp.warp import start_job
+    path = os.path.join(job, "job.json")
+    settings = json.load(open(path))
+    new = ("prompts", "reward_label")
+    try:
+        json.dump({k: v for k, v in settings.items() if k not in new}, open(path, "w"))
+        cfg = parse_args([f"--{k}={v}" for k, v in settings.items() if k not in new and v is not None
+                          and not isinstance(v, bool)])
+        start_job(cfg, log=lambda *a: None)  # no "holds a job with other settings"
+    finally:
+        json.dump(settings, open(path, "w"))
