@@ -19,7 +19,9 @@ less noisy than independent draws. A model folder of a train.py job (OUT/iter_i/
 OUT/job.json) is scored with that job's --temperature, --reward_kind, --no_eos_penalty and
 --reward_label unless they are given here. --prompts PATH evaluates on a prompt file instead of
 --data. Writes --out (a JSON list, one object per model or sweep point) after each model, prints a
-table, and plots the points when matplotlib is installed.
+table, and plots the points when matplotlib is installed. Until it is done it also keeps
+--out.partial (the arguments and the rows so far): run again with the same arguments after a crash,
+it continues with the models and sweep points it has not finished.
 
     python eval.py --models runs/warp/iter_1/liti runs/warp/iter_2/liti --ref lvwerra/gpt2-imdb \\
         --sweep lvwerra/gpt2-imdb runs/warp/iter_2/slerp --n_prompts 100 --out results.json
@@ -169,6 +171,18 @@ def check_prompts(prompts, args, ref):
              f"model's context ({ref.config.n_positions}): lower --max_new_tokens")
 
 
+def load_progress(path, args):
+    """{model: row} done by an earlier run with the same arguments that did not finish, else {}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            progress = json.load(f)
+        if progress["args"] == json.loads(json.dumps(vars(args))):
+            return {row["model"]: row for row in progress["rows"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no earlier run, another one, or a file damaged: start over
+    return {}
+
+
 def print_table(rows):
     width = max([len("model")] + [len(r["model"]) for r in rows])
     extra = [k for k in ("judge", "heldout_nll") if k in rows[0]]
@@ -229,35 +243,58 @@ def main(argv=None):
           f"device {device}")
 
     rows, last = [], time.perf_counter()
+    progress = args.out + ".partial"
+    done = load_progress(progress, args)  # rows of an earlier run with these arguments, cut short
+    if done:
+        print(f"resuming: {len(done)} results from {progress} (an earlier run with the same arguments)")
+
+    def keep(row):
+        """Add a row; rewrite --out and --out.partial atomically (a crash keeps what is done)."""
+        rows.append(row)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        try:
+            hub.write_json(progress, dict(args=vars(args), rows=rows))
+            hub.write_json(args.out, rows)
+        except hub.DiskFullError as e:
+            fail(str(e))
 
     def record(name, result, scoring, **extra):
-        """Add a row, rewrite --out (a crash keeps what is done), print a progress line."""
+        """Keep a new row (--out, --out.partial, the logger), print a progress line."""
         nonlocal last
         row = dict(model=name, kl=result["kl"], reward=result["reward"], finished=result["finished"],
                    length=result["length"], n_prompts=result["n"], kl_se=result["kl_se"],
                    reward_se=result["reward_se"], **{k: result[k] for k in NEW_METRICS if k in result},
                    **extra, **scoring, max_new_tokens=args.max_new_tokens, seed=args.seed,
                    **({"samples": result["samples"]} if "samples" in result else {}))
-        rows.append(row)
+        keep(row)
         logger.scalars({k: row[k] for k in ("kl", "reward", "finished", "length")}, len(rows) - 1)
         if "samples" in row:
             logger.completions(row["samples"], len(rows) - 1)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        hub.write_json(args.out, rows)
         seconds, last = time.perf_counter() - last, time.perf_counter()
         print(f"{name}: KL {row['kl']:.3f} reward {row['reward']:+.3f} finished {row['finished']:.2f} "
               f"length {row['length']:.1f} ({seconds:.1f}s)", flush=True)
 
     # 2. each model: sample, score, KL to the reference
     for name in args.models or ():
+        if name in done:
+            keep(done[name])
+            continue
         policy = load_gpt2(name, "--models", ref).to(device).eval()
         scoring, kwargs = settings(name)
         record(name, evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, **kwargs), scoring)
         del policy  # before loading the next one
 
     # 3. the LITI sweep (1 − η) A + η B, one GPT2 in memory whose weights change with η
-    if args.sweep:
-        a, b = args.sweep
+    a, b = args.sweep or (None, None)
+
+    def point(eta):
+        return f"liti({a},{b},eta={eta:g})"
+
+    for eta in args.etas if args.sweep else ():
+        if point(eta) in done:
+            keep(done[point(eta)])
+    etas = [eta for eta in args.etas if point(eta) not in done]
+    if args.sweep and etas:
         model_a, model_b = load_gpt2(a, "--sweep", ref), load_gpt2(b, "--sweep", ref)
         differ = [f"{f.name} {getattr(model_a.config, f.name)} vs {getattr(model_b.config, f.name)}"
                   for f in dataclasses.fields(model_a.config)
@@ -267,12 +304,13 @@ def main(argv=None):
         theta_a, theta_b = model_a.hf_state_dict(), model_b.hf_state_dict()
         policy = GPT2(model_a.config).to(device).eval()  # a third model: theta_a shares model_a's storage
         scoring, kwargs = settings(b)  # scored as B's job was trained
-        liti_sweep(theta_a, theta_b, args.etas, policy, ref, reward_model, prompts, tokenizer, eos_id,
-                   log=lambda eta, result: record(f"liti({a},{b},eta={eta:g})", result, scoring, eta=eta,
-                                                  sweep=f"liti({a},{b})"),
+        liti_sweep(theta_a, theta_b, etas, policy, ref, reward_model, prompts, tokenizer, eos_id,
+                   log=lambda eta, result: record(point(eta), result, scoring, eta=eta, sweep=f"liti({a},{b})"),
                    **kwargs)
 
     logger.close()
+    if os.path.exists(progress):
+        os.remove(progress)  # done: --out is complete
     print_table(rows)
     print(f"wrote {args.out}")
     plot_path = args.plot if args.plot is not None else os.path.splitext(args.out)[0] + ".png"

@@ -10,6 +10,8 @@ One η writes a checkpoint to --out; several write --out/eta_{E}/ for each E as 
 a complete checkpoint: config.json, model.safetensors, the tokenizer files of --init and a
 model card (README.md).
 Everything is checked before anything is written: a mismatched checkpoint or a bad η writes nothing.
+Each output is written to a temporary folder beside it and moved in only once complete, so --out is
+never half-written: a failed merge (a full disk, a kill) leaves what was there before.
 
     python merge.py --init lvwerra/gpt2-imdb --policies runs/a runs/b --out runs/merged --eta 0.3 0.5 1
 """
@@ -17,7 +19,9 @@ Everything is checked before anything is written: a mismatched checkpoint or a b
 import dataclasses
 import math
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 
 from nanowarp import hub, merging
@@ -77,6 +81,29 @@ def load(name, role):
     except hub.CheckpointError as e:
         fail(f"{role} {name}: {e}")
     return model.hf_state_dict(), model.config, folder
+
+
+def write_checkpoint(folder, theta, config, tokenizer_folder, card=None):
+    """save_policy into a temporary folder beside `folder`, then move it in by renames, which need
+    no space; into an existing folder, file by file, its config.json (which marks a checkpoint
+    complete) removed first and written last. Files of `folder` that merge.py does not write stay."""
+    folder = os.path.abspath(folder)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".tmp-", suffix="-" + os.path.basename(folder))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the checkpoint private
+        save_policy(tmp, theta, config, tokenizer_folder, card)
+        if not os.path.exists(folder):
+            os.rename(tmp, folder)
+            return
+        if os.path.exists(os.path.join(folder, "config.json")):
+            os.remove(os.path.join(folder, "config.json"))
+        for name in sorted(os.listdir(tmp), key=lambda name: name == "config.json"):
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_same_architecture(names, configs):
@@ -144,13 +171,18 @@ def main(argv=None):
     # 3. θ_out = (1 − η) θ_base + η θ_merge, for each η (LITI)
     base_name = args.liti_base if args.liti_base is not None else args.init
     stats = {k: v for k, v in dict(mean_cos_task_vectors=cos, merge_norm_ratio=ratio).items() if v is not None}
+    done = []
     for folder, eta in outputs.items():
         card = model_card(f"nanowarp merge: {folder}", f"(1 − η)·{base_name} + η·{args.method.upper()}({args.init}; "
                           f"{', '.join(args.policies)}) with η = {eta:g}: the task vectors of the policies against "
                           f"--init merged per tensor, then interpolated towards the base (LITI).", args.init,
                           {**dataclasses.asdict(args), "eta": eta}, stats)
-        save_policy(folder, merging.liti(base, merged, eta), init_config, init_folder, card)
+        try:
+            write_checkpoint(folder, merging.liti(base, merged, eta), init_config, init_folder, card)
+        except hub.DiskFullError as e:
+            fail(f"{e}" + (f" (the outputs written before, {', '.join(done)}, are complete)" if done else ""))
         print(f"wrote {folder}: (1 - {eta:g}) * {base_name} + {eta:g} * {args.method}")
+        done.append(folder)
 
 
 if __name__ == "__main__":

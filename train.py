@@ -20,10 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from anywh
 
 from nanowarp.config import parse_args  # noqa: E402
 from nanowarp.data import DataError  # noqa: E402
-from nanowarp.hub import CheckpointError  # noqa: E402
-from nanowarp.parallel import WorkerError  # noqa: E402
+from nanowarp.hub import CheckpointError, DiskFullError  # noqa: E402
+from nanowarp.parallel import Interrupted, WorkerError, stop_on_signals  # noqa: E402
 from nanowarp.supervised import train_reward_model, train_sft  # noqa: E402
-from nanowarp.warp import resolve_device, validate, warp  # noqa: E402
+from nanowarp.warp import lock_out_dir, resolve_device, validate, warp  # noqa: E402
 
 
 def main(argv=None):
@@ -31,12 +31,21 @@ def main(argv=None):
     try:
         validate(cfg)
         if cfg.stage == "reward":
-            train_reward_model(cfg, resolve_device(cfg.device))
+            with lock_out_dir(cfg.out_dir):
+                train_reward_model(cfg, resolve_device(cfg.device))
         elif cfg.stage == "sft":
-            train_sft(cfg, resolve_device(cfg.device))
+            with lock_out_dir(cfg.out_dir):
+                train_sft(cfg, resolve_device(cfg.device))
         else:
-            warp(cfg)
-    except (ValueError, CheckpointError, DataError, FloatingPointError, WorkerError) as e:
+            # Ctrl-C / SIGTERM: stop at the end of a step; a torchrun rank gets the signal from torchrun
+            with stop_on_signals(main=int(os.environ.get("WORLD_SIZE", "1")) == 1):
+                warp(cfg)
+    except Interrupted as e:
+        saved = "the runs in progress saved their training state, " if cfg.save_every else ""
+        print(f"train.py: {e}: the finished runs are on disk, {saved}run the same command again to resume",
+              file=sys.stderr)
+        return e.exit_code  # 130 (SIGINT) or 143 (SIGTERM)
+    except (ValueError, CheckpointError, DataError, FloatingPointError, WorkerError, DiskFullError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     return 0

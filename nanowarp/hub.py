@@ -7,17 +7,20 @@ folder or a Hub id ("lvwerra/gpt2-imdb"); Hub ids go through `huggingface_hub`, 
 `HF_HUB_OFFLINE=1` and tokens work as usual.
 
 Every error a user can cause (wrong path, offline, corrupt file) is a `CheckpointError` whose
-message says what was wrong and what to do.
+message says what was wrong and what to do. Every write is atomic (a temporary file renamed), and a
+full disk is a `DiskFullError` that says where and how much space the file needs.
 """
 
+import errno
+import io
 import json
 import os
 import re
 import tempfile
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -26,6 +29,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be found or read, with a message meant for the user."""
+
+
+class DiskFullError(OSError):
+    """A write that failed for want of space (ENOSPC, a quota, a file-size limit); the message says
+    where, how much the file needed, and what to do. The file was not written, nor any part of it."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def format_size(n):
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
 
 
 def _is_hub_id(name):
@@ -132,6 +150,21 @@ def load_state_dict(folder):
                               f"download or save it again") from None
 
 
+def check_readable(folder):
+    """Raise CheckpointError unless the checkpoint's config.json parses and its weights file is whole
+    (a safetensors header that agrees with the file's length); nothing large is read."""
+    load_config(folder)
+    path = os.path.join(folder, WEIGHT_FILES[0])
+    if not os.path.isfile(path):
+        load_state_dict(folder)  # a .bin, read whole, or none
+        return
+    try:
+        with safe_open(path, "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path}: the file is corrupt or truncated ({e})") from None
+
+
 def check_keys(expected, found, path, new_ok=()):
     """Compare parameter shapes (dicts name -> shape); raise a CheckpointError naming the first
     problem. Keys in `new_ok` may be missing (they keep their fresh initialisation)."""
@@ -147,8 +180,10 @@ def check_keys(expected, found, path, new_ok=()):
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp_path to path: readers never see a partial file."""
+def atomic_write(path, write, size=None):
+    """Call write(tmp_path), then rename tmp_path to path: readers never see a partial file. A write
+    that fails for want of space removes its temporary file and raises DiskFullError, which names
+    the folder and the file's `size` (bytes, when known)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
@@ -162,10 +197,32 @@ def atomic_write(path, write):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            space = f"at least {format_size(size)}" if size is not None else "some space"
+            raise DiskFullError(e.errno, f"cannot write {os.path.basename(path)} to {folder}: {e.strerror} (the disk "
+                                f"is full, or a quota or file-size limit is reached). Nothing of it was written and "
+                                f"every file written before is intact: free {space} there (the size of this file), "
+                                f"then run the same command again") from None
         raise
+
+
+def write_bytes(path, data):
+    """Write bytes to path atomically (serialise in memory first, so that a full disk is an OSError
+    with its errno, which the libraries' own file writers do not keep)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write, size=len(data))
+
+
+def torch_save(obj, path):
+    """torch.save(obj, path), atomically."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def write_text(path, text):
@@ -184,6 +241,5 @@ def write_json(path, obj, sort_keys=False):
 def save_checkpoint(folder, config, state_dict):
     """Write config.json and model.safetensors (both atomically)."""
     state_dict = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write(os.path.join(folder, "model.safetensors"),
-                 lambda p: save_file(state_dict, p, metadata={"format": "pt"}))
+    write_bytes(os.path.join(folder, "model.safetensors"), save(state_dict, metadata={"format": "pt"}))
     write_json(os.path.join(folder, "config.json"), config, sort_keys=True)

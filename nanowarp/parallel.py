@@ -11,12 +11,19 @@ Training the M runs of a WARP iteration side by side, as the paper does. Two way
 
 Either way a run computes what it computes in the sequential loop: it depends only on θ_init, its
 seed and the config (bit for bit on a CPU, given the same number of threads, --threads).
+
+Stopping: SIGINT (Ctrl-C) or SIGTERM (what a scheduler sends before it kills a job) only raises a
+flag (`stop_requested`); a run looks at it after each step and stops there (`Interrupted`). The pool
+passes the signal on to its workers and waits for them; torchrun passes it on to its ranks itself.
 """
 
+import contextlib
 import multiprocessing
 import os
 import pickle
 import queue
+import signal
+import sys
 import traceback
 
 import torch
@@ -31,6 +38,67 @@ class RemoteTraceback(Exception):
     """The traceback of an exception raised in a worker, chained to it when the parent re-raises."""
 
 
+# ---- stopping on SIGINT / SIGTERM ----------------------------------------------------------------
+
+class Interrupted(Exception):
+    """The job stopped at the end of a step because it got SIGINT or SIGTERM (`signum`). `step`: the
+    last step done by the run that raised it (0: before its first step). Exit status 128 + signum."""
+
+    def __init__(self, signum, step=0):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum, self.step = signum, step
+
+    @property
+    def exit_code(self):
+        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+
+    def __reduce__(self):  # raised in a worker, raised again in the parent
+        return Interrupted, (self.signum, self.step)
+
+
+_stop_signal = 0  # the first SIGINT / SIGTERM received inside stop_on_signals
+
+
+def stop_requested():
+    """The signal (SIGINT or SIGTERM) that asked this process to stop, or 0."""
+    return _stop_signal
+
+
+def check_stop(step=0):
+    """Raise Interrupted if a stop was asked for."""
+    if _stop_signal:
+        raise Interrupted(_stop_signal, step)
+
+
+@contextlib.contextmanager
+def stop_on_signals(main=True):
+    """Inside this block SIGINT and SIGTERM ask this process to stop at the end of the step in
+    progress. In the main process (`main`) a second one stops it at once, as SIGKILL would (every
+    write is atomic); workers and torchrun ranks, which may get a signal twice (from the terminal and
+    passed on by their parent), wait for their step to end."""
+    global _stop_signal
+    _stop_signal = 0
+
+    def handler(signum, frame):
+        global _stop_signal
+        if _stop_signal and main:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        elif not _stop_signal:
+            _stop_signal = signum
+            if main:
+                print(f"got {signal.Signals(signum).name}: stopping at the end of the step in progress "
+                      f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+        _stop_signal = 0
+
+
 def exit_if_orphaned():
     """In a worker whose parent was killed: stop now, rather than race a resumed job for the GPU."""
     parent = multiprocessing.parent_process()
@@ -39,12 +107,13 @@ def exit_if_orphaned():
 
 
 def _next_task(tasks):
-    """The next (iteration, run) to train, or None: no more work, or no parent to report to."""
-    while True:
+    """The next (iteration, run) to train, or None: no more work, no parent to report to, or a stop."""
+    while not stop_requested():
         try:
             return tasks.get(timeout=1.0)
         except queue.Empty:
             exit_if_orphaned()
+    return None
 
 
 def _portable(e):
@@ -65,16 +134,20 @@ def _worker(index, cfg, device, threads, tasks, results):
 
     torch.set_num_threads(threads)
     res = None
-    while (task := _next_task(tasks)) is not None:
-        iteration, run = task
-        results.put((index, run, "started", None))
-        try:
-            res = res or load_resources(cfg, torch.device(device))
-            train_run(cfg, res, iteration, run, load_theta_init(cfg, iteration), log=_print_line)
-        except BaseException as e:
-            results.put((index, run, "failed", (_portable(e), traceback.format_exc())))
-            return
-        results.put((index, run, "done", None))
+    with stop_on_signals(main=False):
+        while (task := _next_task(tasks)) is not None:
+            iteration, run = task
+            results.put((index, run, "started", None))
+            try:
+                res = res or load_resources(cfg, torch.device(device))
+                train_run(cfg, res, iteration, run, load_theta_init(cfg, iteration), log=_print_line)
+            except Interrupted:
+                results.put((index, run, "stopped", None))
+                return
+            except BaseException as e:
+                results.put((index, run, "failed", (_portable(e), traceback.format_exc())))
+                return
+            results.put((index, run, "done", None))
 
 
 class WorkerPool:
@@ -91,17 +164,27 @@ class WorkerPool:
 
     def train(self, iteration, runs, on_done=lambda run: None):
         """Train and save these runs of `iteration`, calling on_done(run) as each one is saved.
-        The first failure stops every worker and is raised here, with the worker's traceback."""
+        The first failure stops every worker and is raised here, with the worker's traceback. On a
+        SIGINT / SIGTERM (stop_requested) the workers get it too; once they have stopped at the end
+        of their step, Interrupted is raised here."""
+        check_stop()  # the workers of a stopping job are gone
         for run in runs:
             self.tasks.put((iteration, run))
-        pending, holding = set(runs), {}  # worker -> the run it trains
+        pending, holding, stopping = set(runs), {}, 0  # holding: worker -> the run it trains
         while pending:
+            if stop_requested() and not stopping:
+                stopping = stop_requested()
+                for p in self.procs:  # pass the signal on (with Ctrl-C they may have it already)
+                    if p.is_alive():
+                        os.kill(p.pid, stopping)
             try:
                 w, run, event, error = self.results.get(timeout=1.0)
             except queue.Empty:
-                dead = [w for w, p in enumerate(self.procs) if not p.is_alive()]
+                dead = [w for w, p in enumerate(self.procs) if not p.is_alive() and (w in holding or not stopping)]
                 if dead:
                     self._died(dead[0], iteration, holding)
+                if stopping and not holding:
+                    raise Interrupted(stopping)
                 continue
             if event == "started":
                 holding[w] = run
@@ -109,6 +192,8 @@ class WorkerPool:
                 pending.discard(run)
                 del holding[w]
                 on_done(run)
+            elif event == "stopped":
+                del holding[w]
             else:
                 self._failed(w, error)
 
@@ -135,7 +220,7 @@ class WorkerPool:
     def terminate(self):
         for p in self.procs:
             if p.is_alive():
-                p.terminate()
+                p.kill()  # SIGTERM would only ask it to stop at the end of its step
         for p in self.procs:
             p.join()
 

@@ -24,6 +24,7 @@ from nanowarp.gpt2 import GPT2
 from nanowarp.logger import completion_rows
 from nanowarp.logprobs import token_logprobs
 from nanowarp.lora import add_lora, effective_state_dict, lora_modules
+from nanowarp.parallel import Interrupted, stop_requested
 from nanowarp.sampling import sample
 
 
@@ -131,7 +132,9 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
 
     With `save_state`, the run calls save_state(training_state(...)) every cfg.save_every steps;
     `resume`, such a state, continues the run from there with the same result as a run never stopped.
-    With `log_completions`, every cfg.log_completions steps it gets (step, a few completion rows)."""
+    With `log_completions`, every cfg.log_completions steps it gets (step, a few completion rows).
+    After a SIGINT / SIGTERM (parallel.stop_requested) it saves that state (with save_every) and raises
+    parallel.Interrupted at the end of the step, unless that was the last one."""
     device, k = res.device, cfg.rloo_k
     torch.manual_seed(seed)  # LoRA's A initialisation
     policy = add_lora(build_policy(theta_init, res.gpt2_config, device), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
@@ -198,7 +201,11 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
                  time_sample=t1 - t0, time_score=t2 - t1, time_update=t3 - t2))
         if log_completions is not None and cfg.log_completions and (step + 1) % cfg.log_completions == 0:
             log_completions(step + 1, completion_rows(res.tokenizer, prompts, s.tokens, lengths, rewards, kl))
-        if save_state is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+        stop = stop_requested() if step + 1 < cfg.steps else 0  # SIGINT / SIGTERM: stop after this step
+        if save_state is not None and cfg.save_every and step + 1 < cfg.steps and \
+                ((step + 1) % cfg.save_every == 0 or stop):
             save_state(training_state(step + 1, policy, anchor, opt, sched, generator, order, queue))
+        if stop:
+            raise Interrupted(stop, step + 1)
 
     return {name: t.detach().cpu() for name, t in effective_state_dict(policy).items()}

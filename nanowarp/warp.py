@@ -20,6 +20,7 @@ The job folder (--out_dir) holds, each a checkpoint with the policy's tokenizer 
     metrics.jsonl            every step of every finished run, rebuilt as runs finish
     completions.jsonl        with --log_completions: a few completions every N steps, appended live
     tensorboard/             with --report_to tensorboard: iter_{i}/run_{m}/ event files
+    job.lock                 locked by the job that works here (one job per folder)
 
 Every checkpoint folder also holds a model card, README.md (nanowarp/card.py).
 
@@ -29,14 +30,22 @@ gives its θ_init back (iter_{i}/liti), finished runs are kept, only the missing
 (from their state.pt, if any), and the merge is redone (it is a function of θ_init and the runs,
 which it always reads from disk). The result is the one of an uninterrupted job, bit for bit on a
 CPU with the same --threads. The M runs of an iteration can train side by side (nanowarp/parallel.py).
+Other faults: a full disk stops the job with hub.DiskFullError (nothing written is lost); SIGINT /
+SIGTERM stop it at the end of a step (parallel.Interrupted), saving the run's state with --save_every;
+a second job on the same folder is refused (lock_out_dir); a finished checkpoint (or state.pt) that
+cannot be read is moved aside as *.damaged and computed again (start_job, train_run).
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import os
 import shutil
 import signal
+import socket
+import sys
 import time
 
 import torch
@@ -143,7 +152,7 @@ def save_policy(folder, theta, gpt2_config, tokenizer_folder, card=None):
     for name in hub.TOKENIZER_FILES:
         src = os.path.join(tokenizer_folder, name)
         if os.path.isfile(src):
-            hub.atomic_write(os.path.join(folder, name), lambda tmp: shutil.copyfile(src, tmp))
+            hub.atomic_write(os.path.join(folder, name), lambda tmp: shutil.copyfile(src, tmp), os.path.getsize(src))
     hub.save_checkpoint(folder, gpt2_config.to_hf(), theta)  # config.json last: the folder is complete
 
 
@@ -187,6 +196,92 @@ def write_metrics(cfg):
     hub.write_text(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(lines))
 
 
+@contextlib.contextmanager
+def lock_out_dir(out_dir):
+    """One job per folder: an exclusive lock on OUT/job.lock, held inside this block, and dropped by
+    the operating system when the process ends, even by SIGKILL. Another process holding it is
+    refused at once, by its pid. A folder this made and nothing else wrote to is removed again."""
+    created = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "job.lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its pid yet"
+        f.close()
+        raise ValueError(f"{out_dir} is in use by another job ({holder}), which holds {path}: wait for it to "
+                         f"finish, stop it (Ctrl-C or kill; it resumes later), or choose another --out_dir") from None
+    except OSError as e:  # a file system without locks (some network ones): go on, unguarded
+        print(f"warning: cannot lock {path} ({e.strerror}): nothing keeps a second job out of {out_dir}",
+              file=sys.stderr)
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        if created and os.listdir(out_dir) == ["job.lock"]:  # stopped before writing anything: no trace
+            os.remove(path)
+            os.rmdir(out_dir)
+        f.close()
+
+
+def read_job_file(path, out_dir):
+    """The settings in job.json, or a ValueError naming the damaged file and the ways out."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+        if not isinstance(settings, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is damaged ({e}): it holds the settings of the job in {out_dir}. Restore it "
+                         f"from a copy, add --fresh to delete the job's results and start over, or choose "
+                         f"another --out_dir") from None
+    return settings
+
+
+def damage(folder, steps=None):
+    """Why a complete checkpoint folder of the job cannot be used, or None. With `steps` (a run),
+    its metrics.jsonl must hold steps 1..steps too."""
+    try:
+        hub.check_readable(folder)
+        if steps is not None:
+            with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as f:
+                if [json.loads(line)["step"] for line in f] != list(range(1, steps + 1)):
+                    raise ValueError(f"{os.path.join(folder, 'metrics.jsonl')} does not hold steps 1..{steps}")
+    except (hub.CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
+        return str(e)
+    return None
+
+
+def move_aside(path):
+    """Rename path to path.damaged (or .damaged.2, ...); returns the new name."""
+    target, n = path + ".damaged", 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{path}.damaged.{n}"
+    os.rename(path, target)
+    return target
+
+
+def set_damaged_aside(cfg, log):
+    """Move every finished run, SLERP or LITI checkpoint of the job that cannot be read (a disk
+    error, a file cut short or changed by hand) to *.damaged, so that it is computed again."""
+    found = False
+    for i in range(1, cfg.iterations + 1):
+        for name in [f"run_{m}" for m in range(cfg.runs)] + ["slerp", "liti"]:
+            folder = job_folder(cfg, i, name)
+            problem = is_complete(folder) and damage(folder, cfg.steps if name.startswith("run_") else None)
+            if problem:
+                log(f"damaged: {problem}; moved {folder} aside to {move_aside(folder)}: it will be computed again")
+                found = True
+    if found or os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl")):
+        write_metrics(cfg)  # without the rows of a run set aside; and a damaged copy is rebuilt
+
+
 def start_job(cfg, log=print):
     """Start a new job in cfg.out_dir, or check that the job there has the same settings and resume it.
     Flags in config.RESUME_FREE may differ; any other difference is refused, unless --fresh."""
@@ -202,8 +297,7 @@ def start_job(cfg, log=print):
         shutil.rmtree(os.path.join(cfg.out_dir, "tensorboard"), ignore_errors=True)
         log(f"--fresh: deleted the earlier job's results in {cfg.out_dir}")
     elif os.path.exists(path):
-        with open(path) as f:
-            earlier = json.load(f)
+        earlier = read_job_file(path, cfg.out_dir)
         # a flag newer than the job's job.json: the job ran with what its default does
         earlier = {**{f.name: f.default for f in dataclasses.fields(cfg) if f.name not in earlier}, **earlier}
         differing = changed_flags(earlier, settings, RESUME_FREE)
@@ -220,13 +314,16 @@ def start_job(cfg, log=print):
         for name in files:
             if name.startswith(".tmp-") or (name == "state.pt" and is_complete(folder)):
                 os.remove(os.path.join(folder, name))
+    set_damaged_aside(cfg, log)
 
 
 def missing_runs(cfg, iteration):
-    """The runs of an iteration still to train, or None when the whole iteration is done."""
-    if is_complete(job_folder(cfg, iteration, "liti")):
+    """The runs of an iteration still to train, or None when the whole iteration is done (its runs,
+    SLERP and LITI on disk; a checkpoint set aside as damaged is computed again)."""
+    runs = [m for m in range(cfg.runs) if not is_complete(job_folder(cfg, iteration, f"run_{m}"))]
+    if not runs and all(is_complete(job_folder(cfg, iteration, name)) for name in ("slerp", "liti")):
         return None
-    return [m for m in range(cfg.runs) if not is_complete(job_folder(cfg, iteration, f"run_{m}"))]
+    return runs
 
 
 def kill_point(name):
@@ -244,12 +341,18 @@ def train_run(cfg, res, iteration, run, theta_init, log=print, save=True):
     """One RL run of the job (Algorithm 1, lines 4–10), saved to OUT/iter_{i}/run_{m} when `save`;
     returns (θ_m, its metric rows). A state.pt left there by --save_every is continued from."""
     i, m = iteration, run
+    parallel.check_stop()
     state_path = os.path.join(job_folder(cfg, i, f"run_{m}"), "state.pt")
     resume, rows = None, []
     if save and os.path.isfile(state_path):
-        resume = torch.load(state_path, map_location="cpu", weights_only=True)
-        rows = resume.pop("metrics")
-        log(f"iter {i} run {m + 1}: resuming at step {resume['step']} from {state_path}")
+        try:
+            resume = torch.load(state_path, map_location="cpu", weights_only=True)
+            rows = resume.pop("metrics")
+            log(f"iter {i} run {m + 1}: resuming at step {resume['step']} from {state_path}")
+        except Exception as e:  # anything that keeps it from being read: the run starts over
+            resume, rows = None, []
+            log(f"iter {i} run {m + 1}: damaged: cannot read {state_path} ({type(e).__name__}: {e}); "
+                f"moved aside to {move_aside(state_path)}: the run starts over")
 
     logger = Logger(cfg.report_to if save else "none", cfg.out_dir, f"iter_{i}/run_{m}", dataclasses.asdict(cfg))
 
@@ -271,7 +374,7 @@ def train_run(cfg, res, iteration, run, theta_init, log=print, save=True):
         kill_point(f"iter_{i}/run_{m}/step_{row['step']}")
 
     def save_state(state):
-        hub.atomic_write(state_path, lambda tmp: torch.save({**state, "metrics": rows}, tmp))
+        hub.torch_save({**state, "metrics": rows}, state_path)
 
     start, seed = time.perf_counter(), run_seed(cfg, i, m)
     try:
@@ -279,6 +382,11 @@ def train_run(cfg, res, iteration, run, theta_init, log=print, save=True):
                                    log_completions if save else None))
     except FloatingPointError as e:  # say which run; the finished ones (and state.pt) stay on disk
         raise FloatingPointError(f"iter_{i}/run_{m}: {e}") from None
+    except parallel.Interrupted as e:  # SIGINT / SIGTERM, at the end of step e.step
+        saved = f"its training state is in {state_path}" if save and cfg.save_every else \
+            "it will start over (--save_every N would have saved its state)"
+        log(f"iter {i} run {m + 1}: stopped after step {e.step}/{cfg.steps}; {saved}")
+        raise
     finally:
         logger.close()
     if save:
@@ -334,19 +442,20 @@ def warp(cfg, res=None, log=print):
     devices = worker_devices(cfg, group.device, group)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    # a wrong path or model fails here, before anything is written (the workers load their own)
-    res = res or load_resources(cfg, torch.device("cpu") if devices else group.device)
-    group.share(lambda: start_job(cfg, log))
-    pool = None
-    if devices:
-        threads = cfg.threads or max(1, torch.get_num_threads() // len(devices))
-        log(f"{len(devices)} workers ({', '.join(map(str, devices))}), {threads} CPU threads each")
-        pool, res = parallel.WorkerPool(cfg, devices, threads), None
-    gpt2_config = GPT2Config.from_hf(hub.load_config(policy_folder(cfg.policy)))
-    merge = merging.slerp if cfg.merge == "slerp" else merging.lerp
-    theta_init = load_theta_init(cfg, 1)  # θ_sft
-
+    lock, pool = contextlib.ExitStack(), None
+    group.share(lambda: lock.enter_context(lock_out_dir(cfg.out_dir)))  # rank 0 holds it; a second job stops here
     try:
+        # a wrong path or model fails here, before anything is written (the workers load their own)
+        res = res or load_resources(cfg, torch.device("cpu") if devices else group.device)
+        group.share(lambda: start_job(cfg, log))
+        if devices:
+            threads = cfg.threads or max(1, torch.get_num_threads() // len(devices))
+            log(f"{len(devices)} workers ({', '.join(map(str, devices))}), {threads} CPU threads each")
+            pool, res = parallel.WorkerPool(cfg, devices, threads), None
+        gpt2_config = GPT2Config.from_hf(hub.load_config(policy_folder(cfg.policy)))
+        merge = merging.slerp if cfg.merge == "slerp" else merging.lerp
+        theta_init = load_theta_init(cfg, 1)  # θ_sft
+
         for i in range(1, cfg.iterations + 1):
             liti_folder = job_folder(cfg, i, "liti")
             missing = group.share(lambda: missing_runs(cfg, i))  # rank 0 looks at what is on disk
@@ -374,5 +483,6 @@ def warp(cfg, res=None, log=print):
     finally:
         if pool is not None:
             pool.close()
+        lock.close()  # releases the folder
     group.close()
     return theta_init

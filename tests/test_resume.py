@@ -13,7 +13,7 @@ from nanowarp.config import parse_args
 from nanowarp.reward import RewardModel
 from nanowarp.warp import is_complete, start_job, warp
 from tiny_warp_job import (ITERATIONS, RUNS, STEPS, assert_same_weights, final_weights, in_process,  # noqa: F401
-                           job_flags, leftovers, reference, train_py)
+                           job_flags, leftovers, reference, reference_job, train_py)
 
 # Each attempt kills itself (NANOWARP_KILL_AT, a real SIGKILL) at the next point; the next attempt,
 # the same command, resumes.

@@ -36,12 +36,18 @@ def in_process(fn, *args):
 
 
 @pytest.fixture(scope="module")
-def reference(job_flags, tmp_path_factory, tiny_gpt2_dir):
-    """The final θ_init (iter_I/liti) of the job run uninterrupted, sequentially, in this process."""
+def reference_job(job_flags, tmp_path_factory):
+    """The job folder of the job run uninterrupted, sequentially, in this process (do not change it)."""
     from nanowarp.warp import warp
     out = str(tmp_path_factory.mktemp("reference"))
     in_process(warp, parse_args(job_flags + ["--out_dir", out]), None, lambda *a: None)
-    theta = final_weights(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_job, tiny_gpt2_dir):
+    """The final θ_init (iter_I/liti) of the job run uninterrupted, sequentially, in this process."""
+    theta = final_weights(reference_job)
     sft = load_file(os.path.join(tiny_gpt2_dir, "model.safetensors"))
     assert any(not torch.equal(theta[k], sft[k]) for k in theta), "the job must move the weights"
     return theta
