@@ -34,6 +34,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+import torch
+
 from nanowarp import hub
 from nanowarp.config import flag, parse_args as parse_flags
 from nanowarp.data import DataError, load_meta, load_prompt_file, load_prompts
@@ -76,6 +78,8 @@ class Args:
                           choices=["none", "tensorboard", "wandb"])
     batch_size: int = flag(64, "prompts sampled together", type=int, metavar="B")
     device: str = flag("auto", "cpu, cuda, cuda:N, or auto")
+    dtype: str = flag("float32", "bfloat16: the policies, --ref and the reward model run in bf16; log-probs, KL "
+                                 "and --sweep's merges stay float32", choices=["float32", "bfloat16"])
     sweep: tuple = flag(None, "also evaluate the LITI sweep (1 - eta) A + eta B, merged in memory", nargs=2,
                         metavar=("A", "B"))
     etas: tuple = flag(tuple(round(i / 10, 10) for i in range(11)), "eta values of --sweep, in [0, 1]",
@@ -215,12 +219,13 @@ def main(argv=None):
         print(f"note: {args.prompts or args.data} has {len(prompts)} eval prompts, fewer than --n_prompts {args.n_prompts}: using all")
     prompts = prompts[:args.n_prompts]
     device = resolve_device(args.device)
-    ref = load_gpt2(args.ref, "--ref").to(device).eval()
+    dtype = getattr(torch, args.dtype)
+    ref = load_gpt2(args.ref, "--ref").to(device, dtype).eval()
     check_prompts(prompts, args, ref)
     try:
         tokenizer = load_tokenizer(args.ref)  # the policy tokenizer, to decode completions
-        reward_model = RewardModel(args.reward_model, device, batch_size=args.batch_size)
-        judge = RewardModel(args.judge, device, batch_size=args.batch_size) if args.judge else None
+        reward_model = RewardModel(args.reward_model, device, batch_size=args.batch_size, dtype=dtype)
+        judge = RewardModel(args.judge, device, batch_size=args.batch_size, dtype=dtype) if args.judge else None
         heldout = heldout_sequences(args.data, args.heldout, tokenizer, ref.config.n_positions,
                                     ref.config.eos_token_id) if args.heldout else None
     except (DataError, hub.CheckpointError) as e:
@@ -279,7 +284,7 @@ def main(argv=None):
         if name in done:
             keep(done[name])
             continue
-        policy = load_gpt2(name, "--models", ref).to(device).eval()
+        policy = load_gpt2(name, "--models", ref).to(device, dtype).eval()
         scoring, kwargs = settings(name)
         record(name, evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, **kwargs), scoring)
         del policy  # before loading the next one
@@ -302,7 +307,7 @@ def main(argv=None):
         if differ:
             fail(f"--sweep {a} and {b} have different architectures ({', '.join(differ)})")
         theta_a, theta_b = model_a.hf_state_dict(), model_b.hf_state_dict()
-        policy = GPT2(model_a.config).to(device).eval()  # a third model: theta_a shares model_a's storage
+        policy = GPT2(model_a.config).to(device, dtype).eval()  # a third model: theta_a shares model_a's storage
         scoring, kwargs = settings(b)  # scored as B's job was trained
         liti_sweep(theta_a, theta_b, etas, policy, ref, reward_model, prompts, tokenizer, eos_id,
                    log=lambda eta, result: record(point(eta), result, scoring, eta=eta, sweep=f"liti({a},{b})"),

@@ -51,6 +51,8 @@ class Config:
     lora_dropout: float = flag(0.0, "LoRA dropout")
     reward_kind: str = flag("prob", "reward: prob = P(positive), logit = raw positive logit", choices=["prob", "logit"])
     no_eos_penalty: float = flag(-1.0, "reward of a completion that emitted no EOS within max_new_tokens")
+    micro_batch_size: int = flag(0, "completions sampled, scored and back-propagated at a time, gradients accumulated "
+                                    "(same result, less memory); a multiple of rloo_k; 0 = the whole batch")
     # reward-model and SFT stages
     reward_base: str = flag("distilbert-base-cased", "--stage reward: the base model to fine-tune")
     epochs: float = flag(1.0, "--stage reward/sft: passes over the training reviews")
@@ -60,6 +62,9 @@ class Config:
     # system
     seed: int = flag(0, "base seed; run m of iteration i uses seed + (i-1)*M + m")
     device: str = flag("auto", "cpu, cuda, cuda:N, or auto")
+    dtype: str = flag("float32", "bfloat16: frozen weights, EMA anchor's forward copy, reward model and sampler in bf16; "
+                                 "LoRA, AdamW, EMA master, log-probs, KL and merges float32 (README)",
+                      choices=["float32", "bfloat16"])
     workers: int = flag(0, "processes training runs in parallel; 0 = one per visible CUDA device (1 on a CPU)")
     threads: int = flag(0, "CPU threads per process; 0 = this machine's threads split evenly between the workers")
     log_every: int = flag(1, "print a progress line every N steps (metrics.jsonl gets every step)")
@@ -78,11 +83,12 @@ class Config:
     fresh: bool = flag(False, "delete the earlier job's results in --out_dir and start over, instead of resuming it")
 
 
-# Flags a resumed job may change: they do not change what the job computes (--device and --threads
-# only in the last bits). --iterations may grow: iteration i never depends on I, so a finished job
+# Flags a resumed job may change: they do not change what the job computes (--device, --threads and
+# --micro_batch_size only in the last bits). --iterations may grow: iteration i never depends on I, so a finished job
 # can be extended. --preset is not compared, the values it sets are. reward_base .. test_limit are other
 # stages'; the last two only log.
-RESUME_FREE = ("out_dir", "fresh", "preset", "iterations", "workers", "threads", "device", "log_every", "save_every",
+RESUME_FREE = ("out_dir", "fresh", "preset", "iterations", "workers", "threads", "device", "micro_batch_size",
+               "log_every", "save_every",
                "reward_base", "epochs", "train_batch_size", "train_lr", "max_length", "test_limit",
                "report_to", "log_completions")
 

@@ -176,6 +176,7 @@ class GPT2(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in every GPT-2 checkpoint
+        self.head_fp32 = None  # a float32 copy of a bf16 lm_head while nanowarp.sampling.sample runs
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):

@@ -23,7 +23,7 @@ class LoRALinear(nn.Linear):
     """An nn.Linear whose frozen `weight`/`bias` are shared with the layer it adapts, plus
     `lora_A`/`lora_B`; its state-dict keys are those of the original layer plus the two factors."""
 
-    def __init__(self, base, rank, alpha, dropout=0.0):
+    def __init__(self, base, rank, alpha, dropout=0.0, dtype=None):
         nn.Module.__init__(self)  # not nn.Linear.__init__: reuse base's tensors, allocate nothing
         assert rank >= 1, "LoRA rank must be at least 1"
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -31,7 +31,7 @@ class LoRALinear(nn.Linear):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        kw = dict(dtype=base.weight.dtype, device=base.weight.device)
+        kw = dict(dtype=dtype or base.weight.dtype, device=base.weight.device)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and peft) initialise
@@ -39,11 +39,16 @@ class LoRALinear(nn.Linear):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
-        return linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        # float32 factors on a bf16 layer: the low-rank branch runs in float32, its output added in bf16
+        # (the casts are no-ops when everything has one dtype)
+        update = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return linear(x, self.weight, self.bias) + (self.scale * update).to(x.dtype)
 
-    def effective_weight(self):
-        """W0 + s·B·A, (out, in)."""
-        return torch.addmm(self.weight, self.lora_B, self.lora_A, alpha=self.scale)
+    def effective_weight(self, base=None):
+        """W0 + s·B·A, (out, in), in the factors' dtype. base: W0 to use instead of the layer's own
+        (a float32 master copy of a bf16 weight)."""
+        w0 = self.weight if base is None else base
+        return torch.addmm(w0.to(self.lora_A.dtype), self.lora_B, self.lora_A, alpha=self.scale)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, rank={self.lora_A.size(0)}, scale={self.scale:g}"
@@ -54,9 +59,10 @@ def default_targets(model):
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".h." in f".{name}"]
 
 
-def add_lora(model, rank, alpha=None, dropout=0.0, targets=None):
+def add_lora(model, rank, alpha=None, dropout=0.0, targets=None, dtype=None):
     """Replace the named linear layers (default: `default_targets`) by LoRA layers, in place, and
-    freeze every other parameter. alpha defaults to rank (scale 1)."""
+    freeze every other parameter. alpha defaults to rank (scale 1). dtype: of the factors
+    (default: the adapted weight's), e.g. float32 factors on a bf16 model."""
     targets = default_targets(model) if targets is None else targets
     for p in model.parameters():
         p.requires_grad_(False)
@@ -66,7 +72,7 @@ def add_lora(model, rank, alpha=None, dropout=0.0, targets=None):
         base = getattr(parent, child)
         if not isinstance(base, nn.Linear) or isinstance(base, LoRALinear):
             raise ValueError(f"cannot add LoRA to '{name}': it is a {type(base).__name__}, not a plain nn.Linear")
-        setattr(parent, child, LoRALinear(base, rank, rank if alpha is None else alpha, dropout))
+        setattr(parent, child, LoRALinear(base, rank, rank if alpha is None else alpha, dropout, dtype))
     return model
 
 

@@ -47,8 +47,10 @@ def load_classifier(name_or_path):
 
 
 class RewardModel:
-    def __init__(self, name_or_path, device="cpu", batch_size=64, kind="prob", no_eos_penalty=-1.0, label=None):
-        self.model = load_classifier(name_or_path).eval().to(device)
+    def __init__(self, name_or_path, device="cpu", batch_size=64, kind="prob", no_eos_penalty=-1.0, label=None,
+                 dtype=torch.float32):
+        # dtype: of the weights and the forward pass (bf16 with --dtype bfloat16); rewards are float32
+        self.model = load_classifier(name_or_path).eval().to(device, dtype)
         cfg = self.model.config
         if cfg.num_labels < 2:
             raise CheckpointError(f"the reward model {name_or_path} has {cfg.num_labels} label: a sentiment "

@@ -25,7 +25,7 @@ from nanowarp.logger import completion_rows
 from nanowarp.logprobs import token_logprobs
 from nanowarp.lora import add_lora, effective_state_dict, lora_modules
 from nanowarp.parallel import Interrupted, stop_requested
-from nanowarp.sampling import sample
+from nanowarp.sampling import sample_micro_batches
 
 
 @dataclass
@@ -57,11 +57,19 @@ def lr_factor(step, warmup, total):
 
 
 @torch.no_grad()
-def ema_update(anchor, policy, mu):
+def ema_update(anchor, policy, mu, master=None, base=None):
     """θ_ema ← (1 − μ) θ_ema + μ (W0 + s·B·A), for every adapted matrix. The other weights are
-    frozen at θ_init, where the anchor starts, so their EMA stays θ_init: nothing to do."""
+    frozen at θ_init, where the anchor starts, so their EMA stays θ_init: nothing to do.
+
+    bf16 (--dtype bfloat16): master holds the anchor's float32 weights and base the float32 W0, by
+    module name; the update runs on them and the bf16 anchor gets a copy. In bf16 itself
+    (8 bits of mantissa), μ·(W' − W) with μ = 0.01 is mostly below half a step of W: lost."""
     for name, module in lora_modules(policy):
-        anchor.get_submodule(name).weight.lerp_(module.effective_weight(), mu)
+        if master is None:
+            anchor.get_submodule(name).weight.lerp_(module.effective_weight(), mu)
+        else:
+            master[name].lerp_(module.effective_weight(base[name]), mu)
+            anchor.get_submodule(name).weight.copy_(master[name])
 
 
 def completion_hidden(model, prompt_ids, prompt_mask, tokens):
@@ -90,31 +98,39 @@ def check_finite(step, **values):
                                      f"(lower --lr, or set --grad_clip)")
 
 
-def build_policy(theta, gpt2_config, device):
+def build_policy(theta, gpt2_config, device, dtype=torch.float32):
     """A plain GPT-2 holding the dense weights theta (Hugging Face layout)."""
-    return GPT2(gpt2_config).load_hf_state_dict(theta).to(device)
+    return GPT2(gpt2_config).load_hf_state_dict(theta).to(device, dtype)
 
 
-def training_state(step, policy, anchor, opt, sched, generator, order, queue):
+def micro_batches(batch_size, micro_batch_size):
+    """Slices of a batch, micro_batch_size rows each (0: one slice, the whole batch)."""
+    step = micro_batch_size or batch_size
+    return [slice(start, start + step) for start in range(0, batch_size, step)]
+
+
+def training_state(step, policy, anchor, opt, sched, generator, order, queue, master=None):
     """Everything a run needs to continue after `step` steps exactly as if never stopped: the LoRA
-    factors, the EMA anchor's adapted weights, AdamW and schedule state, and every random stream.
-    It holds the live tensors (no copies): save it before the next step."""
+    factors, the EMA anchor's adapted weights (its float32 master in bf16), AdamW and schedule
+    state, and every random stream. It holds the live tensors (no copies): save it before the next step."""
     adapted = [name for name, _ in lora_modules(policy)]
     return dict(step=step, lora={n: p.detach() for n, p in policy.named_parameters() if p.requires_grad},
-                anchor={n: anchor.get_submodule(n).weight.detach() for n in adapted},
+                anchor=master or {n: anchor.get_submodule(n).weight.detach() for n in adapted},
                 optimizer=opt.state_dict(), scheduler=sched.state_dict(), generator=generator.get_state(),
                 order=order.bit_generator.state, queue=list(queue), torch_rng=torch.get_rng_state(),
                 cuda_rng=torch.cuda.get_rng_state(generator.device) if generator.device.type == "cuda" else None)
 
 
 @torch.no_grad()
-def restore_training_state(state, policy, anchor, opt, sched, generator, order):
+def restore_training_state(state, policy, anchor, opt, sched, generator, order, master=None):
     """Load a `training_state` back; returns (steps done, prompt queue)."""
     params = dict(policy.named_parameters())
     for n, v in state["lora"].items():
         params[n].copy_(v)
     for n, v in state["anchor"].items():
         anchor.get_submodule(n).weight.copy_(v)
+        if master is not None:
+            master[n].copy_(v)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
@@ -134,11 +150,23 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
     `resume`, such a state, continues the run from there with the same result as a run never stopped.
     With `log_completions`, every cfg.log_completions steps it gets (step, a few completion rows).
     After a SIGINT / SIGTERM (parallel.stop_requested) it saves that state (with save_every) and raises
-    parallel.Interrupted at the end of the step, unless that was the last one."""
-    device, k = res.device, cfg.rloo_k
+    parallel.Interrupted at the end of the step, unless that was the last one.
+
+    cfg.dtype bfloat16: the policy's frozen weights, the anchor's forward copy and the sampler run
+    in bf16; the LoRA factors, AdamW's state, the anchor's master weights (`master`, over the
+    float32 W0 `base`), the log-probs, the KL and the returned weights are float32 (README, "bf16,
+    micro-batches and the device check"). cfg.micro_batch_size: sampling, scoring, the anchor's log-probs and the policy's
+    forward and backward run that many completions at a time; the gradients accumulate."""
+    device, k, dtype = res.device, cfg.rloo_k, getattr(torch, cfg.dtype)
     torch.manual_seed(seed)  # LoRA's A initialisation
-    policy = add_lora(build_policy(theta_init, res.gpt2_config, device), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-    anchor = build_policy(theta_init, res.gpt2_config, device).eval().requires_grad_(False)
+    policy = add_lora(build_policy(theta_init, res.gpt2_config, device, dtype), cfg.lora_rank, cfg.lora_alpha,
+                      cfg.lora_dropout, dtype=torch.float32)
+    anchor = build_policy(theta_init, res.gpt2_config, device, dtype).eval().requires_grad_(False)
+    dense32 = base = master = None
+    if dtype != torch.float32:  # float32 copies of θ_init, of its adapted matrices W0, and of the anchor's
+        dense32 = build_policy(theta_init, res.gpt2_config, device).requires_grad_(False)
+        base = {name: dense32.get_submodule(name).weight for name, _ in lora_modules(policy)}
+        master = {name: w.clone() for name, w in base.items()}
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
@@ -147,7 +175,7 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
     n_prompts = cfg.batch_size // k
     start, queue = 0, []
     if resume is not None:
-        start, queue = restore_training_state(resume, policy, anchor, opt, sched, generator, order)
+        start, queue = restore_training_state(resume, policy, anchor, opt, sched, generator, order, master)
 
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -158,32 +186,39 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
 
         # 1. sample y ~ π_θ(·|x), with the behaviour log-probs
         policy.eval()
-        s = sample(policy, prompts, cfg.max_new_tokens, eos_token_id=res.eos_id,
-                   temperature=cfg.temperature, generator=generator)
+        s = sample_micro_batches(policy, prompts, cfg.max_new_tokens, cfg.micro_batch_size, generator,
+                                 eos_token_id=res.eos_id, temperature=cfg.temperature)
         mask = s.mask.float()
+        chunks = micro_batches(len(prompts), cfg.micro_batch_size)  # whole RLOO groups (validate)
         t1 = time.perf_counter()
 
         # 2. reward r(x, y), −1 without EOS
         lengths = s.mask.sum(1)
-        rewards = res.reward_model.score(decode(res.tokenizer, prompts, s.tokens, lengths), s.finished).to(device)
+        texts = decode(res.tokenizer, prompts, s.tokens, lengths)
+        rewards = torch.cat([res.reward_model.score(texts[c], s.finished[c]) for c in chunks]).to(device)
         t2 = time.perf_counter()
 
         # 3. r_β = r − β · Σ_k log π_θ/π_ema (sequence level, sampled tokens, no gradient)
         with torch.no_grad():
-            anchor_lp = completion_logprobs(anchor, s.prompt, s.prompt_mask, s.tokens, cfg.temperature)
+            anchor_lp = torch.cat([completion_logprobs(anchor, s.prompt[c], s.prompt_mask[c], s.tokens[c],
+                                                       cfg.temperature) for c in chunks])
         kl = ((s.logprobs - anchor_lp) * mask).sum(1)
         r_beta = rewards - cfg.kl_coef * kl
         adv = rloo_advantages(r_beta, k)
         if cfg.whiten:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
 
-        # 4. policy-gradient step on −mean[A · Σ_k log π_θ(y_k|…)]
+        # 4. policy-gradient step on −mean[A · Σ_k log π_θ(y_k|…)], one micro-batch at a time:
+        #    each adds −Σ_{its rows}[…] / B to the loss and its gradient to the accumulated one
         policy.train()
-        logp = completion_logprobs(policy, s.prompt, s.prompt_mask, s.tokens, cfg.temperature)
-        loss = -(adv * (logp * mask).sum(1)).mean()
-        check_finite(step + 1, reward=rewards, loss=loss)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for c in chunks:
+            logp = completion_logprobs(policy, s.prompt[c], s.prompt_mask[c], s.tokens[c], cfg.temperature)
+            part = -(adv[c] * (logp * mask[c]).sum(1)).sum() / len(prompts)  # bit for bit .mean() of one chunk
+            check_finite(step + 1, reward=rewards, loss=part)
+            part.backward()
+            loss = loss + part.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         check_finite(step + 1, gradient=grad_norm)
         lr = sched.get_last_lr()[0]
@@ -192,7 +227,7 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
 
         # 5. EMA anchor update, after every optimizer step
         if cfg.anchor == "ema":
-            ema_update(anchor, policy, cfg.ema_rate)
+            ema_update(anchor, policy, cfg.ema_rate, master, base)
         t3 = time.perf_counter()
 
         log(dict(step=step + 1, reward=rewards.mean().item(), kl=kl.mean().item(), r_beta=r_beta.mean().item(),
@@ -204,8 +239,15 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
         stop = stop_requested() if step + 1 < cfg.steps else 0  # SIGINT / SIGTERM: stop after this step
         if save_state is not None and cfg.save_every and step + 1 < cfg.steps and \
                 ((step + 1) % cfg.save_every == 0 or stop):
-            save_state(training_state(step + 1, policy, anchor, opt, sched, generator, order, queue))
+            save_state(training_state(step + 1, policy, anchor, opt, sched, generator, order, queue, master))
         if stop:
             raise Interrupted(stop, step + 1)
 
-    return {name: t.detach().cpu() for name, t in effective_state_dict(policy).items()}
+    if dense32 is None:
+        theta = effective_state_dict(policy)
+    else:  # θ_init's float32 weights, the adapted ones W0 + s·B·A over the float32 W0
+        with torch.no_grad():
+            sd = dense32.state_dict()
+            sd.update({f"{name}.weight": m.effective_weight(base[name]) for name, m in lora_modules(policy)})
+            theta = dense32.hf_state_dict(sd)
+    return {name: t.detach().cpu() for name, t in theta.items()}

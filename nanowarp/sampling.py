@@ -56,25 +56,26 @@ class Samples:
 
 # ---- one step of sampling ----------------------------------------------------------------------
 
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, probs_out=None):
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, probs_out=None, rows=None):
     """Draw one token per row from softmax(logits / temperature), restricted to the top_k most
     likely tokens (0: no limit) and then to the smallest set of them holding top_p of the mass.
 
     logits (B, V). Returns token (B,) int64 and its log-prob (B,) float32 under the unrestricted
     softmax(logits / temperature). No device sync: safe inside a GPU decoding loop.
     probs_out: an optional contiguous fp32 (B, V) buffer for the probabilities.
+    rows: see inverse_cdf.
     """
     logits = logits.float()
     if temperature != 1.0:
         logits = torch.div(logits, temperature, out=probs_out)
     probs = torch.softmax(logits, dim=-1, out=probs_out)  # (B, V), in place if logits is probs_out
     weights = probs if top_k == 0 and top_p >= 1.0 else truncate(probs, top_k, top_p)
-    token = inverse_cdf(weights, generator)
+    token = inverse_cdf(weights, generator, rows=rows)
     logprob = probs.gather(1, token[:, None]).squeeze(1).log()
     return token, logprob
 
 
-def inverse_cdf(weights, generator=None, block=1024):
+def inverse_cdf(weights, generator=None, block=1024, rows=None):
     """One index per row of weights (B, V) >= 0, drawn with probability proportional to its weight.
 
     Inverse CDF in two levels: a block of `block` indices, from the running sum of the blocks'
@@ -84,9 +85,17 @@ def inverse_cdf(weights, generator=None, block=1024):
     token's share by up to 6e-8 absolute, the whole probability of a rare token (a total variation
     of ~3e-4 per draw); an fp64 one, with its (B, V) fp64 buffers, made a whole sampling step
     several times slower on a CPU. A zero weight is never drawn.
+
+    rows = (start, total): these B rows are rows start..start+B-1 of a batch of `total`; the random
+    numbers of the whole batch are drawn and these rows' used, so that a batch sampled a piece
+    at a time gets the tokens of the whole batch (see sample_micro_batches).
     """
     B, V = weights.shape
-    u = 1.0 - torch.rand(B, 2, generator=generator, device=weights.device)  # in (0, 1]
+    if rows is None:
+        u = 1.0 - torch.rand(B, 2, generator=generator, device=weights.device)  # in (0, 1]
+    else:
+        start, total = rows
+        u = 1.0 - torch.rand(total, 2, generator=generator, device=weights.device)[start:start + B]
     n_full = V // block
     block_weight = weights[:, :n_full * block].unflatten(1, (n_full, block)).sum(-1)  # (B, n_full)
     if V % block:  # the last, shorter block
@@ -125,7 +134,11 @@ def lm_head(model, hidden, out=None):
     """Logits (B, V) of the last hidden states (B, C), the product model.lm_head computes, taken
     as (W·hᵀ)ᵀ: with a few dozen rows, MKL runs that orientation ~1.5x faster than h·Wᵀ on a
     CPU (measured with GPT-2's 50257 x 768 head), and the LM head is a third of a decoding step.
-    out: an optional (V, B) buffer to write W·hᵀ into; the result is its transpose."""
+    out: an optional (V, B) buffer to write W·hᵀ into; the result is its transpose.
+    A bf16 model's head runs in float32 (model.head_fp32, set by `sample`): GPT-2's logits are
+    around -100, where bf16's step is 0.5, too coarse for the log-probs the KL penalty sums."""
+    if model.head_fp32 is not None:
+        return torch.mm(model.head_fp32, hidden.float().t(), out=out).t()
     return torch.mm(model.lm_head.weight, hidden.t(), out=out).t()
 
 
@@ -183,7 +196,7 @@ _compiled_decode = None
 
 
 def sample(model, prompts, max_new_tokens, eos_token_id=None, temperature=1.0, top_k=0, top_p=1.0,
-           generator=None, compile=False):
+           generator=None, compile=False, rows=None):
     """Sample completions of a batch of prompts from a GPT2 model.
 
     prompts: list of lists of token ids, any lengths. Up to max_new_tokens tokens per row; a row
@@ -195,7 +208,8 @@ def sample(model, prompts, max_new_tokens, eos_token_id=None, temperature=1.0, t
     at every call); each new (batch, prompt + new tokens) shape compiles again. On a 2-core CPU
     it compiled for a minute and ran no faster, hence off by default. top_p < 1 without top_k
     sorts the whole vocabulary at every step: slow on a CPU. The model runs as it is: put it in
-    eval mode if it has dropout.
+    eval mode if it has dropout. rows = (start, total): the prompts are rows start.. of a batch
+    of `total` (see inverse_cdf and sample_micro_batches).
 
     Returns Samples; N = max_new_tokens without eos_token_id, else the longest completion.
     The model's caches are set up here and cleared on return, so it is ready for training again.
@@ -235,14 +249,54 @@ def sample(model, prompts, max_new_tokens, eos_token_id=None, temperature=1.0, t
     with torch.no_grad():
         try:
             model.setup_caches(B, P + max_new_tokens)
+            if model.lm_head.weight.dtype != torch.float32:  # see lm_head
+                model.head_fp32 = model.lm_head.weight.float()
             logits = prefill(model, prompt, prompt_mask)
             tokens, mask, finished, logprobs = decode_n_tokens(
                 model, logits, attention_mask, max_new_tokens, eos_token_id, pad_id, decode,
                 static_shapes=compile, temperature=temperature, top_k=top_k, top_p=top_p,
-                generator=generator)
+                generator=generator, rows=rows)
         finally:
             model.clear_caches()
+            model.head_fp32 = None
     if eos_token_id is not None:
         N = int(mask.sum(1).max())  # drop the columns no row used (one sync, after the loop)
         tokens, mask, logprobs = tokens[:, :N], mask[:, :N], logprobs[:, :N]
     return Samples(tokens, mask, finished, logprobs, prompt, prompt_mask)
+
+
+def sample_micro_batches(model, prompts, max_new_tokens, micro_batch_size, generator, **kwargs):
+    """`sample` of a batch of prompts, micro_batch_size rows at a time (0: all at once): the same
+    Samples as one call on the whole batch, to float rounding, with a fraction of its memory.
+
+    Each piece starts from the generator's state at the call and draws the whole batch's random
+    numbers (`rows`), so every row gets the numbers it would get in the whole batch. The whole
+    batch runs as many decoding steps as its longest piece, which is the piece with the longest
+    completion (steps grow with it), and leaves the generator where that piece left it."""
+    B = len(prompts)
+    if not micro_batch_size or micro_batch_size >= B:
+        return sample(model, prompts, max_new_tokens, generator=generator, **kwargs)
+    start_state, pieces, end_state, longest = generator.get_state(), [], None, -1
+    for start in range(0, B, micro_batch_size):
+        generator.set_state(start_state)
+        s = sample(model, prompts[start:start + micro_batch_size], max_new_tokens, generator=generator,
+                   rows=(start, B), **kwargs)
+        pieces.append(s)
+        if s.tokens.size(1) > longest:
+            longest, end_state = s.tokens.size(1), generator.get_state()
+    generator.set_state(end_state)
+    pad_id = 0 if kwargs.get("eos_token_id") is None else kwargs["eos_token_id"]  # as `sample` pads
+    P = max(s.prompt.size(1) for s in pieces)
+
+    def right(t, value):  # completions: pad to `longest` columns on the right
+        return torch.nn.functional.pad(t, (0, longest - t.size(1)), value=value)
+
+    def left(t, value):  # prompts: pad to P columns on the left
+        return torch.nn.functional.pad(t, (P - t.size(1), 0), value=value)
+
+    return Samples(tokens=torch.cat([right(s.tokens, pad_id) for s in pieces]),
+                   mask=torch.cat([right(s.mask, False) for s in pieces]),
+                   finished=torch.cat([s.finished for s in pieces]),
+                   logprobs=torch.cat([right(s.logprobs, 0.0) for s in pieces]),
+                   prompt=torch.cat([left(s.prompt, pad_id) for s in pieces]),
+                   prompt_mask=torch.cat([left(s.prompt_mask, False) for s in pieces]))

@@ -94,6 +94,9 @@ def validate(cfg):
         (cfg.save_every >= 0, f"--save_every must be >= 0 (0 = off), got {cfg.save_every}"),
         (cfg.log_completions >= 0, f"--log_completions must be >= 0 (0 = off), got {cfg.log_completions}"),
         (cfg.test_limit >= 0, f"--test_limit must be >= 0 (0 = all), got {cfg.test_limit}"),
+        (cfg.micro_batch_size >= 0 and cfg.micro_batch_size % cfg.rloo_k == 0,
+         f"--micro_batch_size ({cfg.micro_batch_size}) must be 0 (the whole batch) or a positive multiple of "
+         f"--rloo_k ({cfg.rloo_k}), so that each prompt's {cfg.rloo_k} completions stay in one micro-batch"),
     ]
     for ok, message in checks:
         if not ok:
@@ -109,7 +112,7 @@ def load_resources(cfg, device=None):
     eos_id = gpt2_config.eos_token_id
     prompts = load_prompt_file(cfg.prompts, tokenizer) if cfg.prompts else load_prompts(cfg.data, "train")
     reward_model = RewardModel(cfg.reward_model, device, kind=cfg.reward_kind, no_eos_penalty=cfg.no_eos_penalty,
-                               label=cfg.reward_label)
+                               label=cfg.reward_label, dtype=getattr(torch, cfg.dtype))
     return Resources(gpt2_config, tokenizer, reward_model, prompts, eos_id, device)
 
 
