@@ -31,3 +31,25 @@ def test_logprobs_bench_prints_time_and_memory_for_both_cases():
     for case in ("hidden", "hidden+weight"):
         for variant in ("naive", "fused"):
             assert re.search(rf"\n{re.escape(case)} +{variant} +[\d.]+ +-?[\d.]+ +[\d.]+x +-?[\d.]+%", out), (case, variant, out)
+
+
+def test_device_check_prints_its_table_on_small_shapes():
+    out = run("device_check.py", "--small", "--no-compile", "--rl-steps", "2", "--threads", "1")
+    table = out[out.index("\ncheck "):]
+    for dtype in ("float32", "bfloat16"):
+        assert re.search(rf"parity +{dtype}: max \|Δ log-prob\| vs CPU float32 +\d\.\d\de[-+]\d\d", table)
+        for who in ("nanowarp eager", "generate"):
+            assert re.search(rf"sampling +{dtype}: {who}, 8 x 16 +\d+ tok/s", table), (who, table)
+        for who in ("naive", "fused"):
+            assert re.search(rf"log-prob +{dtype}: {who}, 8 x 24, fwd\+bwd +[\d.]+ ms +[\d.]+x naive", table)
+        for method in ("REINFORCE", "RLOO k=4"):
+            assert re.search(rf"RL step +{dtype}: {method}, batch 8, 16 new, LoRA 4 +[\d.]+ s +sample [\d.]+, "
+                             rf"score [\d.]+, update [\d.]+", table), (method, table)
+            assert re.search(rf"job +{dtype}: {method}, I=2 M=2 T=100 projected +[\d.]+ min", table)
+    assert re.search(r"parity +float32: .* 0\.00e\+00", table)  # the CPU against itself
+
+
+def test_device_check_measures_the_cpu_memory_of_an_rl_step():
+    out = run("device_check.py", "--small", "--cpu-memory", "--micro-batch-size", "4", "--threads", "1")
+    assert re.search(r"whole batch +\d+ +\d+ +-?\d+\n +4 +\d+ +\d+ +-?\d+\n", out), out
+    assert re.search(r"micro-batches of 4: [\d.]+x the whole batch's peak, -?[\d.]+x its step's extra peak", out)
