@@ -59,6 +59,13 @@ class Config:
     train_batch_size: int = flag(32, "--stage reward/sft: batch size")
     train_lr: float = flag(1.41e-5, "--stage reward/sft: AdamW learning rate, linear decay to 0")
     max_length: int = flag(512, "--stage reward/sft: truncate training texts to this many tokens")
+    train_split: str = flag("all", "--stage reward: the training reviews it learns from: all, or one of two "
+                                   "disjoint halves (a: even positions, b: odd; both labels in each), e.g. for a "
+                                   "reward model and an independent judge", choices=["all", "a", "b"])
+    windows: int = flag(0, "--stage reward: also learn from N random windows of --window_words words of each "
+                           "review, labelled as the review: texts as short as the completions it will score")
+    window_words: tuple = flag((5, 60), "--stage reward: shortest and longest window, in words", nargs=2, type=int,
+                               metavar=("MIN", "MAX"))
     # system
     seed: int = flag(0, "base seed; run m of iteration i uses seed + (i-1)*M + m")
     device: str = flag("auto", "cpu, cuda, cuda:N, or auto")
@@ -85,12 +92,12 @@ class Config:
 
 # Flags a resumed job may change: they do not change what the job computes (--device, --threads and
 # --micro_batch_size only in the last bits). --iterations may grow: iteration i never depends on I, so a finished job
-# can be extended. --preset is not compared, the values it sets are. reward_base .. test_limit are other
+# can be extended. --preset is not compared, the values it sets are. reward_base .. window_words are other
 # stages'; the last two only log.
 RESUME_FREE = ("out_dir", "fresh", "preset", "iterations", "workers", "threads", "device", "micro_batch_size",
                "log_every", "save_every",
-               "reward_base", "epochs", "train_batch_size", "train_lr", "max_length", "test_limit",
-               "report_to", "log_completions")
+               "reward_base", "epochs", "train_batch_size", "train_lr", "max_length", "test_limit", "train_split",
+               "windows", "window_words", "report_to", "log_completions")
 
 # Plain data: each preset is a set of overrides of the defaults above.
 PRESETS = {

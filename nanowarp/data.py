@@ -13,7 +13,9 @@ then positives (label 1); inside a folder, by numeric review id (9_7.txt before 
   prompts_train.npz, _eval.npz    tokens (int32, flat), offsets (int64, n+1), labels (int8)
   reviews_train.jsonl, _test.jsonl  {"label", "text"} per line: every labelled review, cleaned
 Prompts: the cleaned reviews of at least `min_chars` characters, each cut to its first k tokens,
-k drawn uniformly in [min_len, max_len]; eval prompts come from the first `n_eval` such test reviews.
+k drawn uniformly in [min_len, max_len]; eval prompts come from the first `n_eval` such test reviews
+in eval order (`eval_order`): the reference's 100 first (the first 100, all negative), then positive
+and negative reviews alike, so any first 200 + 2j eval prompts are half positive, half negative.
 """
 
 import hashlib
@@ -190,6 +192,18 @@ def make_prompts(texts, tokenizer, min_len=5, max_len=20, seed=0):
     return prompts
 
 
+def eval_order(reviews, n_reference=100):
+    """Test reviews (sorted by label, negatives first) in the order eval prompts are taken: the
+    first `n_reference` (the reference's eval set: all negative), the first `n_reference`
+    positives, then one positive and one negative at a time."""
+    neg = [r for r in reviews if r[1] == 0]
+    pos = [r for r in reviews if r[1] == 1]
+    head, rest_neg, rest_pos = neg[:n_reference] + pos[:n_reference], neg[n_reference:], pos[n_reference:]
+    alternating = [r for pair in zip(rest_pos, rest_neg) for r in pair]
+    n = len(alternating) // 2
+    return head + alternating + rest_pos[n:] + rest_neg[n:]
+
+
 def _pack(prompts, labels):
     offsets = np.cumsum([0] + [len(p) for p in prompts], dtype=np.int64)
     tokens = np.array([t for p in prompts for t in p], dtype=np.int32)
@@ -216,7 +230,7 @@ def prepare(source, tokenizer_name_or_dir, out_dir, seed=0, min_chars=200, n_eva
     tokenizer = load_tokenizer(tokenizer_name_or_dir)
     data = {split: [(clean(text), y) for text, y in reviews] for split, reviews in read_imdb(source, cache_dir).items()}
     kept = {split: [(t, y) for t, y in reviews if len(t) >= min_chars] for split, reviews in data.items()}
-    kept["eval"] = kept.pop("test")[:n_eval]
+    kept["eval"] = eval_order(kept.pop("test"))[:n_eval]
     packed, counts = {}, {}
     for split in ("train", "eval"):
         if not kept[split]:

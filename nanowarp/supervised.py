@@ -41,6 +41,42 @@ def batches(n, batch_size, epochs, seed):
     return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
 
 
+def grouped_batches(sizes, batch_size, epochs, seed):
+    """batches() over each group of examples (groups of `sizes`, indexed one after the other), all
+    the batches in one shuffled order; a batch holds one group's examples only (texts of similar
+    lengths pad little). One group gives exactly batches(n, ...)."""
+    if len(sizes) == 1:
+        return batches(sizes[0], batch_size, epochs, seed)
+    offsets = np.cumsum([0, *sizes[:-1]])
+    out = [[i + offset for i in b] for g, (n, offset) in enumerate(zip(sizes, offsets))
+           for b in batches(n, batch_size, epochs, seed + g)]
+    return [out[i] for i in np.random.default_rng(seed).permutation(len(out))]
+
+
+def split_half(texts, labels, half):
+    """All the reviews, or half a (even positions) or b (odd positions): disjoint halves with both
+    labels in each (the reviews are sorted by label)."""
+    if half == "all":
+        return texts, labels
+    start = "ab".index(half)
+    return texts[start::2], labels[start::2]
+
+
+def word_windows(texts, labels, n, min_words, max_words, seed):
+    """n windows of each text, each of k ~ U{min_words..max_words} consecutive words (the whole text
+    if shorter) at a uniformly drawn start, labelled as their text."""
+    rng = np.random.default_rng(seed)
+    windows, window_labels = [], []
+    for text, label in zip(texts, labels):
+        words = text.split()
+        for _ in range(n):
+            k = min(len(words), int(rng.integers(min_words, max_words + 1)))
+            start = int(rng.integers(0, len(words) - k + 1))
+            windows.append(" ".join(words[start:start + k]))
+            window_labels.append(label)
+    return windows, window_labels
+
+
 def autocast(device):
     """16-bit mixed precision where it pays (bf16 on GPU); plain fp32 on the CPU."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -85,8 +121,12 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
     tokenizer = load_tokenizer(folder)
     tokenizer.no_padding()
     tokenizer.enable_truncation(min(cfg.max_length, model.config.max_position_embeddings))
-    texts, labels = load_reviews(cfg.data, "train")
-    steps = batches(len(texts), cfg.train_batch_size, cfg.epochs, cfg.seed)
+    texts, labels = split_half(*load_reviews(cfg.data, "train"), cfg.train_split)
+    sizes = [len(texts)]
+    if cfg.windows:
+        windows, window_labels = word_windows(texts, labels, cfg.windows, *cfg.window_words, cfg.seed)
+        texts, labels, sizes = texts + windows, labels + window_labels, sizes + [len(windows)]
+    steps = grouped_batches(sizes, cfg.train_batch_size, cfg.epochs, cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps(cfg, len(steps)), len(steps)))
     start = time.perf_counter()

@@ -95,6 +95,17 @@ def test_eval_prompts_are_the_first_n_filtered_test_reviews(prepared_imdb_dir, b
     assert meta["eos_token_id"] == tok.token_to_id("<|endoftext|>")
 
 
+def test_eval_order_puts_the_reference_set_first_then_balances_the_labels():
+    reviews = [(f"neg{i}", 0) for i in range(300)] + [(f"pos{i}", 1) for i in range(250)]
+    order = data.eval_order(reviews)
+    assert sorted(order) == sorted(reviews)  # a permutation
+    assert order[:100] == reviews[:100]  # the reference's eval set: the first 100 (negative) reviews
+    for n in (200, 202, 400, 500):
+        assert sum(y for _, y in order[:n]) == n // 2  # half positive
+    assert order[200:204] == [("pos100", 1), ("neg100", 0), ("pos101", 1), ("neg101", 0)]
+    assert [t for t, _ in order[-50:]] == [f"neg{i}" for i in range(250, 300)]  # the surplus comes last
+
+
 def test_prompt_lengths_are_in_range_and_seeded(bpe_dir):
     tok = load_tokenizer(bpe_dir)
     texts = [" ".join(REVIEWS)] * 200  # long enough that every prompt reaches its drawn length

@@ -26,7 +26,7 @@ def main(argv=None):
     p.add_argument("--out", default="data/imdb/prepared", help="folder to write the prepared files into")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt lengths")
     p.add_argument("--min_chars", type=int, default=200, help="prompts only from reviews this long (after cleaning)")
-    p.add_argument("--n_eval", type=int, default=100, help="eval prompts: the first N filtered test reviews")
+    p.add_argument("--n_eval", type=int, default=100, help="eval prompts: the first N filtered test reviews in eval order: the reference's 100 (all negative), then positive and negative alike")
     p.add_argument("--min_prompt_len", type=int, default=5, help="shortest prompt, in tokens")
     p.add_argument("--max_prompt_len", type=int, default=20, help="longest prompt, in tokens")
     p.add_argument("--cache_dir", default="data/imdb/cache", help="where a downloaded archive is kept")
