@@ -28,12 +28,14 @@ after the SFT or reward model). Other sizes or budgets need another --out_dir (O
 holds the flags, and a change is refused).
 """
 
+import collections
 import concurrent.futures
 import dataclasses
 import json
 import math
 import multiprocessing
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -48,11 +50,13 @@ import train  # noqa: E402  (train.main(argv) is `python train.py ARGV`)
 from nanowarp import hub, merging, tiny  # noqa: E402
 from nanowarp.config import Config, changed_flags, flag, parse_args as parse_flags  # noqa: E402
 from nanowarp.hub import write_json  # noqa: E402
-from nanowarp.data import IMDB_URL, DataError, clean, load_prompts, prepare, read_imdb  # noqa: E402
-from nanowarp.evaluate import evaluate, liti_sweep  # noqa: E402
+from nanowarp.data import IMDB_URL, DataError, clean, load_prompts, load_reviews, prepare, read_imdb  # noqa: E402
+from nanowarp.evaluate import evaluate, heldout_sequences  # noqa: E402
 from nanowarp.gpt2 import GPT2  # noqa: E402
 from nanowarp.reward import RewardModel  # noqa: E402
-from nanowarp.supervised import train_reward_model, train_sft  # noqa: E402
+from nanowarp.rl import decode  # noqa: E402
+from nanowarp.sampling import sample  # noqa: E402
+from nanowarp.supervised import test_subset, train_reward_model, train_sft, word_windows  # noqa: E402
 from nanowarp.tokenizer import load_tokenizer  # noqa: E402
 from nanowarp.warp import load_theta, resolve_device  # noqa: E402
 
@@ -78,11 +82,18 @@ class Args:
     reward_width: int = flag(tiny.DISTILBERT_ARCH["dim"], "DistilBERT width (2 heads, FFN 4x wider)")
     sft_epochs: float = flag(tiny.SFT["epochs"], "passes over the training reviews of the SFT stage")
     reward_epochs: float = flag(tiny.REWARD["epochs"], "passes over the training reviews of the reward stage")
+    judge_layers: int = flag(tiny.JUDGE_ARCH["n_layer"], "layers of the judge (a GPT-2 classifier)")
+    judge_width: int = flag(tiny.JUDGE_ARCH["n_embd"], "width of the judge (4 heads)")
+    judge_epochs: float = flag(tiny.JUDGE["epochs"], "passes over its half of the training reviews of the judge")
     steps: int = flag(tiny.WARP["steps"], "T: RL steps per WARP run")
     batch_size: int = flag(tiny.WARP["batch_size"], "completions per RL step")
     max_new_tokens: int = flag(tiny.WARP["max_new_tokens"], "completion length, in RL and evaluation")
-    n_eval: int = flag(100, "eval prompts: the first N test reviews of at least 200 characters (SPEC §2)")
-    etas: tuple = flag(tuple(round(i / 10, 10) for i in range(11)), "eta values of each LITI sweep, in [0, 1] "
+    n_eval: int = flag(1000, "eval prompts: the first N test reviews of at least 200 characters in eval order (the "
+                             "reference's 100, all negative, then positive and negative alike)")
+    n_reference: int = flag(100, "the table of SPEC §2 (KL, reward) also on the first N eval prompts, the reference's")
+    heldout: int = flag(500, "held-out NLL (forgetting) on this many test reviews, evenly spaced")
+    samples: int = flag(3, "sample completions kept per model of the table")
+    etas: tuple = flag(tuple(round(i / 5, 10) for i in range(6)), "eta values of each LITI sweep, in [0, 1] "
                        "(as eval.py --etas)", nargs="+", type=float)
     ppl_reviews: int = flag(2500, "SFT perplexity on this many test reviews, evenly spaced; 0 = all")
     accuracy_reviews: int = flag(0, "reward-model accuracy on this many test reviews, evenly spaced; 0 = all 25,000")
@@ -233,6 +244,75 @@ def reward_stage(args, tokenizer_folder):
     return dict(test_accuracy=accuracy, test_reviews=args.accuracy_reviews or 25000, weights=n_weights(model), **arch)
 
 
+def judge_stage(args, tokenizer_folder):
+    """The independent judge: a GPT-2 classifier on the policy's BPE, trained on the half of the
+    labelled reviews the reward model never saw; it only ever evaluates."""
+    torch.manual_seed(0)
+    arch = {**tiny.JUDGE_ARCH, "n_layer": args.judge_layers, "n_embd": args.judge_width}
+    model = tiny.tiny_gpt2_classifier(load_tokenizer(tokenizer_folder), **arch)
+    cfg = stage_config(args, {**tiny.JUDGE, "epochs": args.judge_epochs})
+    accuracy = train_reward_model(cfg, resolve_device(args.device), model=model, tokenizer_folder=tokenizer_folder,
+                                  test_limit=args.accuracy_reviews or None, name="judge")
+    return dict(test_accuracy=accuracy, test_reviews=args.accuracy_reviews or 25000, weights=n_weights(model), **arch)
+
+
+WORD = re.compile(r"[a-z']+")
+
+
+def sentiment_words(texts, labels, n=50, min_reviews=200):
+    """The n words whose presence most separates positive from negative reviews (log-odds of the
+    fraction of reviews of each label holding them; words in at least min_reviews reviews)."""
+    df = [collections.Counter(), collections.Counter()]
+    for text, label in zip(texts, labels):
+        df[label].update(set(WORD.findall(text.lower())))
+    count = [labels.count(0), labels.count(1)]
+    words = [w for w in set(df[0]) | set(df[1]) if df[0][w] + df[1][w] >= min_reviews]
+    odds = {w: math.log((df[1][w] + 1) / (count[1] + 2)) - math.log((df[0][w] + 1) / (count[0] + 2)) for w in words}
+    ranked = sorted(words, key=lambda w: (-odds[w], w))
+    return ranked[:n], ranked[::-1][:n]
+
+
+@torch.no_grad()
+def diagnose_stage(args, n_reviews=2000, n_prompts=512):
+    """What the RL will see, measured before it runs: how the reward model and the judge read texts
+    of the completions' length, and whether the SFT model's completions carry sentiment at all."""
+    torch.manual_seed(0)
+    data = os.path.join(args.out_dir, "data")
+    texts, labels = test_subset(*load_reviews(data, "test"), n_reviews)
+    windows, _ = word_windows(texts, labels, 1, 32, 32, seed=0)
+    found, classifiers = {}, {"reward model": RewardModel(os.path.join(args.out_dir, "reward_model")),
+                              "judge": RewardModel(os.path.join(args.out_dir, "judge"))}
+    truth = torch.tensor(labels)
+    for name, model in classifiers.items():
+        whole, short = model.score(texts), model.score(windows)
+        found[f"{name}: accuracy on whole test reviews / on 32-word windows of them"] = \
+            f"{((whole > 0.5).long() == truth).float().mean():.3f} / {((short > 0.5).long() == truth).float().mean():.3f}"
+    sft = GPT2.from_pretrained(os.path.join(args.out_dir, "sft")).eval()
+    tokenizer, eos = load_tokenizer(os.path.join(args.out_dir, "sft")), sft.config.eos_token_id
+    prompts = load_prompts(data, "eval")[:n_prompts]
+    completions, full = [], []
+    for start in range(0, len(prompts), 64):
+        batch = prompts[start:start + 64]
+        s = sample(sft, batch, args.max_new_tokens, eos_token_id=eos, generator=torch.Generator().manual_seed(start))
+        n = s.mask.sum(1)
+        full += decode(tokenizer, batch, s.tokens, n)
+        completions += tokenizer.decode_batch([t[:k] for t, k in zip(s.tokens.tolist(), n.tolist())],
+                                              skip_special_tokens=True)
+    reward, judged = classifiers["reward model"].score(full), classifiers["judge"].score(full)
+    found["reward model's P(positive) of the SFT model's prompt + completion: mean, std, share < 0.1, share > 0.9"] = \
+        f"{reward.mean():.3f}, {reward.std():.3f}, {(reward < 0.1).float().mean():.2f}, {(reward > 0.9).float().mean():.2f}"
+    found["judge's P(positive) of the same: mean, std; correlation with the reward model"] = \
+        f"{judged.mean():.3f}, {judged.std():.3f}; {np.corrcoef(reward.numpy(), judged.numpy())[0, 1]:.2f}"
+    positive, negative = sentiment_words(*load_reviews(data, "train"))
+    real = [" ".join(t.split()[10:10 + len(c.split())]) for t, c in zip(texts, completions)]  # as many words
+    share = lambda ts, ws: np.mean([any(w in set(WORD.findall(t.lower())) for w in ws) for t in ts])  # noqa: E731
+    found["SFT completions holding one of the 50 most positive / most negative words"] = \
+        f"{share(completions, positive):.2f} / {share(completions, negative):.2f} " \
+        f"(real review text of the same length: {share(real, positive):.2f} / {share(real, negative):.2f})"
+    found["the 10 most positive and negative words"] = f"{' '.join(positive[:10])} / {' '.join(negative[:10])}"
+    return found
+
+
 def n_weights(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -276,55 +356,103 @@ def read_metrics(job_dir):
 
 # ---- stage 6: evaluation -----------------------------------------------------------------------
 
-def evaluate_seed(args, seed):
-    """KL to the SFT model and reward of every checkpoint of the seed's jobs, the LITI sweeps and
-    the LERP merge; returns {"rows": [...], "geometry": {...}}."""
-    device = resolve_device(args.device)
-    sft_dir = os.path.join(args.out_dir, "sft")
-    ref = GPT2.from_pretrained(sft_dir).to(device).eval()
-    tokenizer, eos = load_tokenizer(sft_dir), ref.config.eos_token_id
-    reward_model = RewardModel(os.path.join(args.out_dir, "reward_model"), device, batch_size=64)
-    prompts = load_prompts(os.path.join(args.out_dir, "data"), "eval")
-    # as eval.py's defaults: `eval.py --seed S` gives the same completions, hence the same numbers
-    settings = dict(max_new_tokens=args.max_new_tokens, temperature=1.0, batch_size=64, seed=seed)
-    policy = GPT2(ref.config).to(device).eval()  # one model whose weights change
-    theta_sft = load_theta(sft_dir)
-    etas = list(args.etas)
-    rows, geometry, start = [], {}, time.perf_counter()
+def eval_tasks(args, seed):
+    """What the seed's evaluation computes, as (name, recipe, extra) tasks: a recipe says how to build
+    the weights (recipe_theta), extra goes into the row (sweep, eta). Every checkpoint of the seed's
+    jobs, each iteration's LITI sweep SFT → SLERP, and iteration 1's LERP of the same runs."""
+    sft = os.path.join(args.out_dir, "sft")
+    tasks = [("sft", ("load", sft), {})]
 
-    def record(name, result, **extra):
-        rows.append(dict(model=name, **{k: v for k, v in result.items() if k != "eta"}, **extra))
-        print(f"  {name:<34} KL {result['kl']:7.3f}  reward {result['reward']:+.3f}  finished "
-              f"{result['finished']:.2f}  length {result['length']:5.1f}  ({time.perf_counter() - start:.0f}s)",
-              flush=True)
+    def sweep(name, end):
+        tasks.extend((f"{name} eta={eta:g}", ("liti", sft, end, eta), dict(sweep=name, eta=eta)) for eta in args.etas)
 
-    def point(name, theta):
-        policy.load_hf_state_dict(theta, where=name)
-        record(name, evaluate(policy, ref, reward_model, prompts, tokenizer, eos, **settings))
-
-    def sweep(name, theta_end):  # (1 − η) θ_sft + η θ_end
-        liti_sweep(theta_sft, theta_end, etas, policy, ref, reward_model, prompts, tokenizer, eos,
-                   log=lambda eta, r: record(f"{name} eta={eta:g}", r, sweep=name, eta=eta), **settings)
-
-    point("sft", theta_sft)
-    jobs = [job for job in JOBS if job != "fixed_anchor" or args.ablations]
-    for job in jobs:
-        theta_init = theta_sft
+    for job in (job for job in JOBS if job != "fixed_anchor" or args.ablations):
+        theta_init = sft
         for i in range(1, job_settings(args, job)["iterations"] + 1):
             folder = os.path.join(args.out_dir, f"seed_{seed}", job, f"iter_{i}")
-            thetas = {name: load_theta(os.path.join(folder, name)) for name in ("run_0", "run_1", "slerp", "liti")}
-            for name, theta in thetas.items():
-                point(f"{job}/iter_{i}/{name}", theta)
-            runs = [thetas["run_0"], thetas["run_1"]]
-            geometry[f"{job}/iter_{i}"] = task_vector_geometry(theta_init, runs, thetas["slerp"])
+            tasks += [(f"{job}/iter_{i}/{name}", ("load", os.path.join(folder, name)), {})
+                      for name in ("run_0", "run_1", "slerp", "liti")]
             if job in ("reinforce", "fixed_anchor"):
-                sweep(f"{job}/iter_{i}/slerp", thetas["slerp"])
+                sweep(f"{job}/iter_{i}/slerp", ("load", os.path.join(folder, "slerp")))
             if job == "reinforce" and i == 1:  # SLERP vs LERP, on the same two runs
-                theta_lerp = merging.lerp(theta_init, runs)
-                geometry["reinforce/iter_1/lerp"] = task_vector_geometry(theta_init, runs, theta_lerp)
-                point("reinforce/iter_1/lerp", theta_lerp)
-                sweep("reinforce/iter_1/lerp", theta_lerp)
-            theta_init = thetas["liti"]
+                lerp = ("lerp", theta_init, [os.path.join(folder, f"run_{m}") for m in (0, 1)])
+                tasks.append(("reinforce/iter_1/lerp", lerp, {}))
+                sweep("reinforce/iter_1/lerp", lerp)
+            theta_init = os.path.join(folder, "liti")
+    return tasks
+
+
+def recipe_theta(recipe):
+    kind, *parts = recipe
+    if kind == "load":
+        return load_theta(parts[0])
+    if kind == "lerp":
+        return merging.lerp(load_theta(parts[0]), [load_theta(p) for p in parts[1]])
+    start, end, eta = parts
+    return merging.liti(load_theta(start), recipe_theta(end), eta)
+
+
+_EVAL = {}  # what each evaluation process loads once: models, prompts, settings
+
+
+def _eval_setup(args, seed, threads):
+    torch.set_num_threads(threads or 1)
+    device = resolve_device(args.device)
+    sft_dir, data = os.path.join(args.out_dir, "sft"), os.path.join(args.out_dir, "data")
+    ref = GPT2.from_pretrained(sft_dir).to(device).eval()
+    tokenizer, eos = load_tokenizer(sft_dir), ref.config.eos_token_id
+    prompts = load_prompts(data, "eval")
+    _EVAL.update(
+        ref=ref, tokenizer=tokenizer, eos=eos, policy=GPT2(ref.config).to(device).eval(), prompts=prompts,
+        # as eval.py's defaults: `eval.py --seed S` gives the same completions, hence the same numbers
+        settings=dict(max_new_tokens=args.max_new_tokens, temperature=1.0, batch_size=64, seed=seed,
+                      judge=RewardModel(os.path.join(args.out_dir, "judge"), device, batch_size=64),
+                      heldout=heldout_sequences(data, args.heldout, tokenizer, ref.config.n_positions, eos)),
+        reward_model=RewardModel(os.path.join(args.out_dir, "reward_model"), device, batch_size=64),
+        n_reference=args.n_reference, samples=args.samples)
+
+
+def _eval_task(task):
+    """One row: the model of `task` on every eval prompt, and (SPEC §2's table) on the reference's
+    first prompts; sample completions for the table's models."""
+    name, recipe, extra = task
+    e, start = _EVAL, time.perf_counter()
+    e["policy"].load_hf_state_dict(recipe_theta(recipe), where=name)
+    samples = e["samples"] if name in dict((m, m) for _, m in TABLE) else 0
+    row = dict(model=name, **evaluate(e["policy"], e["ref"], e["reward_model"], e["prompts"], e["tokenizer"],
+                                      e["eos"], samples=samples, **e["settings"]), **extra)
+    if name in dict((m, m) for _, m in TABLE):
+        reference = evaluate(e["policy"], e["ref"], e["reward_model"], e["prompts"][:e["n_reference"]],
+                             e["tokenizer"], e["eos"], **{**e["settings"], "judge": None, "heldout": None})
+        row["reference"] = {k: reference[k] for k in ("kl", "kl_se", "reward", "reward_se", "finished", "n")}
+    print(f"  {name:<34} KL {row['kl']:7.3f}  reward {row['reward']:+.3f}  judge {row['judge']:.3f}  held-out NLL "
+          f"{row['heldout_nll']:.3f}  length {row['length']:5.1f}  ({time.perf_counter() - start:.0f}s)", flush=True)
+    return row
+
+
+def evaluate_seed(args, seed):
+    """Every task of eval_tasks, in `workers` processes; returns {"rows": [...], "geometry": {...}}
+    (the task vectors' cosines and norms, per iteration)."""
+    tasks = eval_tasks(args, seed)
+    if args.workers <= 1:
+        _eval_setup(args, seed, args.threads)
+        rows = [_eval_task(t) for t in tasks]
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.workers, ctx, initializer=_eval_setup,
+                                                    initargs=(args, seed, args.threads)) as pool:
+            rows = list(pool.map(_eval_task, tasks))
+    geometry = {}
+    for job in (job for job in JOBS if job != "fixed_anchor" or args.ablations):
+        theta_init = os.path.join(args.out_dir, "sft")
+        for i in range(1, job_settings(args, job)["iterations"] + 1):
+            folder = os.path.join(args.out_dir, f"seed_{seed}", job, f"iter_{i}")
+            runs = [load_theta(os.path.join(folder, f"run_{m}")) for m in (0, 1)]
+            init = load_theta(theta_init)
+            geometry[f"{job}/iter_{i}"] = task_vector_geometry(init, runs, load_theta(os.path.join(folder, "slerp")))
+            if job == "reinforce" and i == 1:
+                geometry["reinforce/iter_1/lerp"] = task_vector_geometry(init, runs, merging.lerp(init, runs))
+            theta_init = os.path.join(folder, "liti")
     return dict(rows=rows, geometry=geometry)
 
 
@@ -366,9 +494,14 @@ def fmt(mean, spread, digits=3, sign=False):
     return text + (f" ± {spread:.{digits}f}" if spread is not None else "")
 
 
-def front(rows, sweep, by="kl"):
-    """(KL, reward) of a LITI sweep's points, in order of KL (or of eta, by="eta")."""
-    return [(r["kl"], r["reward"]) for r in sorted((r for r in rows if r.get("sweep") == sweep), key=lambda r: r[by])]
+def front(rows, sweep, by="kl", y="reward", x="kl"):
+    """(x, y) = (KL, reward) (or other columns) of a LITI sweep's points, in order of KL (or of eta, by="eta")."""
+    return [(r[x], r[y]) for r in sorted((r for r in rows if r.get("sweep") == sweep), key=lambda r: r[by])]
+
+
+def runs_trajectory(rows, job="reinforce", y="reward", x="kl"):
+    """(x, y) of the RL runs of every iteration of a job, in order of x: where RL alone took the policy."""
+    return sorted((r[x], r[y]) for r in rows if r["model"].startswith(job + "/") and "/run_" in r["model"])
 
 
 def front_gain(lower, upper):
@@ -473,6 +606,54 @@ def claims(evals):
         f"verdict on KL(I={iterations}) − KL(I=1) per seed)",
         ["KL: " + ", ".join(f"I={i + 1} {fmt(*mean_spread(kls[:, i]))}" for i in range(iterations)),
          f"increasing at every iteration in {monotone} of {len(rows)} seed(s)"], list(kls[:, -1] - kls[:, 0]))
+
+    # 6. the independent judge: does WARP make the reviews more positive, beyond the reward model?
+    last = f"reinforce/iter_{iterations}/slerp"
+    warp2 = "reinforce/iter_2/liti" if iterations >= 2 else "reinforce/iter_1/liti"
+    d_judge = [value(r, warp2, "judge") - value(r, "sft", "judge") for r in rows]
+    d_reward = [value(r, warp2, "reward") - value(r, "sft", "reward") for r in rows]
+    add("the judge agrees", f"WARP I = {warp2.split('/')[1][5:]} writes more positive reviews according to an "
+        "independent judge it never trained on (target: +0.30 over the SFT model)",
+        [f"judge WARP − SFT {fmt(*mean_spread(d_judge), sign=True)}",
+         f"reward-model reward WARP − SFT {fmt(*mean_spread(d_reward), sign=True)}"], d_judge)
+    gain = [front_gain(runs_trajectory(r, y="judge"), front(r, last, y="judge")) for r in rows]
+    add("front above the RL runs (judge)", f"the LITI front of the last iteration (SFT → SLERP_{iterations}) lies "
+        "above the RL runs' own points (every run of every iteration) at equal KL, in judge reward",
+        [f"front above the runs at equal KL by {fmt_or_none(gain)} (judge)",
+         f"in reward-model reward: {fmt_or_none([front_gain(runs_trajectory(r), front(r, last)) for r in rows])}"],
+        gain)
+
+    # 7. reward hacking: the judge's gain against the reward model's, as KL grows
+    def gain_ratios(r, keep):  # judge gain / reward gain over the SFT model of the kept rows, in order of KL
+        r0, j0 = value(r, "sft", "reward"), value(r, "sft", "judge")
+        return [(x["judge"] - j0) / (x["reward"] - r0) for x in sorted(r, key=lambda x: x["kl"])
+                if keep(x) and abs(x["reward"] - r0) > 1e-3]
+    numbers = []
+    for label, keep in (("RL runs", lambda x: x["model"].startswith("reinforce/") and "/run_" in x["model"]),
+                        (f"LITI front {iterations}", lambda x: x.get("sweep") == last and x["eta"] > 0)):
+        ratios = [gain_ratios(r, keep) for r in rows]
+        lows = [q for per_seed in ratios for q in per_seed[:len(per_seed) // 2]]
+        highs = [q for per_seed in ratios for q in per_seed[len(per_seed) // 2:]]
+        if lows and highs:
+            numbers.append(f"{label}: judge gain / reward-model gain {np.mean(lows):.2f} in the lower half of their "
+                           f"KL, {np.mean(highs):.2f} in the upper half")
+    out.append(dict(name="reward hacking", claim="as KL grows, the judge gains less than the reward model (the policy "
+                    "exploits the reward model), and less so along the LITI front than along RL",
+                    numbers=numbers, verdict="measured"))
+
+    # 8. forgetting: held-out NLL at equal reward, the LITI front against the runs
+    def nll_gain(r):  # mean over the runs' points of NLL(run) − NLL(front at the run's reward)
+        f = sorted((x["reward"], x["heldout_nll"]) for x in r if x.get("sweep") == last)
+        rw, nll = np.array([p[0] for p in f]), np.array([p[1] for p in f])
+        gains = [x["heldout_nll"] - np.interp(x["reward"], rw, nll) for x in r
+                 if x["model"].startswith("reinforce/") and "/run_" in x["model"] and rw.min() <= x["reward"] <= rw.max()]
+        return float(np.mean(gains)) if gains else None
+    forget = [nll_gain(r) for r in rows]
+    add("less forgetting", "at equal reward, the LITI front forgets less of the SFT language model than the RL runs "
+        "(lower held-out NLL)", [f"held-out NLL, runs − front at equal reward {fmt_or_none(forget)} nats/token",
+                                 f"SFT {fmt(*mean_spread([value(r, 'sft', 'heldout_nll') for r in rows]))}, WARP I = "
+                                 f"{iterations} {fmt(*mean_spread([value(r, f'reinforce/iter_{iterations}/liti', 'heldout_nll') for r in rows]))}"],
+        forget)
     return out
 
 
@@ -485,47 +666,72 @@ def job_iterations(rows, job):
     return max(int(r["model"].split("/")[1].split("_")[1]) for r in rows if r["model"].startswith(job + "/"))
 
 
-def report(args, stages, evals):
-    """results.json, results.md and pareto.png in OUT; returns the markdown, and whether it plotted."""
+COLUMNS = ["kl", "kl_exact", "reward", "judge", "heldout_nll", "distinct_2", "finished", "length"]
+
+
+def table_rows(evals, column_key=lambda row: row):
+    """The TABLE's models: each column's mean over seeds and its spread (the std over seeds; with one
+    seed, the standard error over the eval prompts where there is one)."""
     table = []
     for label, model in TABLE:
         per_seed = [next((r for r in e["rows"] if r["model"] == model), None) for e in evals]
         if any(r is None for r in per_seed):
             continue
-        kl, reward = mean_spread([r["kl"] for r in per_seed]), mean_spread([r["reward"] for r in per_seed])
-        if len(evals) == 1:  # one seed: the spread shown is the standard error over the eval prompts
-            kl, reward = (kl[0], per_seed[0]["kl_se"]), (reward[0], per_seed[0]["reward_se"])
-        finished = float(np.mean([r["finished"] for r in per_seed]))
-        # reward = finished · P(positive | finished) − (1 − finished): the sentiment part alone
-        positive = [(r["reward"] + 1 - r["finished"]) / r["finished"] for r in per_seed if r["finished"] > 0]
-        length = float(np.mean([r["length"] for r in per_seed]))
-        table.append(dict(setup=label, model=model, kl=kl[0], kl_spread=kl[1], reward=reward[0],
-                          reward_spread=reward[1], finished=finished, positive=float(np.mean(positive)) if positive
-                          else None, length=length))
+        per_seed = [column_key(r) for r in per_seed]
+        row = dict(setup=label, model=model)
+        for c in (c for c in COLUMNS if c in per_seed[0]):
+            mean, spread = mean_spread([r[c] for r in per_seed])
+            row[c], row[c + "_spread"] = mean, spread if len(evals) > 1 else per_seed[0].get(c + "_se")
+        table.append(row)
+    return table
+
+
+def report(args, stages, evals):
+    """results.json, results.md and pareto.png in OUT; returns the markdown, and whether it plotted."""
+    table = table_rows(evals)
+    reference = table_rows(evals, lambda row: row["reference"])
     found = claims(evals)
     times = {name: record["seconds"] for name, record in stages.done.items()}
     sft, rm = stages.done["sft"]["result"], stages.done["reward"]["result"]
     results = dict(seeds=args.seeds, settings=dict(warp=job_settings(args, "reinforce"), jobs=JOBS,
                                                     sft=stages.done["sft"]["result"], reward=rm,
+                                                    judge=stages.done["judge"]["result"],
                                                     n_eval=args.n_eval, source=os.path.basename(args.source)),
-                   table=table, claims=found, stage_seconds=times,
+                   table=table, reference_table=reference, claims=found, stage_seconds=times,
                    total_seconds=stages.wall_time(list(times)),
                    evaluations={str(s): e for s, e in zip(args.seeds, evals)})
     write_json(os.path.join(args.out_dir, "results.json"), rounded(results))
 
     spread = "± std over seeds" if len(evals) > 1 else "± standard error over the eval prompts"
-    lines = [f"KL to the SFT model and mean reward on {args.n_eval} eval prompts, {len(evals)} seed(s) "
-             f"({', '.join(map(str, args.seeds))}); {spread}.", "",
-             "Also: the fraction of completions that ended (emitted EOS) within the token budget, the mean "
-             "P(positive) of those (reward = finished · P(positive) − (1 − finished)), and the mean length.", "",
-             "| setup | KL | reward | finished | P(positive) of finished | length |", "|---|---|---|---|---|---|"]
+    lines = [f"On {args.n_eval} eval prompts (test reviews, half positive, half negative), {len(evals)} seed(s) "
+             f"({', '.join(map(str, args.seeds))}); {spread}. KL: the sampled estimate; KL exact: summed over the "
+             "vocabulary along the same completions; reward: the reward model's P(positive), −1 without EOS; "
+             "judge: the independent judge's P(positive) of every completion; held-out NLL: nats per token on "
+             f"{args.heldout} test reviews; distinct-2: distinct bigrams / bigrams of the completions.", "",
+             "| setup | KL | KL exact | reward | judge | held-out NLL | distinct-2 | finished | length |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for t in table:
-        positive = "n/a" if t["positive"] is None else f"{t['positive']:.2f}"
-        lines.append(f"| {t['setup']} | {fmt(t['kl'], t['kl_spread'])} | {fmt(t['reward'], t['reward_spread'], sign=True)}"
-                     f" | {t['finished']:.2f} | {positive} | {t['length']:.1f} |")
+        lines.append(f"| {t['setup']} | {fmt(t['kl'], t['kl_spread'])} | {fmt(t['kl_exact'], t['kl_exact_spread'])} | "
+                     f"{fmt(t['reward'], t['reward_spread'], sign=True)} | {fmt(t['judge'], t['judge_spread'])} | "
+                     f"{t['heldout_nll']:.3f} | {t['distinct_2']:.3f} | {t['finished']:.2f} | {t['length']:.1f} |")
+    lines += ["", f"SPEC §2's table, on the reference's {args.n_reference} eval prompts (all from negative reviews):",
+              "", "| setup | KL | reward | finished |", "|---|---|---|---|"]
+    lines += [f"| {t['setup']} | {fmt(t['kl'], t['kl_spread'])} | {fmt(t['reward'], t['reward_spread'], sign=True)} | "
+              f"{t['finished']:.2f} |" for t in reference]
+    judge = stages.done["judge"]["result"]
     lines += ["", f"Reward model: test accuracy {rm['test_accuracy']:.4f} on {rm['test_reviews']} IMDB test reviews; "
-                  f"SFT policy: test perplexity {sft['test_perplexity']:.1f} on {sft['test_reviews']} test reviews.",
-              "", "| claim | numbers | verdict |", "|---|---|---|"]
+                  f"judge: {judge['test_accuracy']:.4f}; SFT policy: test perplexity {sft['test_perplexity']:.1f} on "
+                  f"{sft['test_reviews']} test reviews."]
+    if "diagnose" in stages.done:
+        lines += ["", "Diagnosis (the SFT model's completions and the classifiers on texts of their length):", ""]
+        lines += [f"- {k}: {v}" for k, v in stages.done["diagnose"]["result"].items()]
+    samples = {t["model"]: next(r for r in evals[0]["rows"] if r["model"] == t["model"]).get("samples", [])
+               for t in table}
+    if samples.get("sft") and samples.get("reinforce/iter_2/liti"):
+        lines += ["", f"Sample completions, seed {args.seeds[0]} (prompt in bold):", ""]
+        for a, b in zip(samples["sft"], samples["reinforce/iter_2/liti"]):
+            lines += [f"- **{a['prompt']}** SFT: {a['completion']!r} · WARP I=2: {b['completion']!r}"]
+    lines += ["", "| claim | numbers | verdict |", "|---|---|---|"]
     lines += [f"| {c['name']} | {'; '.join(n for n in c['numbers'] if n)} | {c['verdict']} |" for c in found]
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in times.items()]
     shared = [n for n in times if not n.startswith("seed_")]
@@ -541,42 +747,48 @@ def report(args, stages, evals):
 
 
 def plot(evaluation, done, seed, path):
-    """KL-reward plane (left): the WARP models I = 1..3 and their path from the SFT model, each
-    iteration's LITI sweep SFT → SLERP_i, the runs, RLOO, LERP and the fixed anchor; right: the
-    training reward and KL to the anchor per RL step. Returns False without matplotlib."""
+    """Three planes against KL to the SFT model (the reward model's reward, the judge's P(positive),
+    the held-out NLL): the WARP models I = 1..3 and their path from the SFT model, each iteration's
+    LITI sweep SFT → SLERP_i, the runs, RLOO, LERP and the fixed anchor; and the training reward per
+    RL step. Returns False without matplotlib."""
     try:
         from matplotlib.figure import Figure  # optional: pip install matplotlib
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return False
     rows = {r["model"]: r for r in evaluation["rows"]}
-    fig = Figure(figsize=(12, 5.5), layout="constrained")
-    axes = fig.subplot_mosaic([["pareto", "reward"], ["pareto", "kl"]], width_ratios=[1.3, 1])
-    ax, ax_r, ax_k = axes["pareto"], axes["reward"], axes["kl"]
+    fig = Figure(figsize=(13, 9), layout="constrained")
+    axes = fig.subplot_mosaic([["reward", "judge"], ["nll", "train"]])
     n_iter = job_iterations(evaluation["rows"], "reinforce")
-    for i in range(1, n_iter + 1):
-        pts = front(evaluation["rows"], f"reinforce/iter_{i}/slerp", by="eta")
-        line, = ax.plot(*zip(*pts), ".-", label=f"LITI sweep SFT → SLERP, iteration {i}")
-        for m in (0, 1):
-            r = rows[f"reinforce/iter_{i}/run_{m}"]
-            ax.plot(r["kl"], r["reward"], "x", color=line.get_color(), label=f"RL runs, iteration {i}" if m == 0 else None)
-    for name, style, label in (("reinforce/iter_1/lerp", ":", "LITI sweep SFT → LERP, iteration 1"),
-                               ("fixed_anchor/iter_1/slerp", "--", "LITI sweep SFT → SLERP, fixed anchor")):
-        pts = front(evaluation["rows"], name, by="eta")
-        if pts:
-            ax.plot(*zip(*pts), style, color="gray" if "fixed" in name else "olive", label=label)
-    path_models = ["sft"] + [f"reinforce/iter_{i}/liti" for i in range(1, n_iter + 1)]
-    ax.plot([rows[m]["kl"] for m in path_models], [rows[m]["reward"] for m in path_models], "ko-", lw=1,
-            label="WARP (REINFORCE): SFT, I = 1, 2, 3")
-    rloo = ["sft"] + [m for m in (f"rloo/iter_{i}/liti" for i in (1, 2, 3)) if m in rows]
-    ax.plot([rows[m]["kl"] for m in rloo], [rows[m]["reward"] for m in rloo], "s--", color="purple", lw=1,
-            label="WARP + RLOO (k=4): SFT, I = 1, 2")
-    for k, m in enumerate(path_models[1:], 1):
-        ax.annotate(f"I={k}", (rows[m]["kl"], rows[m]["reward"]), textcoords="offset points", xytext=(5, -12), fontsize=8)
-    ax.set(xlabel="KL(π ‖ π_SFT)", ylabel="reward (P(positive); −1 without EOS)",
-           title=f"KL–reward, {rows['sft']['n']} eval prompts, seed {seed}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    labels = {"reward": "reward model: P(positive), −1 without EOS", "judge": "judge: P(positive) (never trained on)",
+              "heldout_nll": "held-out NLL (nats/token; lower = less forgotten)"}
+    for key, ax in (("reward", axes["reward"]), ("judge", axes["judge"]), ("heldout_nll", axes["nll"])):
+        for i in range(1, n_iter + 1):
+            pts = front(evaluation["rows"], f"reinforce/iter_{i}/slerp", by="eta", y=key)
+            line, = ax.plot(*zip(*pts), ".-", label=f"LITI sweep SFT → SLERP, iteration {i}")
+            for m in (0, 1):
+                r = rows[f"reinforce/iter_{i}/run_{m}"]
+                ax.plot(r["kl"], r[key], "x", color=line.get_color(), label=f"RL runs, iteration {i}" if m == 0 else None)
+        for name, style, label in (("reinforce/iter_1/lerp", ":", "LITI sweep SFT → LERP, iteration 1"),
+                                   ("fixed_anchor/iter_1/slerp", "--", "LITI sweep SFT → SLERP, fixed anchor")):
+            pts = front(evaluation["rows"], name, by="eta", y=key)
+            if pts:
+                ax.plot(*zip(*pts), style, color="gray" if "fixed" in name else "olive", label=label)
+        path_models = ["sft"] + [f"reinforce/iter_{i}/liti" for i in range(1, n_iter + 1)]
+        ax.plot([rows[m]["kl"] for m in path_models], [rows[m][key] for m in path_models], "ko-", lw=1,
+                label=f"WARP (REINFORCE): SFT, I = 1..{n_iter}")
+        rloo = ["sft"] + [m for m in (f"rloo/iter_{i}/liti" for i in (1, 2, 3)) if m in rows]
+        ax.plot([rows[m]["kl"] for m in rloo], [rows[m][key] for m in rloo], "s--", color="purple", lw=1,
+                label="WARP + RLOO (k=4): SFT, I = 1, 2")
+        for k, m in enumerate(path_models[1:], 1):
+            ax.annotate(f"I={k}", (rows[m]["kl"], rows[m][key]), textcoords="offset points", xytext=(5, -12), fontsize=8)
+        ax.set(xlabel="KL(π ‖ π_SFT)", ylabel=labels[key])
+        ax.grid(alpha=0.3)
+    axes["reward"].set_title(f"KL–reward, {rows['sft']['n']} eval prompts, seed {seed}")
+    axes["judge"].set_title("the same completions, scored by the independent judge")
+    axes["nll"].set_title("forgetting: NLL of held-out real reviews")
+    axes["reward"].legend(fontsize=7, loc="lower right")
+    ax_r = axes["train"]
     for job, color in (("reinforce", "black"), ("rloo", "purple")):
         key = f"seed_{seed}/{job}"
         if key not in done:
@@ -585,18 +797,15 @@ def plot(evaluation, done, seed, path):
         for i, runs in sorted(done[key]["result"]["metrics"].items(), key=lambda kv: int(kv[0])):
             for m, run in sorted(runs.items()):
                 steps = np.arange(offset + 1, offset + len(run["reward"]) + 1)
-                kw = dict(color=color, alpha=0.8 if m == "0" else 0.4, lw=1)
-                ax_r.plot(steps, run["reward"], **kw, label=f"{job}" if (i, m) == ("1", "0") else None)
-                ax_k.plot(steps, run["kl"], **kw)
+                ax_r.plot(steps, run["reward"], color=color, alpha=0.8 if m == "0" else 0.4, lw=1,
+                          label=f"{job}" if (i, m) == ("1", "0") else None)
             offset += len(run["reward"])
             ax_r.axvline(offset + 0.5, color="gray", lw=0.5)
-            ax_k.axvline(offset + 0.5, color="gray", lw=0.5)
-    ax_r.set(ylabel="training reward", title="RL training: both runs of each iteration")
-    ax_k.set(xlabel="RL step (iterations one after the other)", ylabel="KL to the anchor")
+    ax_r.set(xlabel="RL step (iterations one after the other)", ylabel="training reward (reward model)",
+             title="RL training: both runs of each iteration")
     ax_r.legend(fontsize=7)
-    for a in (ax_r, ax_k):
-        a.grid(alpha=0.3)
-    fig.savefig(path, dpi=100)
+    ax_r.grid(alpha=0.3)
+    fig.savefig(path, dpi=90)
     return True
 
 
@@ -617,9 +826,11 @@ def main(argv=None):
                lambda: prepare(args.source, out("tokenizers", "policy"), out("data"), n_eval=args.n_eval,
                                cache_dir=out("cache"))["counts"], after=["tokenizers"])
         stages.side_by_side([("sft", out("sft", "config.json"), sft_stage, args, out("tokenizers", "policy")),
-                             ("reward", out("reward_model", "config.json"), reward_stage, args, out("tokenizers", "reward"))],
+                             ("reward", out("reward_model", "config.json"), reward_stage, args, out("tokenizers", "reward")),
+                             ("judge", out("judge", "config.json"), judge_stage, args, out("tokenizers", "policy"))],
                             args.workers, args.threads, after=["tokenizers", "prepare"])
-        models = ["prepare", "sft", "reward"]  # what every WARP job and evaluation is computed from
+        stages("diagnose", out("sft", "config.json"), lambda: diagnose_stage(args), after=["sft", "reward", "judge"])
+        models = ["prepare", "sft", "reward"]  # what every WARP job is computed from
         evals = []
         for seed in args.seeds:
             jobs = [f"seed_{seed}/{job}" for job in JOBS if job != "fixed_anchor" or args.ablations]
@@ -631,7 +842,7 @@ def main(argv=None):
                 stages(name, out(f"seed_{seed}", job, f"iter_{iterations}", "liti", "config.json"),
                        lambda: warp_job(args, seed, job, fresh), after=models)
             evals.append(stages(f"seed_{seed}/evaluate", out(f"seed_{seed}"), lambda: evaluate_seed(args, seed),
-                                after=models + jobs))
+                                after=models + ["judge"] + jobs))
     except (DataError, hub.CheckpointError, ValueError) as e:
         sys.exit(f"reproduce.py: error: {e}")
     start = time.perf_counter()

@@ -106,8 +106,9 @@ def warmup_steps(cfg, total):
     return min(cfg.warmup, total // 10)
 
 
-def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None, test_limit=None):
-    """Fine-tune a sentiment classifier; writes OUT/reward_model and returns its test accuracy
+def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None, test_limit=None,
+                       name="reward_model"):
+    """Fine-tune a sentiment classifier; writes OUT/`name` and returns its test accuracy
     (on every test review, or on `test_limit` of them, evenly spaced). `model` (a
     DistilBertClassifier or a GPT2Classifier, e.g. a fresh one to train from scratch) and
     `tokenizer_folder` replace cfg.reward_base when given."""
@@ -143,11 +144,11 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
         if step % cfg.log_every == 0 or step == len(steps):
             log(f"reward model step {step}/{len(steps)} | loss {loss.item():.4f} | {time.perf_counter() - start:.0f}s")
     # save first: scoring 25,000 test reviews takes minutes, and a crash then must not lose the model
-    out = os.path.join(cfg.out_dir, "reward_model")
+    out = os.path.join(cfg.out_dir, name)
     model.save_pretrained(out)
-    for name in (n for n in hub.TOKENIZER_FILES if n != "tokenizer.json"):  # for transformers
-        if os.path.isfile(os.path.join(folder, name)):
-            hub.atomic_write(os.path.join(out, name), lambda tmp: shutil.copyfile(os.path.join(folder, name), tmp))
+    for file in (n for n in hub.TOKENIZER_FILES if n != "tokenizer.json"):  # for transformers
+        if os.path.isfile(os.path.join(folder, file)):
+            hub.atomic_write(os.path.join(out, file), lambda tmp: shutil.copyfile(os.path.join(folder, file), tmp))
     tokenizer.no_truncation()  # the saved tokenizer: its users choose their own length
     hub.atomic_write(os.path.join(out, "tokenizer.json"), lambda tmp: tokenizer.save(tmp))
     tokenizer.enable_truncation(min(cfg.max_length, model.config.max_position_embeddings))

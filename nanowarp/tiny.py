@@ -5,8 +5,11 @@ from scratch in minutes (`reproduce.py` runs it end to end).
 - tokenizers trained on the IMDB training reviews with the `tokenizers` library: a byte-level
   BPE for the policy (GPT-2's design, `<|endoftext|>` as BOS/EOS/pad) and a lowercase WordPiece
   for the classifier (BERT's design, `[CLS] ... [SEP]`), each saved in the Hugging Face layout;
-- a GPT-2-architecture policy and a DistilBERT-architecture classifier, built at random and
+- a GPT-2-architecture policy and a DistilBERT-architecture reward model, built at random and
   trained by the ordinary SFT and reward-model stages (nanowarp/supervised.py);
+- an independent judge, the "gold" reward of reward-overoptimisation studies: a sentiment
+  classifier of another kind (GPT-2 architecture read at the last token, the policy's BPE)
+  trained on the other half of the labelled reviews, used only to evaluate;
 - WARP itself through train.py with the Config overrides in WARP below.
 
 Everything is an ordinary checkpoint, so train.py, merge.py and eval.py take them unchanged.
@@ -19,7 +22,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from nanowarp.config import PRESETS
 from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig
-from nanowarp.gpt2 import GPT2, GPT2Config
+from nanowarp.gpt2 import GPT2, GPT2Classifier, GPT2ClassifierConfig, GPT2Config
 from nanowarp.hub import atomic_write, write_json, write_text
 
 EOS = "<|endoftext|>"
@@ -42,8 +45,14 @@ DISTILBERT_ARCH = dict(n_layers=1, dim=64, n_heads=2, hidden_dim=256, max_positi
 SFT = dict(epochs=1.0, train_batch_size=64, train_lr=2e-3, warmup=50, weight_decay=0.01, max_length=64)
 
 # Config overrides of `train.py --stage reward`: big batches (one thread does them 4x faster per
-# review than batches of 32), a learning rate for training from scratch
-REWARD = dict(epochs=2.0, train_batch_size=128, train_lr=3e-3, warmup=20, max_length=256)
+# review than batches of 32), a learning rate for training from scratch. Half a of the labelled
+# reviews (the judge learns from half b), and two windows of 5-60 words of each: the reward model
+# scores texts of 10-80 tokens, and one trained on whole reviews alone is nearly binary on them.
+REWARD = dict(epochs=2.0, train_batch_size=128, train_lr=3e-3, warmup=20, max_length=256, train_split="a", windows=2)
+
+# The judge: GPT-2 blocks read at the last token, the policy's tokenizer, half b of the reviews
+JUDGE_ARCH = dict(n_layer=2, n_embd=128, n_head=4, n_positions=128)
+JUDGE = dict(epochs=1.0, train_batch_size=128, train_lr=3e-3, warmup=20, max_length=128, train_split="b", windows=2)
 
 # Config overrides of `train.py` (WARP): `--preset tiny`, defined with the other presets
 WARP = PRESETS["tiny"]
@@ -106,3 +115,12 @@ def tiny_distilbert(tokenizer, **arch):
     return DistilBertClassifier(DistilBertConfig(vocab_size=tokenizer.get_vocab_size(),
                                                  pad_token_id=tokenizer.token_to_id("[PAD]"),
                                                  id2label={0: "NEGATIVE", 1: "POSITIVE"}, **arch))
+
+
+def tiny_gpt2_classifier(tokenizer, **arch):
+    """A randomly initialised GPT-2 sentiment classifier for the BPE `tokenizer` (0 = NEGATIVE,
+    1 = POSITIVE; EOS pads)."""
+    eos = tokenizer.token_to_id(EOS)
+    return GPT2Classifier(GPT2ClassifierConfig(vocab_size=tokenizer.get_vocab_size(), bos_token_id=eos,
+                                               eos_token_id=eos, pad_token_id=eos,
+                                               id2label={0: "NEGATIVE", 1: "POSITIVE"}, **arch))

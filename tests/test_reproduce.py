@@ -16,8 +16,8 @@ from nanowarp.supervised import fit_review
 from nanowarp.tokenizer import load_tokenizer
 
 TINY = ["--policy_vocab", "300", "--reward_vocab", "200", "--policy_layers", "1", "--policy_width", "16",
-        "--reward_layers", "1", "--reward_width", "16", "--steps", "2", "--batch_size", "4", "--max_new_tokens", "8",
-        "--n_eval", "4", "--etas", "0", "0.5", "1", "--ppl_reviews", "0", "--threads", "1", "--device", "cpu"]
+        "--reward_layers", "1", "--reward_width", "16", "--judge_layers", "1", "--judge_width", "16", "--steps", "2", "--batch_size", "4", "--max_new_tokens", "8",
+        "--n_eval", "4", "--n_reference", "2", "--heldout", "4", "--samples", "1", "--etas", "0", "0.5", "1", "--ppl_reviews", "0", "--threads", "1", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,10 @@ def test_results_hold_the_table_the_claims_and_the_stage_times(reproduction):
     assert results["table"][0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the SFT model against itself
     assert [c["name"] for c in results["claims"]] == ["SLERP vs its runs", "SLERP vs LERP", "EMA anchor vs fixed anchor",
                                                       "cosine between task vectors", "iterations push the front up",
-                                                      "KL grows with I"]
-    stages = {"tokenizers", "prepare", "sft", "reward", "seed_0/reinforce", "seed_0/rloo", "seed_0/fixed_anchor",
+                                                      "KL grows with I", "the judge agrees",
+                                                      "front above the RL runs (judge)", "reward hacking",
+                                                      "less forgetting"]
+    stages = {"tokenizers", "prepare", "sft", "reward", "judge", "diagnose", "seed_0/reinforce", "seed_0/rloo", "seed_0/fixed_anchor",
               "seed_0/evaluate"}
     assert set(results["stage_seconds"]) == stages
     sweep = [r for r in results["evaluations"]["0"]["rows"] if r.get("sweep") == "reinforce/iter_2/slerp"]
@@ -70,7 +72,7 @@ def test_a_second_run_skips_every_finished_stage(reproduction, capsys):
     before = os.path.getmtime(os.path.join(out, "sft", "model.safetensors"))
     reproduce.main(["--source", source, "--out_dir", out, *TINY])
     printed = capsys.readouterr().out
-    assert printed.count("skipped") == 8 and "0 stages run" in printed
+    assert printed.count("skipped") == 10 and "0 stages run" in printed
     assert os.path.getmtime(os.path.join(out, "sft", "model.safetensors")) == before
 
 
@@ -100,7 +102,7 @@ def test_a_deleted_stage_is_redone_with_the_stages_computed_from_it(reproduction
     shutil.rmtree(os.path.join(copy, "reward_model"))  # the models change: every WARP job starts over
     reproduce.main(["--source", source, "--out_dir", copy, *TINY])
     printed = capsys.readouterr().out
-    assert "5 stages run" in printed  # reward, 3 WARP jobs, evaluation
+    assert "6 stages run" in printed  # reward, diagnose, 3 WARP jobs, evaluation
     assert printed.count("--fresh: deleted the earlier job's results") == 3
 
 
