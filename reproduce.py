@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)  # run from anywhere without installing
@@ -54,7 +55,8 @@ from nanowarp.data import IMDB_URL, DataError, clean, load_prompts, load_reviews
 from nanowarp.evaluate import evaluate, heldout_sequences  # noqa: E402
 from nanowarp.gpt2 import GPT2  # noqa: E402
 from nanowarp.reward import RewardModel  # noqa: E402
-from nanowarp.rl import decode  # noqa: E402
+from nanowarp.lora import add_lora  # noqa: E402
+from nanowarp.rl import completion_logprobs, decode, rloo_advantages  # noqa: E402
 from nanowarp.sampling import sample  # noqa: E402
 from nanowarp.supervised import test_subset, train_reward_model, train_sft, word_windows  # noqa: E402
 from nanowarp.tokenizer import load_tokenizer  # noqa: E402
@@ -82,8 +84,6 @@ class Args:
     reward_width: int = flag(tiny.DISTILBERT_ARCH["dim"], "DistilBERT width (2 heads, FFN 4x wider)")
     sft_epochs: float = flag(tiny.SFT["epochs"], "passes over the training reviews of the SFT stage")
     reward_epochs: float = flag(tiny.REWARD["epochs"], "passes over the training reviews of the reward stage")
-    judge_layers: int = flag(tiny.JUDGE_ARCH["n_layer"], "layers of the judge (a GPT-2 classifier)")
-    judge_width: int = flag(tiny.JUDGE_ARCH["n_embd"], "width of the judge (4 heads)")
     judge_epochs: float = flag(tiny.JUDGE["epochs"], "passes over its half of the training reviews of the judge")
     steps: int = flag(tiny.WARP["steps"], "T: RL steps per WARP run")
     batch_size: int = flag(tiny.WARP["batch_size"], "completions per RL step")
@@ -245,15 +245,15 @@ def reward_stage(args, tokenizer_folder):
 
 
 def judge_stage(args, tokenizer_folder):
-    """The independent judge: a GPT-2 classifier on the policy's BPE, trained on the half of the
-    labelled reviews the reward model never saw; it only ever evaluates."""
+    """The independent judge: the SFT model's GPT-2 body with a new classifier head read at the last
+    token, fine-tuned on the half of the labelled reviews the reward model never saw; it only ever
+    evaluates."""
     torch.manual_seed(0)
-    arch = {**tiny.JUDGE_ARCH, "n_layer": args.judge_layers, "n_embd": args.judge_width}
-    model = tiny.tiny_gpt2_classifier(load_tokenizer(tokenizer_folder), **arch)
+    model = tiny.gpt2_classifier_from(GPT2.from_pretrained(os.path.join(args.out_dir, "sft")))
     cfg = stage_config(args, {**tiny.JUDGE, "epochs": args.judge_epochs})
     accuracy = train_reward_model(cfg, resolve_device(args.device), model=model, tokenizer_folder=tokenizer_folder,
                                   test_limit=args.accuracy_reviews or None, name="judge")
-    return dict(test_accuracy=accuracy, test_reviews=args.accuracy_reviews or 25000, weights=n_weights(model), **arch)
+    return dict(test_accuracy=accuracy, test_reviews=args.accuracy_reviews or 25000, weights=n_weights(model))
 
 
 WORD = re.compile(r"[a-z']+")
@@ -310,6 +310,42 @@ def diagnose_stage(args, n_reviews=2000, n_prompts=512):
         f"{share(completions, positive):.2f} / {share(completions, negative):.2f} " \
         f"(real review text of the same length: {share(real, positive):.2f} / {share(real, negative):.2f})"
     found["the 10 most positive and negative words"] = f"{' '.join(positive[:10])} / {' '.join(negative[:10])}"
+    return found
+
+
+def signal_stage(args, n_batches=6, n_prompts=32, k=4):
+    """The policy-gradient signal of each reward at the SFT model: the cosine between the LoRA gradients
+    (the first step's: B = 0, so only B has one) of independent batches of n_prompts x k completions,
+    with RLOO advantages. Near 0, a batch's gradient is mostly noise: RL then needs about 1/cos batches
+    to move the policy along the reward. Rewards: the reward model's P(positive) alone (sentiment), the
+    RL reward (with −1 without EOS), and the judge's P(positive)."""
+    torch.manual_seed(0)
+    sft_dir, cfg = os.path.join(args.out_dir, "sft"), tiny.WARP
+    policy = add_lora(GPT2.from_pretrained(sft_dir), cfg["lora_rank"], cfg["lora_alpha"])
+    params = [p for p in policy.parameters() if p.requires_grad]
+    tokenizer, eos = load_tokenizer(sft_dir), policy.config.eos_token_id
+    reward_model, judge = (RewardModel(os.path.join(args.out_dir, name)) for name in ("reward_model", "judge"))
+    prompts = load_prompts(os.path.join(args.out_dir, "data"), "train")
+    order, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    grads = collections.defaultdict(list)
+    for _ in range(n_batches):
+        batch = [prompts[i] for i in order.choice(len(prompts), n_prompts, replace=len(prompts) < n_prompts)
+                 for _ in range(k)]
+        with torch.no_grad():
+            s = sample(policy, batch, args.max_new_tokens, eos_token_id=eos, generator=generator)
+        texts = decode(tokenizer, batch, s.tokens, s.mask.sum(1))
+        positive = reward_model.score(texts)
+        for name, reward in (("reward model's P(positive) alone", positive),
+                             ("the RL reward (−1 without EOS)", torch.where(s.finished, positive, torch.tensor(-1.0))),
+                             ("the judge's P(positive)", judge.score(texts))):
+            policy.zero_grad()
+            logp = completion_logprobs(policy, s.prompt, s.prompt_mask, s.tokens, 1.0)
+            (-(rloo_advantages(reward, k) * (logp * s.mask).sum(1)).mean()).backward()
+            grads[name].append(torch.cat([p.grad.flatten() for p in params]))
+    found = {}
+    for name, g in grads.items():
+        cos = [F.cosine_similarity(g[i], g[j], 0).item() for i in range(n_batches) for j in range(i + 1, n_batches)]
+        found[name] = f"{np.mean(cos):+.3f} ± {np.std(cos) / math.sqrt(len(cos)):.3f}"
     return found
 
 
@@ -725,6 +761,10 @@ def report(args, stages, evals):
     if "diagnose" in stages.done:
         lines += ["", "Diagnosis (the SFT model's completions and the classifiers on texts of their length):", ""]
         lines += [f"- {k}: {v}" for k, v in stages.done["diagnose"]["result"].items()]
+    if "signal" in stages.done:
+        lines += ["", "Policy-gradient signal at the SFT model: cosine between the gradients of independent batches "
+                      "of 128 completions (RLOO, k = 4), by reward:", ""]
+        lines += [f"- {k}: {v}" for k, v in stages.done["signal"]["result"].items()]
     samples = {t["model"]: next(r for r in evals[0]["rows"] if r["model"] == t["model"]).get("samples", [])
                for t in table}
     if samples.get("sft") and samples.get("reinforce/iter_2/liti"):
@@ -826,10 +866,12 @@ def main(argv=None):
                lambda: prepare(args.source, out("tokenizers", "policy"), out("data"), n_eval=args.n_eval,
                                cache_dir=out("cache"))["counts"], after=["tokenizers"])
         stages.side_by_side([("sft", out("sft", "config.json"), sft_stage, args, out("tokenizers", "policy")),
-                             ("reward", out("reward_model", "config.json"), reward_stage, args, out("tokenizers", "reward")),
-                             ("judge", out("judge", "config.json"), judge_stage, args, out("tokenizers", "policy"))],
+                             ("reward", out("reward_model", "config.json"), reward_stage, args, out("tokenizers", "reward"))],
                             args.workers, args.threads, after=["tokenizers", "prepare"])
+        stages("judge", out("judge", "config.json"), lambda: judge_stage(args, out("tokenizers", "policy")),
+               after=["prepare", "sft"])
         stages("diagnose", out("sft", "config.json"), lambda: diagnose_stage(args), after=["sft", "reward", "judge"])
+        stages("signal", out("sft", "config.json"), lambda: signal_stage(args), after=["sft", "reward", "judge"])
         models = ["prepare", "sft", "reward"]  # what every WARP job is computed from
         evals = []
         for seed in args.seeds:

@@ -16,7 +16,7 @@ from nanowarp.supervised import fit_review
 from nanowarp.tokenizer import load_tokenizer
 
 TINY = ["--policy_vocab", "300", "--reward_vocab", "200", "--policy_layers", "1", "--policy_width", "16",
-        "--reward_layers", "1", "--reward_width", "16", "--judge_layers", "1", "--judge_width", "16", "--steps", "2", "--batch_size", "4", "--max_new_tokens", "8",
+        "--reward_layers", "1", "--reward_width", "16", "--steps", "2", "--batch_size", "4", "--max_new_tokens", "8",
         "--n_eval", "4", "--n_reference", "2", "--heldout", "4", "--samples", "1", "--etas", "0", "0.5", "1", "--ppl_reviews", "0", "--threads", "1", "--device", "cpu"]
 
 
@@ -50,7 +50,7 @@ def test_results_hold_the_table_the_claims_and_the_stage_times(reproduction):
                                                       "KL grows with I", "the judge agrees",
                                                       "front above the RL runs (judge)", "reward hacking",
                                                       "less forgetting"]
-    stages = {"tokenizers", "prepare", "sft", "reward", "judge", "diagnose", "seed_0/reinforce", "seed_0/rloo", "seed_0/fixed_anchor",
+    stages = {"tokenizers", "prepare", "sft", "reward", "judge", "diagnose", "signal", "seed_0/reinforce", "seed_0/rloo", "seed_0/fixed_anchor",
               "seed_0/evaluate"}
     assert set(results["stage_seconds"]) == stages
     sweep = [r for r in results["evaluations"]["0"]["rows"] if r.get("sweep") == "reinforce/iter_2/slerp"]
@@ -72,7 +72,7 @@ def test_a_second_run_skips_every_finished_stage(reproduction, capsys):
     before = os.path.getmtime(os.path.join(out, "sft", "model.safetensors"))
     reproduce.main(["--source", source, "--out_dir", out, *TINY])
     printed = capsys.readouterr().out
-    assert printed.count("skipped") == 10 and "0 stages run" in printed
+    assert printed.count("skipped") == 11 and "0 stages run" in printed
     assert os.path.getmtime(os.path.join(out, "sft", "model.safetensors")) == before
 
 
@@ -102,7 +102,7 @@ def test_a_deleted_stage_is_redone_with_the_stages_computed_from_it(reproduction
     shutil.rmtree(os.path.join(copy, "reward_model"))  # the models change: every WARP job starts over
     reproduce.main(["--source", source, "--out_dir", copy, *TINY])
     printed = capsys.readouterr().out
-    assert "6 stages run" in printed  # reward, diagnose, 3 WARP jobs, evaluation
+    assert "7 stages run" in printed  # reward, diagnose, signal, 3 WARP jobs, evaluation
     assert printed.count("--fresh: deleted the earlier job's results") == 3
 
 
@@ -124,3 +124,10 @@ def test_other_settings_in_the_same_folder_are_refused(reproduction):
     argv[argv.index("--steps") + 1] = "3"
     with pytest.raises(SystemExit, match="--steps 2 \\(now 3\\)"):
         reproduce.main(argv)
+
+
+def test_sentiment_words_are_those_that_separate_the_labels():
+    texts = ["a great film", "a great cast", "a good film", "a awful film", "a awful cast", "a bad film"] * 40
+    labels = [1, 1, 1, 0, 0, 0] * 40
+    positive, negative = reproduce.sentiment_words(texts, labels, n=2, min_reviews=10)
+    assert positive == ["great", "good"] and negative == ["awful", "bad"]  # "a", "film", "cast": in both
