@@ -826,6 +826,10 @@ def plot(evaluation, done, seed, path):
         ax.grid(alpha=0.3)
     axes["reward"].set_title(f"KL–reward, {rows['sft']['n']} eval prompts, seed {seed}")
     axes["judge"].set_title("the same completions, scored by the independent judge")
+    sft_judge = rows["sft"]["judge"]  # the judge on the reward plane's scale: its target, +0.30, in view
+    target = axes["judge"].axhline(sft_judge + 0.30, color="red", ls=":", lw=1, label="target: the SFT model's + 0.30")
+    axes["judge"].set_ylim(sft_judge - 0.15, sft_judge + 0.45)
+    axes["judge"].legend(handles=[target], fontsize=7, loc="upper left")
     axes["nll"].set_title("forgetting: NLL of held-out real reviews")
     axes["reward"].legend(fontsize=7, loc="lower right")
     ax_r = axes["train"]
