@@ -62,10 +62,10 @@ class Config:
     train_split: str = flag("all", "--stage reward: the training reviews it learns from: all, or one of two "
                                    "disjoint halves (a: even positions, b: odd; both labels in each), e.g. for a "
                                    "reward model and an independent judge", choices=["all", "a", "b"])
-    windows: int = flag(0, "--stage reward: also learn from N random windows of --window_words words of each "
-                           "review, labelled as the review: texts as short as the completions it will score")
-    window_words: tuple = flag((5, 60), "--stage reward: shortest and longest window, in words", nargs=2, type=int,
-                               metavar=("MIN", "MAX"))
+    windows: int = flag(0, "--stage reward: also learn from N random windows of consecutive words of each review, "
+                           "labelled as the review: texts as short as the completions it will score")
+    min_window_words: int = flag(5, "--stage reward: the shortest window, in words")
+    max_window_words: int = flag(60, "--stage reward: the longest window, in words")
     # system
     seed: int = flag(0, "base seed; run m of iteration i uses seed + (i-1)*M + m")
     device: str = flag("auto", "cpu, cuda, cuda:N, or auto")
@@ -92,12 +92,12 @@ class Config:
 
 # Flags a resumed job may change: they do not change what the job computes (--device, --threads and
 # --micro_batch_size only in the last bits). --iterations may grow: iteration i never depends on I, so a finished job
-# can be extended. --preset is not compared, the values it sets are. reward_base .. window_words are other
+# can be extended. --preset is not compared, the values it sets are. reward_base .. max_window_words are other
 # stages'; the last two only log.
 RESUME_FREE = ("out_dir", "fresh", "preset", "iterations", "workers", "threads", "device", "micro_batch_size",
                "log_every", "save_every",
                "reward_base", "epochs", "train_batch_size", "train_lr", "max_length", "test_limit", "train_split",
-               "windows", "window_words", "report_to", "log_completions")
+               "windows", "min_window_words", "max_window_words", "report_to", "log_completions")
 
 # Plain data: each preset is a set of overrides of the defaults above.
 PRESETS = {

@@ -125,7 +125,8 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
     texts, labels = split_half(*load_reviews(cfg.data, "train"), cfg.train_split)
     sizes = [len(texts)]
     if cfg.windows:
-        windows, window_labels = word_windows(texts, labels, cfg.windows, *cfg.window_words, cfg.seed)
+        windows, window_labels = word_windows(texts, labels, cfg.windows, cfg.min_window_words,
+                                              cfg.max_window_words, cfg.seed)
         texts, labels, sizes = texts + windows, labels + window_labels, sizes + [len(windows)]
     steps = grouped_batches(sizes, cfg.train_batch_size, cfg.epochs, cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train_lr)
