@@ -1,7 +1,7 @@
 """
-WARP on real IMDB reviews, on a laptop CPU, offline, in one command: tiny policy and reward model
-trained from scratch, WARP with REINFORCE and RLOO, the evaluation, the table, the Pareto-front
-plot, and the paper's claims checked, every stage timed.
+WARP on real IMDB reviews, on a laptop CPU, offline, in one command: tiny policy, reward model and
+independent judge trained from scratch, a diagnosis of what RL can learn, WARP with REINFORCE and
+RLOO, the evaluation, the tables, the plots, and the paper's claims checked, every stage timed.
 
     python reproduce.py --source ../shared/data/imdb/aclImdb_labeled.tar.gz                 # one seed
     python reproduce.py --source ../shared/data/imdb/aclImdb_labeled.tar.gz --seeds 0 1 2    # three
@@ -13,18 +13,23 @@ every model an ordinary checkpoint that train.py, merge.py and eval.py take:
                  training reviews with the `tokenizers` library, saved in the Hugging Face layout
   2. prepare     nanowarp.data.prepare: training prompts, the eval prompts, the labelled reviews
   3. sft         a tiny GPT-2 trained from scratch on the training reviews (EOS after each)
-  4. reward      a tiny DistilBERT trained from scratch on the training labels
+  4. reward      a tiny DistilBERT trained from scratch on half a of the labelled reviews, whole and
+                 in word windows as short as the texts it will score
+  5. judge       the SFT model's GPT-2 body with a classifier head, trained on half b: it only evaluates
+  6. diagnose,   how the classifiers read texts of the completions' length, the sentiment words of
+     signal      the SFT model's completions, and each reward's policy-gradient signal
   for each seed s (WARP's --seed is 100·s: the job's run seeds never overlap another seed's):
-  5. warp        train.py: REINFORCE (I = 3), RLOO k = 4 (I = 2), and the fixed-anchor ablation (I = 1)
-  6. evaluate    KL to the SFT model and reward on the eval prompts, for every checkpoint, the LITI
-                 sweep SFT → SLERP of each iteration, and the LERP of iteration 1's runs
-  7. report      OUT/results.json, OUT/results.md and OUT/pareto.png (matplotlib, when installed)
+  7. warp        train.py: REINFORCE (I = 3), RLOO k = 4 (I = 2), and the fixed-anchor ablation (I = 1)
+  8. evaluate    KL (sampled and exact), reward, judge, held-out NLL and distinct-n on the eval prompts,
+                 for every checkpoint, the LITI sweep SFT → SLERP of each iteration, and the LERP of
+                 iteration 1's runs (in --workers processes)
+  9. report      OUT/results.json, OUT/results.md and OUT/pareto.png (matplotlib, when installed)
 
 A finished stage is recorded in OUT/stages.json and skipped when the command runs again, so an
 interrupted reproduction resumes (a WARP job also resumes inside itself), and `--seeds 0 1 2` after
 `--seeds 0` only adds seeds 1 and 2. Delete a stage's output folder to redo it: the stages computed
 from it are then redone too (a seed's evaluation after its WARP jobs; every WARP job, from scratch,
-after the SFT or reward model). Other sizes or budgets need another --out_dir (OUT/settings.json
+after the SFT or reward model; the evaluations after the judge). Other sizes or budgets need another --out_dir (OUT/settings.json
 holds the flags, and a change is refused).
 """
 
