@@ -459,10 +459,10 @@ def _eval_task(task):
     name, recipe, extra = task
     e, start = _EVAL, time.perf_counter()
     e["policy"].load_hf_state_dict(recipe_theta(recipe), where=name)
-    samples = e["samples"] if name in dict((m, m) for _, m in TABLE) else 0
+    in_table = name in {model for _, model in TABLE}
     row = dict(model=name, **evaluate(e["policy"], e["ref"], e["reward_model"], e["prompts"], e["tokenizer"],
-                                      e["eos"], samples=samples, **e["settings"]), **extra)
-    if name in dict((m, m) for _, m in TABLE):
+                                      e["eos"], samples=e["samples"] if in_table else 0, **e["settings"]), **extra)
+    if in_table:
         reference = evaluate(e["policy"], e["ref"], e["reward_model"], e["prompts"][:e["n_reference"]],
                              e["tokenizer"], e["eos"], **{**e["settings"], "judge": None, "heldout": None})
         row["reference"] = {k: reference[k] for k in ("kl", "kl_se", "reward", "reward_se", "finished", "n")}
