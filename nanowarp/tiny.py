@@ -25,6 +25,7 @@ from nanowarp.config import PRESETS
 from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig
 from nanowarp.gpt2 import GPT2, GPT2Classifier, GPT2ClassifierConfig, GPT2Config
 from nanowarp.hub import atomic_write, write_json, write_text
+from nanowarp.tokenizer import read_wordpiece
 
 EOS = "<|endoftext|>"
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] = 0, as in BERT
@@ -82,25 +83,38 @@ def train_bpe(texts, vocab_size, folder, model_max_length):
     return tok
 
 
+def continuation_pieces(tok, texts):
+    """Every `##c` piece the WordPiece trainer will start from: each character that follows another
+    within a word (after `tok`'s normalisation and pre-tokenisation), sorted."""
+    chars = set()
+    for text in texts:
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)):
+            chars.update(word[1:])
+    return ["##" + c for c in sorted(chars)]
+
+
 def train_wordpiece(texts, vocab_size, folder, model_max_length):
-    """A BERT-style lowercase WordPiece trained on texts, saved as tokenizer.json (with the
-    [CLS] ... [SEP] template) plus vocab.txt and tokenizer_config.json."""
+    """A BERT-style lowercase WordPiece trained on texts, saved as vocab.txt, tokenizer_config.json
+    and tokenizer.json (with the [CLS] ... [SEP] template), the same files in every run.
+
+    Left alone, the trainer numbers the `##c` pieces it starts from in the order it meets them in a
+    hash map seeded anew in each process; ties between merges are broken by those ids, so the
+    vocabulary itself would differ from run to run. The pieces are therefore given to it up front,
+    sorted, and the vocabulary is then renumbered: the special tokens, then every other token
+    sorted. The tokenizer is read back from vocab.txt, as any BERT checkpoint's is."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False)
+    pieces = continuation_pieces(tok, texts)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS + pieces, show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(single="[CLS]:0 $A:0 [SEP]:0",
-                                                       pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
-                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    vocab = BERT_SPECIALS + sorted(set(tok.get_vocab()) - set(BERT_SPECIALS))
     os.makedirs(folder, exist_ok=True)
-    atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: tok.save(tmp))
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    write_text(os.path.join(folder, "vocab.txt"), "".join(t + "\n" for t, _ in vocab))
+    write_text(os.path.join(folder, "vocab.txt"), "".join(t + "\n" for t in vocab))
     write_json(os.path.join(folder, "tokenizer_config.json"),
                {"tokenizer_class": "DistilBertTokenizer", "do_lower_case": True, "model_max_length": model_max_length})
+    tok = read_wordpiece(folder)
+    atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: tok.save(tmp))
     return tok
 
 

@@ -54,7 +54,8 @@ def _byte_level_bpe(folder):
     return _register(tok, _special_tokens(folder, ["<|endoftext|>"]), tok.get_vocab())
 
 
-def _wordpiece(folder):
+def read_wordpiece(folder):
+    """BERT's WordPiece from vocab.txt (+ tokenizer_config.json), as BertTokenizerFast builds it."""
     config = _read_json(folder, "tokenizer_config.json")
     lowercase = config.get("do_lower_case", True)
     with open(os.path.join(folder, "vocab.txt"), encoding="utf-8") as f:
@@ -83,7 +84,7 @@ def load_tokenizer(name_or_path):
         if has("vocab.json", "merges.txt"):
             return _byte_level_bpe(folder)
         if has("vocab.txt"):
-            return _wordpiece(folder)
+            return read_wordpiece(folder)
     except Exception as e:  # the tokenizers library raises plain Exceptions on malformed files
         raise hub.CheckpointError(f"cannot read the tokenizer files in {folder}: {e}") from None
     raise hub.CheckpointError(f"{folder} has no tokenizer: expected tokenizer.json, or vocab.json + merges.txt, "
