@@ -58,6 +58,7 @@ class Config:
     epochs: float = flag(1.0, "--stage reward/sft: passes over the training reviews")
     train_batch_size: int = flag(32, "--stage reward/sft: batch size")
     train_lr: float = flag(1.41e-5, "--stage reward/sft: AdamW learning rate, linear decay to 0")
+    train_warmup: int = flag(0, "--stage reward/sft: linear warm-up steps before the decay (at most a tenth of the run)")
     max_length: int = flag(512, "--stage reward/sft: truncate training texts to this many tokens")
     train_split: str = flag("all", "--stage reward: the training reviews it learns from: all, or one of two "
                                    "disjoint halves (a: even positions, b: odd; both labels in each), e.g. for a "
@@ -96,7 +97,7 @@ class Config:
 # stages'; the last two only log.
 RESUME_FREE = ("out_dir", "fresh", "preset", "iterations", "workers", "threads", "device", "micro_batch_size",
                "log_every", "save_every",
-               "reward_base", "epochs", "train_batch_size", "train_lr", "max_length", "test_limit", "train_split",
+               "reward_base", "epochs", "train_batch_size", "train_lr", "train_warmup", "max_length", "test_limit", "train_split",
                "windows", "min_window_words", "max_window_words", "report_to", "log_completions")
 
 # Plain data: each preset is a set of overrides of the defaults above.

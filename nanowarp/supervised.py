@@ -102,8 +102,8 @@ def test_subset(texts, labels, limit):
 
 
 def warmup_steps(cfg, total):
-    """cfg.warmup steps of linear warm-up, at most a tenth of the run."""
-    return min(cfg.warmup, total // 10)
+    """cfg.train_warmup steps of linear warm-up, at most a tenth of the run."""
+    return min(cfg.train_warmup, total // 10)
 
 
 def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None, test_limit=None,
@@ -129,7 +129,7 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
                                               cfg.max_window_words, cfg.seed)
         texts, labels, sizes = texts + windows, labels + window_labels, sizes + [len(windows)]
     steps = grouped_batches(sizes, cfg.train_batch_size, cfg.epochs, cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train_lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train_lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps(cfg, len(steps)), len(steps)))
     start = time.perf_counter()
     for step, idx in enumerate(progress(steps, "reward model", unit="step"), 1):

@@ -61,7 +61,7 @@ def test_train_reward_model_trains_a_gpt2_classifier(bpe_dir, prepared_imdb_dir,
 
     before = train_loss(model)
     cfg = Config(data=prepared_imdb_dir, out_dir=str(tmp_path), epochs=3.0, train_batch_size=4, train_lr=3e-3,
-                 warmup=0, max_length=64, log_every=1)
+                 train_warmup=0, max_length=64, log_every=1)
     logs = []
     accuracy = train_reward_model(cfg, torch.device("cpu"), log=logs.append, model=model, tokenizer_folder=bpe_dir)
     assert 0 <= accuracy <= 1 and sum("reward model step" in line for line in logs) == 9  # 3 x 12 reviews / 4
