@@ -8,9 +8,14 @@ B starts at zero, so a freshly adapted model computes exactly what its base comp
 WARP never works on the factors A and B themselves: the EMA anchor and the merges act on the
 *effective* dense weight W = W0 + s·B·A (the average of products is not the product of averages).
 `effective_state_dict` gives those weights in the Hugging Face layout.
+
+Sampling runs hundreds of forward passes with factors that do not change: inside `folded(model)`
+every float32 LoRA layer computes with W0 + s·B·A, formed once (one small matmul per layer),
+instead of its two extra matmuls per token.
 """
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -37,8 +42,11 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and peft) initialise
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.folded = None  # W0 + s·B·A while `folded` is active (a separate tensor: W0 is never touched)
 
     def forward(self, x):
+        if self.folded is not None:
+            return linear(x, self.folded, self.bias)
         # float32 factors on a bf16 layer: the low-rank branch runs in float32, its output added in bf16
         # (the casts are no-ops when everything has one dtype)
         update = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
@@ -79,6 +87,31 @@ def add_lora(model, rank, alpha=None, dropout=0.0, targets=None, dtype=None):
 def lora_modules(model):
     """(name, LoRALinear) pairs of a model."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def folded(model):
+    """Inside the block, every LoRA layer of model whose factors have its weight's dtype computes
+    x·Wᵀ + b with its effective weight W = W0 + s·B·A, formed here once: one matmul per linear
+    instead of three, for sampling, where the factors do not change. The same function to float
+    rounding (~1e-7 relative), without gradient and without LoRA dropout: for eval mode only.
+
+    W is a new tensor, dropped on exit; W0 itself is never written, so the layers after the block
+    are bit for bit those before (an in-place W0 += s·B·A, then -= s·B·A, would leave rounding
+    in W0 at every step). Costs the memory of one copy of the adapted matrices.
+    float32 factors on bf16 layers (--dtype bfloat16) stay unfolded: W rounded to bf16 would lose
+    every update below half a step of W0 (2⁻⁹ of it), most of what LoRA learns early."""
+    if any(m.training and not isinstance(m.dropout, nn.Identity) for _, m in lora_modules(model)):
+        raise RuntimeError("folded(model) leaves out LoRA dropout: call model.eval() first")
+    layers = [m for _, m in lora_modules(model) if m.lora_A.dtype == m.weight.dtype]
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m.folded = m.effective_weight()
+        yield model
+    finally:
+        for m in layers:
+            m.folded = None
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import torch
 from nanowarp.gpt2 import GPT2
 from nanowarp.logger import completion_rows
 from nanowarp.logprobs import token_logprobs
-from nanowarp.lora import add_lora, effective_state_dict, lora_modules
+from nanowarp.lora import add_lora, effective_state_dict, folded, lora_modules
 from nanowarp.parallel import Interrupted, stop_requested
 from nanowarp.sampling import sample_micro_batches
 
@@ -185,10 +185,11 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
         batch, queue = queue[:n_prompts], queue[n_prompts:]
         prompts = [res.prompts[i] for i in batch for _ in range(k)]  # k consecutive copies per prompt
 
-        # 1. sample y ~ π_θ(·|x), with the behaviour log-probs
+        # 1. sample y ~ π_θ(·|x), with the behaviour log-probs, from the LoRA folded into W0 + s·B·A
         policy.eval()
-        s = sample_micro_batches(policy, prompts, cfg.max_new_tokens, cfg.micro_batch_size, generator,
-                                 eos_token_id=res.eos_id, temperature=cfg.temperature)
+        with folded(policy):
+            s = sample_micro_batches(policy, prompts, cfg.max_new_tokens, cfg.micro_batch_size, generator,
+                                     eos_token_id=res.eos_id, temperature=cfg.temperature)
         mask = s.mask.float()
         chunks = micro_batches(len(prompts), cfg.micro_batch_size)  # whole RLOO groups (validate)
         t1 = time.perf_counter()

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nanowarp.gpt2 import GPT2, GPT2Config
-from nanowarp.lora import LoRALinear, add_lora, dense_state_dict, effective_state_dict, lora_modules
+from nanowarp.lora import LoRALinear, add_lora, dense_state_dict, effective_state_dict, folded, lora_modules
+from nanowarp.sampling import sample, sample_micro_batches
 
 CONFIG = GPT2Config(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 
@@ -96,3 +97,86 @@ def test_adding_lora_twice_is_refused():
     _, adapted = base_and_adapted()
     with pytest.raises(ValueError, match="not a plain nn.Linear"):
         add_lora(adapted, rank=2)
+
+
+# ---- folded for sampling -------------------------------------------------------------------------
+
+PROMPTS = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15], [3, 4, 5, 6], [7, 7]]
+
+
+def own_logprobs(model, s, temperature=1.0):
+    """log π(y_k | x, y_<k) of sampled tokens from model's plain (unfolded, uncached) forward."""
+    idx = torch.cat([s.prompt, s.tokens], 1)
+    mask = torch.cat([s.prompt_mask, s.mask], 1)
+    mask[:, s.prompt.size(1):] = True  # attend to every completion slot (the padding after EOS predicts nothing used)
+    with torch.no_grad():
+        logits = model(idx, mask)[:, s.prompt.size(1) - 1:-1].double() / temperature
+    lp = torch.log_softmax(logits, -1).gather(2, s.tokens[..., None]).squeeze(-1)
+    return lp * s.mask
+
+
+@pytest.mark.parametrize("micro", [0, 2])
+def test_folded_sampling_gives_the_policys_logprobs(micro):
+    _, adapted = base_and_adapted()
+    randomize_factors(adapted)
+    g = torch.Generator().manual_seed(0)
+    with folded(adapted):
+        assert all(m.folded is not None for _, m in lora_modules(adapted))
+        s = sample_micro_batches(adapted, PROMPTS, 12, micro, g, eos_token_id=0, temperature=0.7)
+    assert all(m.folded is None for _, m in lora_modules(adapted))
+    assert s.mask.sum() > len(PROMPTS)
+    assert (s.logprobs.double() - own_logprobs(adapted, s, 0.7)).abs().max() <= 1e-5
+
+
+def test_folding_leaves_the_weights_bit_identical():
+    _, adapted = base_and_adapted()
+    randomize_factors(adapted)
+    before = {k: v.clone() for k, v in adapted.state_dict().items()}
+    w0 = adapted.transformer.h[0].attn.c_attn.weight
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        with folded(adapted):
+            sample(adapted, PROMPTS[:2], 2, generator=g)
+    after = adapted.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert adapted.transformer.h[0].attn.c_attn.weight is w0  # never replaced either
+
+
+def test_folding_leaves_the_lora_gradients_unchanged():
+    _, adapted = base_and_adapted()
+    randomize_factors(adapted)
+
+    def grads():
+        adapted.zero_grad(set_to_none=True)
+        adapted(batch()).logsumexp(-1).sum().backward()
+        return {n: p.grad.clone() for n, p in adapted.named_parameters() if p.requires_grad}
+
+    plain = grads()
+    with folded(adapted):
+        sample(adapted, PROMPTS, 4, generator=torch.Generator().manual_seed(0))
+    again = grads()
+    assert all(torch.equal(plain[n], again[n]) for n in plain)
+
+
+def test_folded_matches_the_unfolded_layers_and_skips_bf16():
+    _, adapted = base_and_adapted()
+    randomize_factors(adapted)
+    with torch.no_grad():
+        unfolded = adapted(batch())
+        with folded(adapted):
+            assert (adapted(batch()) - unfolded).abs().max() <= 1e-5
+    torch.manual_seed(0)
+    bf16 = add_lora(GPT2(CONFIG).to(torch.bfloat16).eval(), rank=4, dtype=torch.float32)
+    with folded(bf16):  # float32 factors on bf16 weights keep their low-rank branch
+        assert all(m.folded is None for _, m in lora_modules(bf16))
+        sample(bf16, PROMPTS, 4, generator=torch.Generator().manual_seed(0))
+
+
+def test_folding_refuses_training_mode_with_dropout():
+    torch.manual_seed(0)
+    adapted = add_lora(GPT2(CONFIG), rank=4, dropout=0.1).train()
+    with pytest.raises(RuntimeError, match="model.eval"):
+        with folded(adapted):
+            pass
+    with folded(adapted.eval()):
+        pass
