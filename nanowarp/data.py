@@ -31,14 +31,13 @@ import numpy as np
 
 from nanowarp.hub import atomic_write, write_json, write_text
 from nanowarp.logger import progress
-from nanowarp.tokenizer import load_tokenizer
+from nanowarp.tokenizer import EOS, load_tokenizer
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 KNOWN_MD5 = {IMDB_URL: "7c2ac02c03563afcf9b574c7e56c153a"}
 LABELS = {"neg": 0, "pos": 1}  # also the order in which the folders are read
 REVIEW = re.compile(r"aclImdb/(train|test)/(pos|neg)/([^/]+)")
 PREFIX_CHARS = 256  # make_prompts encodes this much of each text (20 GPT-2 tokens are ~100 characters)
-EOS = "<|endoftext|>"  # GPT-2's end of text, also its padding token
 
 
 class DataError(Exception):

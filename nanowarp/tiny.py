@@ -19,16 +19,13 @@ The sizes are plain data; reproduce.py's flags override the ones a user may want
 import dataclasses
 import os
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import pre_tokenizers, trainers
 
 from nanowarp.config import PRESETS
 from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig
 from nanowarp.gpt2 import GPT2, GPT2Classifier, GPT2ClassifierConfig, GPT2Config
 from nanowarp.hub import atomic_write, write_json, write_text
-from nanowarp.tokenizer import read_wordpiece
-
-EOS = "<|endoftext|>"
-BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] = 0, as in BERT
+from nanowarp.tokenizer import BERT_SPECIALS, EOS, byte_level_bpe, read_wordpiece, wordpiece
 
 # ---- the tiny setting, as plain data -----------------------------------------------------------
 
@@ -66,10 +63,7 @@ WARP = PRESETS["tiny"]
 def train_bpe(texts, vocab_size, folder, model_max_length):
     """A GPT-2-style byte-level BPE trained on texts, saved as tokenizer.json plus GPT-2's own
     files (vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok = byte_level_bpe()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
@@ -93,8 +87,8 @@ def continuation_pieces(tok, texts):
     return ["##" + c for c in sorted(chars)]
 
 
-def train_wordpiece(texts, vocab_size, folder, model_max_length):
-    """A BERT-style lowercase WordPiece trained on texts, saved as vocab.txt, tokenizer_config.json
+def train_wordpiece(texts, vocab_size, folder, model_max_length, lowercase=True):
+    """A BERT-style WordPiece (lowercase by default) trained on texts, saved as vocab.txt, tokenizer_config.json
     and tokenizer.json (with the [CLS] ... [SEP] template), the same files in every run.
 
     Left alone, the trainer numbers the `##c` pieces it starts from in the order it meets them in a
@@ -102,9 +96,7 @@ def train_wordpiece(texts, vocab_size, folder, model_max_length):
     vocabulary itself would differ from run to run. The pieces are therefore given to it up front,
     sorted, and the vocabulary is then renumbered: the special tokens, then every other token
     sorted. The tokenizer is read back from vocab.txt, as any BERT checkpoint's is."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok = wordpiece(lowercase=lowercase)
     pieces = continuation_pieces(tok, texts)
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS + pieces, show_progress=False)
     tok.train_from_iterator(texts, trainer)
@@ -112,7 +104,7 @@ def train_wordpiece(texts, vocab_size, folder, model_max_length):
     os.makedirs(folder, exist_ok=True)
     write_text(os.path.join(folder, "vocab.txt"), "".join(t + "\n" for t in vocab))
     write_json(os.path.join(folder, "tokenizer_config.json"),
-               {"tokenizer_class": "DistilBertTokenizer", "do_lower_case": True, "model_max_length": model_max_length})
+               {"tokenizer_class": "DistilBertTokenizer", "do_lower_case": lowercase, "model_max_length": model_max_length})
     tok = read_wordpiece(folder)
     atomic_write(os.path.join(folder, "tokenizer.json"), lambda tmp: tok.save(tmp))
     return tok

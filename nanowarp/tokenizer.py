@@ -19,6 +19,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 
 from nanowarp import hub
 
+EOS = "<|endoftext|>"  # GPT-2's end of text, also its BOS, UNK and padding token
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # BERT's special tokens, [PAD] = 0
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -46,32 +48,49 @@ def _register(tok, tokens, vocab):
     return tok
 
 
-def _byte_level_bpe(folder):
-    tok = Tokenizer(models.BPE.from_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")))
+def byte_level_bpe(model=None):
+    """GPT-2's byte-level BPE pipeline around a `models.BPE` (an empty one, to train)."""
+    tok = Tokenizer(model or models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return _register(tok, _special_tokens(folder, ["<|endoftext|>"]), tok.get_vocab())
+    return tok
+
+
+def wordpiece(vocab=None, unk="[UNK]", lowercase=True, strip_accents=None, chinese_chars=True, cls="[CLS]",
+              sep="[SEP]"):
+    """BERT's WordPiece pipeline, as BertTokenizerFast builds it: over `vocab` ({token: id}), with
+    `cls` ... `sep` around each sequence when the vocabulary has them; without a vocabulary, an
+    empty one to train."""
+    vocab = vocab or {}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=chinese_chars,
+                                                strip_accents=strip_accents, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    if cls in vocab and sep in vocab:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+            special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
+    return tok
+
+
+def read_bpe(folder):
+    """GPT-2's byte-level BPE from vocab.json + merges.txt, its special tokens registered."""
+    tok = byte_level_bpe(models.BPE.from_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")))
+    return _register(tok, _special_tokens(folder, [EOS]), tok.get_vocab())
 
 
 def read_wordpiece(folder):
     """BERT's WordPiece from vocab.txt (+ tokenizer_config.json), as BertTokenizerFast builds it."""
     config = _read_json(folder, "tokenizer_config.json")
-    lowercase = config.get("do_lower_case", True)
     with open(os.path.join(folder, "vocab.txt"), encoding="utf-8") as f:
         vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
     unk = config.get("unk_token", "[UNK]")
-    tok = Tokenizer(models.WordPiece(vocab, unk_token=unk if unk in vocab else "[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=config.get("tokenize_chinese_chars", True),
-                                                strip_accents=config.get("strip_accents"), lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    cls, sep = config.get("cls_token", "[CLS]"), config.get("sep_token", "[SEP]")
-    if cls in vocab and sep in vocab:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
-            special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
-    return _register(tok, _special_tokens(folder, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]), vocab)
+    tok = wordpiece(vocab, unk if unk in vocab else "[UNK]", config.get("do_lower_case", True),
+                    config.get("strip_accents"), config.get("tokenize_chinese_chars", True),
+                    config.get("cls_token", "[CLS]"), config.get("sep_token", "[SEP]"))
+    return _register(tok, _special_tokens(folder, BERT_SPECIALS), vocab)
 
 
 def load_tokenizer(name_or_path):
@@ -82,7 +101,7 @@ def load_tokenizer(name_or_path):
         if has("tokenizer.json"):
             return Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
         if has("vocab.json", "merges.txt"):
-            return _byte_level_bpe(folder)
+            return read_bpe(folder)
         if has("vocab.txt"):
             return read_wordpiece(folder)
     except Exception as e:  # the tokenizers library raises plain Exceptions on malformed files

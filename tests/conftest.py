@@ -7,15 +7,14 @@ import shutil
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from nanowarp import tiny
 from nanowarp.gpt2 import GPT2, GPT2Classifier, GPT2ClassifierConfig, GPT2Config
+from nanowarp.tokenizer import EOS
 
 # The test models are tiny: one thread runs them as fast as two, and far faster when the cores
 # are busy with other work (thread oversubscription); it also fixes float reduction order.
 torch.set_num_threads(1)
-
-EOS = "<|endoftext|>"
 
 # Review-like text with what the real data has: <br /> tags, unicode, quotes, digits.
 REVIEWS = [
@@ -38,53 +37,30 @@ REVIEWS = [
 ]
 
 
-def train_bpe(vocab_size=400):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(REVIEWS, trainer)
-    return tok
-
-
-def save_bpe(tok, folder, layout):
-    """layout 'json': tokenizer.json; 'vocab': vocab.json + merges.txt as lvwerra/gpt2-imdb ships."""
-    os.makedirs(folder, exist_ok=True)
-    if layout == "json":
-        tok.save(os.path.join(folder, "tokenizer.json"))
-    else:
-        tok.model.save(folder)
-        with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
-            json.dump({"bos_token": EOS, "eos_token": EOS, "unk_token": EOS}, f)
+def bpe_folder(folder, layout="vocab"):
+    """The fixture byte-level BPE (tiny.train_bpe on REVIEWS, 400 tokens) in one layout a checkpoint
+    ships: 'vocab': vocab.json + merges.txt + special_tokens_map.json, as lvwerra/gpt2-imdb;
+    'json': tokenizer.json alone."""
+    tiny.train_bpe(REVIEWS, 400, folder, 128)
+    drop = ("tokenizer.json", "tokenizer_config.json") if layout == "vocab" else \
+        ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+    for name in drop:
+        os.remove(os.path.join(folder, name))
     return folder
 
 
-def train_wordpiece(vocab_size=300, lowercase=True):
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size,
-                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tok.train_from_iterator(REVIEWS, trainer)
-    return tok
-
-
-def save_wordpiece(tok, folder, lowercase=True):
-    """vocab.txt + tokenizer_config.json, as BERT checkpoints ship."""
-    os.makedirs(folder, exist_ok=True)
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
-        f.write("".join(t + "\n" for t, _ in vocab))
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"do_lower_case": lowercase}, f)
+def wordpiece_folder(folder, lowercase=True):
+    """The fixture WordPiece (tiny.train_wordpiece on REVIEWS, 300 tokens) as BERT checkpoints ship
+    it: vocab.txt + tokenizer_config.json (do_lower_case), no tokenizer.json."""
+    tiny.train_wordpiece(REVIEWS, 300, folder, 512, lowercase)
+    os.remove(os.path.join(folder, "tokenizer.json"))
     return folder
 
 
 @pytest.fixture(scope="session")
 def bpe_dir(tmp_path_factory):
     """A byte-level BPE tokenizer in the vocab.json + merges.txt layout."""
-    return save_bpe(train_bpe(), str(tmp_path_factory.mktemp("bpe")), "vocab")
+    return bpe_folder(str(tmp_path_factory.mktemp("bpe")))
 
 
 @pytest.fixture(scope="session")
@@ -169,7 +145,7 @@ def tiny_reward_dir(tmp_path_factory):
     """A random 2-layer DistilBERT sentiment classifier (labels NEGATIVE, POSITIVE) with a
     WordPiece tokenizer trained on REVIEWS, in the Hugging Face layout (vocab.txt)."""
     from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig
-    folder = save_wordpiece(train_wordpiece(), str(tmp_path_factory.mktemp("reward")))
+    folder = wordpiece_folder(str(tmp_path_factory.mktemp("reward")))
     with open(os.path.join(folder, "vocab.txt"), encoding="utf-8") as f:
         vocab = [line.rstrip("\n") for line in f]
     torch.manual_seed(0)

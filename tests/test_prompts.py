@@ -9,7 +9,7 @@ import torch
 
 import eval as eval_script
 import train
-from conftest import save_wordpiece, train_wordpiece
+from conftest import wordpiece_folder
 from nanowarp.data import DataError, load_prompt_file
 from nanowarp.reward import RewardModel
 from nanowarp.tokenizer import load_tokenizer
@@ -21,7 +21,7 @@ PROMPTS = ["The soup tasted", "My neighbour's garden is", "Yesterday the train",
 def emotion_dir(tmp_path_factory):
     """A random 3-label DistilBERT classifier: labels joy, anger, calm (none called POSITIVE)."""
     from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig
-    folder = save_wordpiece(train_wordpiece(), str(tmp_path_factory.mktemp("emotion")))
+    folder = wordpiece_folder(str(tmp_path_factory.mktemp("emotion")))
     vocab = open(os.path.join(folder, "vocab.txt"), encoding="utf-8").read().split("\n")
     torch.manual_seed(1)
     config = DistilBertConfig(vocab_size=len(vocab) - 1, max_position_embeddings=256, dim=32, n_layers=1, n_heads=4,

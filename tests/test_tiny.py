@@ -8,7 +8,7 @@ import sys
 
 from conftest import REVIEWS
 from nanowarp import tiny
-from nanowarp.tokenizer import load_tokenizer
+from nanowarp.tokenizer import BERT_SPECIALS, load_tokenizer
 
 # Trains both tokenizers in a fresh process: the tokenizers library visits words in the order of a
 # hash map seeded anew in each process, which is where run-to-run differences would come from.
@@ -37,7 +37,7 @@ def test_wordpiece_is_renumbered_and_read_back(tmp_path):
     with open(tmp_path / "vocab.txt", encoding="utf-8") as f:
         vocab = f.read().splitlines()
     assert len(vocab) == trained.get_vocab_size() == len(set(vocab))
-    assert vocab[:5] == tiny.BERT_SPECIALS and vocab[5:] == sorted(vocab[5:])
+    assert vocab[:5] == BERT_SPECIALS and vocab[5:] == sorted(vocab[5:])
     # every character that continues a word has its ## piece, so no word of the texts is [UNK]
     loaded = load_tokenizer(str(tmp_path))
     for text in REVIEWS:

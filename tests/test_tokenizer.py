@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from conftest import EOS, save_bpe, save_wordpiece, train_bpe, train_wordpiece
+from conftest import bpe_folder, wordpiece_folder
 from nanowarp.hub import CheckpointError
-from nanowarp.tokenizer import load_tokenizer
+from nanowarp.tokenizer import EOS, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,7 +25,7 @@ TEXTS = [
 
 @pytest.mark.parametrize("layout", ["vocab", "json"])
 def test_bpe_ids_match_gpt2_tokenizer(tmp_path, layout):
-    folder = save_bpe(train_bpe(), str(tmp_path), layout)
+    folder = bpe_folder(str(tmp_path), layout)
     ours = load_tokenizer(folder)
     ref = transformers.GPT2TokenizerFast.from_pretrained(folder)
     for text in TEXTS:
@@ -41,7 +41,7 @@ def test_bpe_eos_text_is_one_token(bpe_dir):
 
 @pytest.mark.parametrize("lowercase", [True, False])
 def test_wordpiece_ids_match_bert_tokenizer(tmp_path, lowercase):
-    folder = save_wordpiece(train_wordpiece(lowercase=lowercase), str(tmp_path), lowercase)
+    folder = wordpiece_folder(str(tmp_path), lowercase)
     ours = load_tokenizer(folder)
     ref = transformers.BertTokenizerFast.from_pretrained(folder)
     for text in TEXTS + ["[CLS] inside [SEP] text [MASK]"]:
@@ -51,7 +51,7 @@ def test_wordpiece_ids_match_bert_tokenizer(tmp_path, lowercase):
 
 
 def test_wordpiece_tokenizer_json_layout(tmp_path):
-    folder = save_wordpiece(train_wordpiece(), str(tmp_path))
+    folder = wordpiece_folder(str(tmp_path))
     ref = transformers.BertTokenizerFast.from_pretrained(folder)
     ref.save_pretrained(str(tmp_path / "json"))
     os.remove(tmp_path / "json" / "vocab.txt") if (tmp_path / "json" / "vocab.txt").exists() else None
