@@ -106,6 +106,27 @@ def warmup_steps(cfg, total):
     return min(cfg.train_warmup, total // 10)
 
 
+def fit(model, params, steps, loss_fn, cfg, device, name, log, grad_clip=None):
+    """The supervised loop of both stages: one AdamW step on `params` per batch of example indices
+    in `steps`, on the mean loss `loss_fn(indices)`; learning rate cfg.train_lr, linear warm-up
+    (warmup_steps) then linear decay to 0; the gradient norm clipped to grad_clip when given."""
+    opt = torch.optim.AdamW(params, lr=cfg.train_lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps(cfg, len(steps)), len(steps)))
+    start = time.perf_counter()
+    for step, idx in enumerate(progress(steps, name, unit="step"), 1):
+        model.train()
+        with autocast(device):
+            loss = loss_fn(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        sched.step()
+        if step % cfg.log_every == 0 or step == len(steps):
+            log(f"{name} step {step}/{len(steps)} | loss {loss.item():.4f} | {time.perf_counter() - start:.0f}s")
+
+
 def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None, test_limit=None,
                        name="reward_model"):
     """Fine-tune a sentiment classifier; writes OUT/`name` and returns its test accuracy
@@ -128,22 +149,14 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
         windows, window_labels = word_windows(texts, labels, cfg.windows, cfg.min_window_words,
                                               cfg.max_window_words, cfg.seed)
         texts, labels, sizes = texts + windows, labels + window_labels, sizes + [len(windows)]
-    steps = grouped_batches(sizes, cfg.train_batch_size, cfg.epochs, cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train_lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps(cfg, len(steps)), len(steps)))
-    start = time.perf_counter()
-    for step, idx in enumerate(progress(steps, "reward model", unit="step"), 1):
-        model.train()
+
+    def loss(idx):  # cross-entropy of the labels, on right-padded texts
         ids, mask = right_pad([e.ids for e in tokenizer.encode_batch([texts[i] for i in idx])],
                               model.config.pad_token_id or 0, device)
-        with autocast(device):
-            loss = F.cross_entropy(model(ids, mask).float(), torch.tensor([labels[i] for i in idx], device=device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % cfg.log_every == 0 or step == len(steps):
-            log(f"reward model step {step}/{len(steps)} | loss {loss.item():.4f} | {time.perf_counter() - start:.0f}s")
+        return F.cross_entropy(model(ids, mask).float(), torch.tensor([labels[i] for i in idx], device=device))
+
+    fit(model, list(model.parameters()), grouped_batches(sizes, cfg.train_batch_size, cfg.epochs, cfg.seed), loss,
+        cfg, device, "reward model", log)
     # save first: scoring 25,000 test reviews takes minutes, and a crash then must not lose the model
     out = os.path.join(cfg.out_dir, name)
     model.save_pretrained(out)
@@ -205,23 +218,12 @@ def train_sft(cfg, device, log=print, model=None, tokenizer_folder=None, lora=Tr
         return [fit_review(e, text, max_len, eos) for e, text in zip(tokenizer.encode_batch(texts), texts)]
 
     texts, _ = load_reviews(cfg.data, "train")
-    steps = batches(len(texts), cfg.train_batch_size, cfg.epochs, cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train_lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps(cfg, len(steps)), len(steps)))
-    start = time.perf_counter()
-    for step, idx in enumerate(progress(steps, "sft", unit="step"), 1):
-        model.train()
-        ids, mask = right_pad(encode([texts[i] for i in idx]), eos, device)
-        with autocast(device):
-            loss = lm_loss(model, ids, mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % cfg.log_every == 0 or step == len(steps):
-            log(f"sft step {step}/{len(steps)} | loss {loss.item():.4f} | {time.perf_counter() - start:.0f}s")
+
+    def loss(idx):  # next-token NLL of the reviews, each followed by EOS, right-padded with EOS
+        return lm_loss(model, *right_pad(encode([texts[i] for i in idx]), eos, device))
+
+    fit(model, [p for p in model.parameters() if p.requires_grad],
+        batches(len(texts), cfg.train_batch_size, cfg.epochs, cfg.seed), loss, cfg, device, "sft", log, grad_clip=1.0)
     test_texts = test_subset(*load_reviews(cfg.data, "test"), test_limit or cfg.test_limit or None)[0]
     ppl = perplexity(model, encode(test_texts), eos, device)
     out = os.path.join(cfg.out_dir, "sft")
