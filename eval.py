@@ -30,14 +30,13 @@ it continues with the models and sweep points it has not finished.
 import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from nanowarp import hub
-from nanowarp.config import flag, parse_args as parse_flags
+from nanowarp import hub, merging
+from nanowarp.config import fail, flag, parse_args as parse_flags
 from nanowarp.data import DataError, load_meta, load_prompt_file, load_prompts
 from nanowarp.evaluate import evaluate, heldout_sequences, liti_sweep, plot
 from nanowarp.gpt2 import GPT2
@@ -100,12 +99,6 @@ def parse_args(argv=None):
     return parse_flags(argv, Args, presets=None, description=__doc__)
 
 
-def fail(message):
-    """A user error: one line on stderr, exit status 2."""
-    print(f"eval.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def validate(args):
     checks = [
         (args.models or args.sweep, "nothing to evaluate: give --models, --sweep A B, or both"),
@@ -119,11 +112,11 @@ def validate(args):
     ]
     for ok, message in checks:
         if not ok:
-            fail(message)
+            fail("eval.py", message)
     try:
         check_report_to(args.report_to)
     except ValueError as e:
-        fail(str(e))
+        fail("eval.py", str(e))
 
 
 # What a policy is scored with: a train.py job's own values for its checkpoints, unless given here.
@@ -152,11 +145,12 @@ def load_gpt2(name, role, ref=None):
     try:
         model = GPT2.from_pretrained(name)
     except hub.CheckpointError as e:
-        fail(f"{role} {name}: {e}")
+        fail("eval.py", f"{role} {name}: {e}")
     if ref is not None and (model.config.vocab_size, model.config.eos_token_id) != \
             (ref.config.vocab_size, ref.config.eos_token_id):
-        fail(f"{role} {name} has vocab_size={model.config.vocab_size}, eos={model.config.eos_token_id} but --ref "
-             f"has vocab_size={ref.config.vocab_size}, eos={ref.config.eos_token_id}: the KL needs one vocabulary")
+        fail("eval.py", f"{role} {name} has vocab_size={model.config.vocab_size}, eos={model.config.eos_token_id} "
+                        f"but --ref has vocab_size={ref.config.vocab_size}, eos={ref.config.eos_token_id}: the KL "
+                        f"needs one vocabulary")
     return model
 
 
@@ -164,15 +158,15 @@ def check_prompts(prompts, args, ref):
     """The prompts fit the reference tokenizer and the context window."""
     meta_eos = None if args.prompts else load_meta(args.data).get("eos_token_id")
     if meta_eos is not None and meta_eos != ref.config.eos_token_id:
-        fail(f"{args.data} was prepared with a tokenizer whose EOS is {meta_eos}, but --ref's is "
-             f"{ref.config.eos_token_id}: prepare the data with the policy's tokenizer")
+        fail("eval.py", f"{args.data} was prepared with a tokenizer whose EOS is {meta_eos}, but --ref's is "
+                        f"{ref.config.eos_token_id}: prepare the data with the policy's tokenizer")
     if max(max(p) for p in prompts) >= ref.config.vocab_size:
-        fail(f"{args.data} holds token ids beyond --ref's vocabulary ({ref.config.vocab_size}): "
-             f"prepare the data with the policy's tokenizer")
+        fail("eval.py", f"{args.data} holds token ids beyond --ref's vocabulary ({ref.config.vocab_size}): "
+                        f"prepare the data with the policy's tokenizer")
     longest = max(len(p) for p in prompts)
     if longest + args.max_new_tokens > ref.config.n_positions:
-        fail(f"the longest prompt ({longest} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds the "
-             f"model's context ({ref.config.n_positions}): lower --max_new_tokens")
+        fail("eval.py", f"the longest prompt ({longest} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds "
+                        f"the model's context ({ref.config.n_positions}): lower --max_new_tokens")
 
 
 def load_progress(path, args):
@@ -209,12 +203,12 @@ def main(argv=None):
                      *([args.judge] if args.judge else [])):
             hub.resolve(name)
     except (DataError, hub.CheckpointError) as e:
-        fail(str(e))
+        fail("eval.py", str(e))
     if args.prompts:
         try:
             prompts = load_prompt_file(args.prompts, load_tokenizer(args.ref))
         except (DataError, hub.CheckpointError) as e:
-            fail(str(e))
+            fail("eval.py", str(e))
     if args.n_prompts > len(prompts):
         print(f"note: {args.prompts or args.data} has {len(prompts)} eval prompts, fewer than --n_prompts {args.n_prompts}: using all")
     prompts = prompts[:args.n_prompts]
@@ -229,7 +223,7 @@ def main(argv=None):
         heldout = heldout_sequences(args.data, args.heldout, tokenizer, ref.config.n_positions,
                                     ref.config.eos_token_id) if args.heldout else None
     except (DataError, hub.CheckpointError) as e:
-        fail(str(e))
+        fail("eval.py", str(e))
     logger = Logger(args.report_to, os.path.dirname(os.path.abspath(args.out)), "eval", dataclasses.asdict(args))
 
     def settings(name):
@@ -238,7 +232,7 @@ def main(argv=None):
         try:
             reward_model.positive = reward_model.label_index(scoring["reward_label"])
         except ValueError as e:
-            fail(str(e))
+            fail("eval.py", str(e))
         reward_model.kind, reward_model.no_eos_penalty = scoring["reward_kind"], scoring["no_eos_penalty"]
         return scoring, dict(max_new_tokens=args.max_new_tokens, temperature=scoring["temperature"],
                              batch_size=args.batch_size, seed=args.seed, samples=args.samples,
@@ -261,7 +255,7 @@ def main(argv=None):
             hub.write_json(progress, dict(args=vars(args), rows=rows))
             hub.write_json(args.out, rows)
         except hub.DiskFullError as e:
-            fail(str(e))
+            fail("eval.py", str(e))
 
     def record(name, result, scoring, **extra):
         """Keep a new row (--out, --out.partial, the logger), print a progress line."""
@@ -301,12 +295,12 @@ def main(argv=None):
     etas = [eta for eta in args.etas if point(eta) not in done]
     if args.sweep and etas:
         model_a, model_b = load_gpt2(a, "--sweep", ref), load_gpt2(b, "--sweep", ref)
-        differ = [f"{f.name} {getattr(model_a.config, f.name)} vs {getattr(model_b.config, f.name)}"
-                  for f in dataclasses.fields(model_a.config)
-                  if getattr(model_a.config, f.name) != getattr(model_b.config, f.name)]
-        if differ:
-            fail(f"--sweep {a} and {b} have different architectures ({', '.join(differ)})")
         theta_a, theta_b = model_a.hf_state_dict(), model_b.hf_state_dict()
+        try:
+            merging.check_compatible([theta_a, theta_b], [f"--sweep {a}", f"--sweep {b}"],
+                                     [model_a.config, model_b.config])
+        except ValueError as e:
+            fail("eval.py", str(e))
         policy = GPT2(model_a.config).to(device, dtype).eval()  # a third model: theta_a shares model_a's storage
         scoring, kwargs = settings(b)  # scored as B's job was trained
         liti_sweep(theta_a, theta_b, etas, policy, ref, reward_model, prompts, tokenizer, eos_id,

@@ -17,16 +17,14 @@ never half-written: a failed merge (a full disk, a kill) leaves what was there b
 """
 
 import dataclasses
-import math
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 
 from nanowarp import hub, merging
 from nanowarp.card import model_card
-from nanowarp.config import flag, parse_args as parse_flags
+from nanowarp.config import fail, flag, parse_args as parse_flags
 from nanowarp.gpt2 import GPT2
 from nanowarp.warp import save_policy
 
@@ -51,12 +49,6 @@ def parse_args(argv=None):
     return parse_flags(argv, Args, presets=None, description=__doc__)
 
 
-def fail(message):
-    """A user error: one line on stderr, exit status 2, nothing written."""
-    print(f"merge.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def parse_etas(etas):
     """{folder name: η} for the η strings as typed; refuses anything outside [0, 1]."""
     out = {}
@@ -64,11 +56,11 @@ def parse_etas(etas):
         try:
             value = float(e)
         except ValueError:
-            fail(f"--eta {e!r} is not a number; give values in [0, 1]")
+            fail("merge.py", f"--eta {e!r} is not a number; give values in [0, 1]")
         if not 0 <= value <= 1:  # also refuses nan
-            fail(f"--eta {e} is outside [0, 1] (0 keeps the base, 1 gives the merge)")
+            fail("merge.py", f"--eta {e} is outside [0, 1] (0 keeps the base, 1 gives the merge)")
         if f"eta_{e}" in out:
-            fail(f"--eta {e} is given twice")
+            fail("merge.py", f"--eta {e} is given twice")
         out[f"eta_{e}"] = value
     return out
 
@@ -79,7 +71,7 @@ def load(name, role):
         folder = hub.resolve(name)
         model = GPT2.from_pretrained(folder)
     except hub.CheckpointError as e:
-        fail(f"{role} {name}: {e}")
+        fail("merge.py", f"{role} {name}: {e}")
     return model.hf_state_dict(), model.config, folder
 
 
@@ -106,36 +98,6 @@ def write_checkpoint(folder, theta, config, tokenizer_folder, card=None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_same_architecture(names, configs):
-    """Every GPT2Config equal to the first one, or an error naming the first difference."""
-    ref_name, ref = names[0], configs[0]
-    for name, config in zip(names[1:], configs[1:]):
-        for f in dataclasses.fields(config):
-            a, b = getattr(ref, f.name), getattr(config, f.name)
-            if a != b:
-                fail(f"{name} has {f.name}={b} but {ref_name} has {f.name}={a}: "
-                     f"merge only checkpoints of the same architecture")
-
-
-def task_vector_stats(init, thetas, merged):
-    """Cheap diagnostics, one tensor at a time: the mean per-tensor cos Ω between task vectors
-    (the angles SLERP works with), and ‖δ_merge‖ / mean_m ‖δ_m‖ over the whole model (LERP
-    shrinks the task vector when the runs disagree; SLERP keeps its norm, Lemma 1)."""
-    cosines, sq_norms, merged_sq_norm = [], [0.0] * len(thetas), 0.0
-    for k in init:
-        base = init[k].double().flatten()
-        deltas = [t[k].double().flatten() - base for t in thetas]
-        norms = [d.norm().item() for d in deltas]
-        for i in range(len(deltas)):
-            sq_norms[i] += norms[i] ** 2
-            cosines += [(deltas[i] @ deltas[j]).item() / (norms[i] * norms[j])
-                        for j in range(i + 1, len(deltas)) if norms[i] * norms[j] > 0]
-        merged_sq_norm += (merged[k].double().flatten() - base).square().sum().item()
-    mean_norm = sum(math.sqrt(s) for s in sq_norms) / len(thetas)
-    return (sum(cosines) / len(cosines) if cosines else None), \
-        (math.sqrt(merged_sq_norm) / mean_norm if mean_norm > 0 else None)
-
-
 def main(argv=None):
     args = parse_args(argv)
     etas = parse_etas(args.eta)
@@ -146,11 +108,10 @@ def main(argv=None):
     if args.liti_base is not None:
         checkpoints.append(("--liti_base " + args.liti_base, *load(args.liti_base, "--liti_base")))
     names, thetas, configs, folders = zip(*checkpoints)
-    check_same_architecture(names, configs)
     try:
-        merging.check_compatible(list(thetas), list(names))
+        merging.check_compatible(list(thetas), list(names), list(configs))
     except ValueError as e:
-        fail(str(e))
+        fail("merge.py", str(e))
     init, init_config, init_folder = thetas[0], configs[0], folders[0]
     policies = list(thetas[1:1 + len(args.policies)])
     base = thetas[-1] if args.liti_base is not None else init
@@ -158,12 +119,13 @@ def main(argv=None):
         else {args.out: next(iter(etas.values()))}
     for folder in outputs:
         if os.path.realpath(folder) in {os.path.realpath(f) for f in folders}:
-            fail(f"output {folder} is one of the input checkpoints: choose another --out")
+            fail("merge.py", f"output {folder} is one of the input checkpoints: choose another --out")
 
     # 2. θ_merge = SLERP(θ_init, {θ_m}), per tensor (or LERP: θ_init + mean_m δ_m)
     merge = merging.slerp if args.method == "slerp" else merging.lerp
     merged = merge(init, policies)
-    cos, ratio = task_vector_stats(init, policies, merged)
+    geometry = merging.task_vector_stats(init, policies, merged)
+    cos, ratio = geometry["cos_per_tensor_mean"], geometry["merge_norm_ratio"]
     print(f"merged {len(policies)} policies with {args.method} around {args.init}"
           + (f" | mean cos Ω between task vectors {cos:.4f}" if cos is not None else "")
           + (f" | ‖δ_merge‖ / mean ‖δ_m‖ = {ratio:.4f}" if ratio is not None else ""))
@@ -180,7 +142,7 @@ def main(argv=None):
         try:
             write_checkpoint(folder, merging.liti(base, merged, eta), init_config, init_folder, card)
         except hub.DiskFullError as e:
-            fail(f"{e}" + (f" (the outputs written before, {', '.join(done)}, are complete)" if done else ""))
+            fail("merge.py", f"{e}" + (f" (the outputs written before, {', '.join(done)}, are complete)" if done else ""))
         print(f"wrote {folder}: (1 - {eta:g}) * {base_name} + {eta:g} * {args.method}")
         done.append(folder)
 

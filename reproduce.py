@@ -54,7 +54,7 @@ sys.path.insert(0, ROOT)  # run from anywhere without installing
 
 import train  # noqa: E402  (train.main(argv) is `python train.py ARGV`)
 from nanowarp import hub, merging, tiny  # noqa: E402
-from nanowarp.config import Config, changed_flags, flag, parse_args as parse_flags  # noqa: E402
+from nanowarp.config import Config, changed_flags, fail, flag, parse_args as parse_flags  # noqa: E402
 from nanowarp.hub import write_json  # noqa: E402
 from nanowarp.data import IMDB_URL, DataError, clean, load_prompts, load_reviews, prepare, read_imdb  # noqa: E402
 from nanowarp.evaluate import evaluate, heldout_sequences  # noqa: E402
@@ -188,8 +188,8 @@ def check_settings(args):
     if os.path.isfile(path):
         differing = changed_flags(json.load(open(path)), settings)
         if differing:
-            sys.exit(f"reproduce.py: error: {args.out_dir} holds a reproduction with other settings: "
-                     f"{', '.join(differing)}. Use its settings to resume it, or another --out_dir")
+            fail("reproduce.py", f"{args.out_dir} holds a reproduction with other settings: {', '.join(differing)}. "
+                                 f"Use its settings to resume it, or another --out_dir")
     write_json(path, settings)
 
 
@@ -498,21 +498,11 @@ def evaluate_seed(args, seed):
 
 
 def task_vector_geometry(init, thetas, merged):
-    """The two runs' task vectors δ_m = θ_m − θ_init and the merge's: cos between δ_1 and δ_2 over
-    the whole model and per tensor (median, over the tensors the runs changed), their norms, and
-    ‖δ_merge‖ / mean_m ‖δ_m‖ (SLERP keeps the norm when the δ_m have equal norms; LERP shrinks it)."""
-    dot, sq1, sq2, sq_merged, per_tensor = 0.0, 0.0, 0.0, 0.0, []
-    for k in init:
-        base = init[k].double().flatten()
-        d1, d2 = thetas[0][k].double().flatten() - base, thetas[1][k].double().flatten() - base
-        n1, n2 = d1.norm().item(), d2.norm().item()
-        dot, sq1, sq2 = dot + (d1 @ d2).item(), sq1 + n1 ** 2, sq2 + n2 ** 2
-        sq_merged += (merged[k].double().flatten() - base).square().sum().item()
-        if n1 > 0 and n2 > 0:
-            per_tensor.append((d1 @ d2).item() / (n1 * n2))
-    n1, n2 = math.sqrt(sq1), math.sqrt(sq2)
-    return dict(cos=dot / (n1 * n2), cos_per_tensor_median=float(np.median(per_tensor)), tensors=len(per_tensor),
-                norm_1=n1, norm_2=n2, merge_norm_ratio=math.sqrt(sq_merged) / ((n1 + n2) / 2))
+    """merging.task_vector_stats of the two runs and their merge, as results.json records them: cos
+    between δ_1 and δ_2 over the whole model and per tensor (median), their norms, and
+    ‖δ_merge‖ / mean ‖δ_m‖."""
+    stats = merging.task_vector_stats(init, thetas, merged)
+    return {k: stats[k] for k in ("cos", "cos_per_tensor_median", "tensors", "norm_1", "norm_2", "merge_norm_ratio")}
 
 
 # ---- stage 7: the report -----------------------------------------------------------------------
@@ -895,7 +885,7 @@ def main(argv=None):
             evals.append(stages(f"seed_{seed}/evaluate", out(f"seed_{seed}"), lambda: evaluate_seed(args, seed),
                                 after=models + ["judge"] + jobs))
     except (DataError, hub.CheckpointError, ValueError) as e:
-        sys.exit(f"reproduce.py: error: {e}")
+        fail("reproduce.py", e)
     start = time.perf_counter()
     markdown, plotted = report(args, stages, evals)
     print(f"\n=== report: {time.perf_counter() - start:.1f}s\n\n{markdown}")

@@ -3,11 +3,13 @@ Every hyperparameter of a WARP job in one dataclass, with the defaults of the re
 reproduction (SPEC §2: GPT-2 on IMDB), and presets as plain data.
 
 `parse_args` turns the dataclass into command-line flags: one flag per field, its help the
-field's one-line comment, so `python train.py --help` documents everything.
+field's one-line comment, so `python train.py --help` documents everything. Every script parses
+its own `Args` dataclass the same way, and reports a user error with `fail` (or `user_error`).
 """
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 
 
@@ -153,3 +155,15 @@ def parse_args(argv=None, cls=Config, presets=PRESETS, description=None, dashes=
             parser.error(f"unknown --preset {known.preset!r}; choose from {', '.join(presets)}")
         parser.set_defaults(**presets[known.preset])
     return cls(**vars(parser.parse_args(argv)))
+
+
+def user_error(script, message):
+    """Report a user error as argparse does, on one line of stderr: `SCRIPT: error: MESSAGE`.
+    Returns the exit status of a user error, 2."""
+    print(f"{script}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def fail(script, message):
+    """A user error that ends the script: user_error, then exit status 2, no traceback."""
+    sys.exit(user_error(script, message))

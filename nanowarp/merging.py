@@ -15,8 +15,10 @@ weights, buffers such as causal masks) are returned unchanged; a non-floating te
 (an integer or boolean buffer) that differs between checkpoints is an error, not merged.
 """
 
+import dataclasses
 import math
 
+import numpy as np
 import torch
 
 # Below this sin Ω (Ω within ~0.006° of 0° or 180°), the 1/sin Ω coefficients are too
@@ -26,11 +28,18 @@ import torch
 SIN_EPS = 1e-4
 
 
-def check_compatible(dicts, names=None):
-    """Raise ValueError unless all state dicts have the same keys and the same shapes."""
+def check_compatible(dicts, names=None, configs=None):
+    """Raise ValueError unless all state dicts have the same keys and the same shapes, and (given
+    their model configs, dataclasses such as GPT2Config) the same architecture; the message names
+    the first difference."""
     names = names or [f"checkpoint {i}" for i in range(len(dicts))]
     ref, ref_name = dicts[0], names[0]
-    for d, name in zip(dicts[1:], names[1:]):
+    for i, (d, name) in enumerate(zip(dicts[1:], names[1:]), 1):
+        for f in dataclasses.fields(configs[0]) if configs else ():
+            a, b = getattr(configs[0], f.name), getattr(configs[i], f.name)
+            if a != b:
+                raise ValueError(f"{name} has {f.name}={b} but {ref_name} has {f.name}={a}: "
+                                 f"merge only checkpoints of the same architecture")
         for k, v in ref.items():
             if k not in d:
                 raise ValueError(f"{name} has no tensor '{k}' that {ref_name} has; "
@@ -49,6 +58,42 @@ def task_vector(init, theta):
     """δ = θ − θ_init, per tensor."""
     check_compatible([init, theta], ["init", "theta"])
     return {k: theta[k] - init[k] for k in init}
+
+
+def task_vector_stats(init, thetas, merged):
+    """How the task vectors δ_m = θ_m − θ_init of M runs and their merge's δ_merge lie, in float64,
+    one tensor at a time:
+
+        cos                    cos(δ_i, δ_j) over the whole model, the mean over pairs i < j
+        cos_per_tensor_mean    the per-tensor cos Ω (the angles SLERP works with) over the pairs and
+        cos_per_tensor_median  the tensors both runs changed: mean and median; tensors: how many
+        norm_1 .. norm_M       ‖δ_m‖
+        merge_norm_ratio       ‖δ_merge‖ / mean_m ‖δ_m‖: SLERP keeps the norm when the ‖δ_m‖ are
+                               equal (Lemma 1), LERP shrinks it when the runs disagree
+
+    A quantity with nothing to measure (one run, a zero task vector, no tensor changed) is None."""
+    m = len(thetas)
+    pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
+    dots, sq_norms, merged_sq_norm, per_tensor = {p: 0.0 for p in pairs}, [0.0] * m, 0.0, []
+    for k in init:
+        base = init[k].double().flatten()
+        deltas = [t[k].double().flatten() - base for t in thetas]
+        norms = [d.norm().item() for d in deltas]
+        for i, j in pairs:
+            dot = (deltas[i] @ deltas[j]).item()
+            dots[i, j] += dot
+            if norms[i] > 0 and norms[j] > 0:
+                per_tensor.append(dot / (norms[i] * norms[j]))
+        sq_norms = [s + n ** 2 for s, n in zip(sq_norms, norms)]
+        merged_sq_norm += (merged[k].double().flatten() - base).square().sum().item()
+    norms = [math.sqrt(s) for s in sq_norms]
+    whole = [dots[i, j] / (norms[i] * norms[j]) for i, j in pairs if norms[i] > 0 and norms[j] > 0]
+    mean_norm = sum(norms) / m
+    return dict(cos=sum(whole) / len(whole) if pairs and len(whole) == len(pairs) else None,
+                cos_per_tensor_mean=sum(per_tensor) / len(per_tensor) if per_tensor else None,
+                cos_per_tensor_median=float(np.median(per_tensor)) if per_tensor else None,
+                tensors=len(per_tensor), **{f"norm_{i + 1}": n for i, n in enumerate(norms)},
+                merge_norm_ratio=math.sqrt(merged_sq_norm) / mean_norm if mean_norm > 0 else None)
 
 
 def _slerp_deltas(d1, d2, lam):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nanowarp.merging import check_compatible, lerp, liti, slerp, slerp_pair, task_vector
+from nanowarp.merging import check_compatible, lerp, liti, slerp, slerp_pair, task_vector, task_vector_stats
 
 
 def unit(deg, length=1.0):
@@ -238,3 +238,17 @@ def test_slerp_saturates_instead_of_overflowing_fp16():
     t2 = {"w": torch.tensor([60000.0, -60000.0], dtype=torch.float16)}
     out = slerp(init, [t1, t2])["w"]
     assert torch.isfinite(out).all() and out[0] == torch.finfo(torch.float16).max
+
+
+def test_task_vector_stats_measure_the_angles_and_norms():
+    init = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    runs = [{"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([1.0, 1.0])},
+            {"a": torch.tensor([0.0, 1.0]), "b": torch.tensor([1.0, 1.0])}]
+    stats = task_vector_stats(init, runs, lerp(init, runs))
+    assert stats["cos"] == pytest.approx(2 / 3)  # δ_1 = (1, 0, 1, 1), δ_2 = (0, 1, 1, 1)
+    assert stats["cos_per_tensor_mean"] == pytest.approx(0.5) and stats["cos_per_tensor_median"] == pytest.approx(0.5)
+    assert stats["tensors"] == 2 and stats["norm_1"] == pytest.approx(3 ** 0.5) == stats["norm_2"]
+    assert stats["merge_norm_ratio"] == pytest.approx((2.5 / 3) ** 0.5)  # LERP: ‖(.5, .5, 1, 1)‖ / √3
+    assert task_vector_stats(init, runs, slerp(init, runs))["merge_norm_ratio"] == pytest.approx(1.0)  # equal norms
+    one = task_vector_stats(init, runs[:1], runs[0])  # one run: no angle to measure
+    assert one["cos"] is None and one["cos_per_tensor_mean"] is None and one["merge_norm_ratio"] == pytest.approx(1.0)
