@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from nanowarp import hub, merging
 from nanowarp.card import model_card
 from nanowarp.config import fail, flag, parse_args as parse_flags
-from nanowarp.gpt2 import GPT2
-from nanowarp.warp import save_policy
+from nanowarp.gpt2 import GPT2, save_policy
 
 
 @dataclass

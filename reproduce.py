@@ -54,18 +54,18 @@ sys.path.insert(0, ROOT)  # run from anywhere without installing
 
 import train  # noqa: E402  (train.main(argv) is `python train.py ARGV`)
 from nanowarp import hub, merging, tiny  # noqa: E402
-from nanowarp.config import Config, changed_flags, fail, flag, parse_args as parse_flags  # noqa: E402
+from nanowarp.config import Config, changed_flags, fail, flag, parse_args as parse_flags, resolve_device  # noqa: E402
 from nanowarp.hub import write_json  # noqa: E402
 from nanowarp.data import IMDB_URL, DataError, clean, load_prompts, load_reviews, prepare, read_imdb  # noqa: E402
 from nanowarp.evaluate import evaluate, heldout_sequences  # noqa: E402
-from nanowarp.gpt2 import GPT2  # noqa: E402
+from nanowarp.gpt2 import GPT2, load_theta  # noqa: E402
 from nanowarp.reward import RewardModel  # noqa: E402
 from nanowarp.lora import add_lora  # noqa: E402
-from nanowarp.rl import completion_logprobs, decode, rloo_advantages  # noqa: E402
+from nanowarp.logprobs import completion_logprobs  # noqa: E402
+from nanowarp.rl import decode, rloo_advantages  # noqa: E402
 from nanowarp.sampling import sample  # noqa: E402
 from nanowarp.supervised import test_subset, train_reward_model, train_sft, word_windows  # noqa: E402
 from nanowarp.tokenizer import load_tokenizer  # noqa: E402
-from nanowarp.warp import load_theta, resolve_device  # noqa: E402
 
 
 @dataclass

@@ -18,12 +18,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from anywhere without installing
 
-from nanowarp.config import parse_args  # noqa: E402
+from nanowarp.config import parse_args, resolve_device, validate  # noqa: E402
 from nanowarp.data import DataError  # noqa: E402
 from nanowarp.hub import CheckpointError, DiskFullError  # noqa: E402
+from nanowarp.job import lock_out_dir  # noqa: E402
 from nanowarp.parallel import Interrupted, WorkerError, stop_on_signals  # noqa: E402
 from nanowarp.supervised import train_reward_model, train_sft  # noqa: E402
-from nanowarp.warp import lock_out_dir, resolve_device, validate, warp  # noqa: E402
+from nanowarp.warp import warp  # noqa: E402
 
 
 def main(argv=None):

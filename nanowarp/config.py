@@ -3,7 +3,8 @@ Every hyperparameter of a WARP job in one dataclass, with the defaults of the re
 reproduction (SPEC §2: GPT-2 on IMDB), and presets as plain data.
 
 `parse_args` turns the dataclass into command-line flags: one flag per field, its help the
-field's one-line comment, so `python train.py --help` documents everything. Every script parses
+field's one-line comment, so `python train.py --help` documents everything; `validate` rejects
+impossible values, and `resolve_device` turns --device into a torch.device. Every script parses
 its own `Args` dataclass the same way, and reports a user error with `fail` (or `user_error`).
 """
 
@@ -11,6 +12,10 @@ import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass, field
+
+import torch
+
+from nanowarp.logger import check_report_to
 
 
 def flag(default, help, **kw):
@@ -121,6 +126,45 @@ def changed_flags(earlier, now, free=()):
     in `free` aside, each as "--name old (now new)"."""
     return [f"--{k} {earlier.get(k, '(unset)')} (now {now.get(k, '(unset)')})"
             for k in sorted(set(earlier) | set(now)) if k not in free and earlier.get(k, "(unset)") != now.get(k, "(unset)")]
+
+
+def validate(cfg):
+    """Reject impossible hyperparameters with a message that names the flag."""
+    checks = [
+        (cfg.iterations >= 1, f"--iterations must be >= 1, got {cfg.iterations}"),
+        (cfg.runs >= 1, f"--runs (M) must be >= 1, got {cfg.runs}"),
+        (cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}"),
+        (0 < cfg.ema_rate <= 1, f"--ema_rate (mu) must be in (0, 1], got {cfg.ema_rate}"),
+        (0 <= cfg.liti_rate <= 1, f"--liti_rate (eta) must be in [0, 1], got {cfg.liti_rate}"),
+        (cfg.kl_coef >= 0, f"--kl_coef must be >= 0, got {cfg.kl_coef}"),
+        (cfg.rloo_k >= 1, f"--rloo_k must be >= 1, got {cfg.rloo_k}"),
+        (cfg.batch_size >= cfg.rloo_k and cfg.batch_size % cfg.rloo_k == 0,
+         f"--batch_size ({cfg.batch_size}) must be a positive multiple of --rloo_k ({cfg.rloo_k})"),
+        (cfg.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {cfg.max_new_tokens}"),
+        (cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}"),
+        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
+        (cfg.lora_rank >= 1, f"--lora_rank must be >= 1, got {cfg.lora_rank}"),
+        (cfg.workers >= 0, f"--workers must be >= 0 (0 = one per CUDA device), got {cfg.workers}"),
+        (cfg.threads >= 0, f"--threads must be >= 0 (0 = automatic), got {cfg.threads}"),
+        (cfg.save_every >= 0, f"--save_every must be >= 0 (0 = off), got {cfg.save_every}"),
+        (cfg.log_completions >= 0, f"--log_completions must be >= 0 (0 = off), got {cfg.log_completions}"),
+        (cfg.test_limit >= 0, f"--test_limit must be >= 0 (0 = all), got {cfg.test_limit}"),
+        (cfg.micro_batch_size >= 0 and cfg.micro_batch_size % cfg.rloo_k == 0,
+         f"--micro_batch_size ({cfg.micro_batch_size}) must be 0 (the whole batch) or a positive multiple of "
+         f"--rloo_k ({cfg.rloo_k}), so that each prompt's {cfg.rloo_k} completions stay in one micro-batch"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    check_report_to(cfg.report_to)  # a missing package fails now, not after the first run
+
+
+def resolve_device(name):
+    """--device as a torch.device: auto is cuda when a GPU is visible, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

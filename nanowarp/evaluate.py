@@ -36,8 +36,8 @@ import torch
 from nanowarp import merging
 from nanowarp.logger import completion_rows, progress
 from nanowarp.data import load_reviews
-from nanowarp.logprobs import sequence_kl, token_logprobs
-from nanowarp.rl import completion_hidden, decode
+from nanowarp.logprobs import completion_hidden, sampled_kl, sequence_kl, token_logprobs
+from nanowarp.rl import decode
 from nanowarp.sampling import sample
 from nanowarp.supervised import fit_review, perplexity, test_subset
 
@@ -105,8 +105,7 @@ def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_toke
                                        s.tokens.to(ref_device))
         ref_logprobs = token_logprobs(ref_hidden, ref.lm_head.weight, s.tokens.to(ref_device), temperature)
         mask = s.mask.to(ref_device)
-        # Σ_k log π(y_k|…) − log π_ref(y_k|…), over the completion's tokens only (mask: up to EOS)
-        kls.append(((s.logprobs.to(ref_device) - ref_logprobs) * mask).sum(1).cpu())
+        kls.append(sampled_kl(s.logprobs.to(ref_device), ref_logprobs, mask).cpu())
         # Σ_k KL(π(·|…) ‖ π_ref(·|…)) at the same positions, from one forward pass of the policy
         hidden = completion_hidden(policy, s.prompt, s.prompt_mask, s.tokens).to(ref_device)
         kls_exact.append(sequence_kl(hidden, policy.lm_head.weight.to(ref_device), ref_hidden, ref.lm_head.weight,

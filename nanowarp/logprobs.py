@@ -241,3 +241,24 @@ def _chunk_kl(h, w, h_ref, w_ref, temperature, buffers):
         total_ref = total_ref * (m_ref - m_ref_new).exp() + u.exp_().sum(-1)
         m, m_ref = m_new, m_ref_new
     return weighted / total - total.log() + total_ref.log()
+
+
+# ---- the completions of a policy: what the RL run and the evaluation take ----------------------
+
+def completion_hidden(model, prompt_ids, prompt_mask, tokens):
+    """Hidden states (B, N, d) at the positions that predict the completion tokens (B, N)."""
+    idx = torch.cat([prompt_ids, tokens], 1)[:, :-1]  # the last token predicts nothing we need
+    mask = torch.cat([prompt_mask, torch.ones_like(tokens)], 1)[:, :-1]
+    return model.hidden_states(idx, mask)[:, prompt_ids.size(1) - 1:]
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, tokens, temperature):
+    """log π(y_k | x, y_<k) of the completion tokens (B, N) under a GPT-2 `model`, through the fused log-prob."""
+    h = completion_hidden(model, prompt_ids, prompt_mask, tokens)
+    return token_logprobs(h, model.lm_head.weight, tokens, temperature)
+
+
+def sampled_kl(logprobs, ref_logprobs, mask):
+    """Σ_k [log π(y_k|x, y_<k) − log π_ref(y_k|x, y_<k)] over each completion's masked tokens (mask (B, N):
+    up to and including EOS): for y ~ π, the single-sample estimate of the sequence KL(π‖π_ref). (B,)"""
+    return ((logprobs - ref_logprobs) * mask).sum(1)

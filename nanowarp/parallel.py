@@ -129,18 +129,16 @@ def _print_line(line):
     print(line + "\n", end="", flush=True)  # one write: the lines of two workers do not mix
 
 
-def _worker(index, cfg, device, threads, tasks, results):
-    from nanowarp.warp import load_resources, load_theta_init, train_run  # a spawned process starts empty
-
+def _worker(index, cfg, device, threads, tasks, results, load, train):
     torch.set_num_threads(threads)
-    res = None
+    resources = None
     with stop_on_signals(main=False):
         while (task := _next_task(tasks)) is not None:
             iteration, run = task
             results.put((index, run, "started", None))
             try:
-                res = res or load_resources(cfg, torch.device(device))
-                train_run(cfg, res, iteration, run, load_theta_init(cfg, iteration), log=_print_line)
+                resources = resources or load(cfg, torch.device(device))
+                train(cfg, resources, iteration, run, _print_line)
             except Interrupted:
                 results.put((index, run, "stopped", None))
                 return
@@ -150,14 +148,31 @@ def _worker(index, cfg, device, threads, tasks, results):
             results.put((index, run, "done", None))
 
 
-class WorkerPool:
-    """Worker processes that train and save runs; see the module docstring."""
+def worker_devices(cfg, device, group):
+    """The device of each worker process; at most one worker means training in this process."""
+    if group.size > 1:
+        if cfg.workers > 1:
+            raise ValueError("--workers and torchrun both start processes: use one or the other")
+        return []
+    if device.type == "cuda" and device.index is None:  # "cuda" or "auto": every visible GPU
+        devices = [torch.device("cuda", k) for k in range(torch.cuda.device_count())]
+    else:
+        devices = [device]
+    n = min(cfg.workers or len(devices), cfg.runs)  # more workers than runs would idle
+    return [devices[w % len(devices)] for w in range(n)] if n > 1 else []
 
-    def __init__(self, cfg, devices, threads):
+
+class WorkerPool:
+    """Worker processes that train and save runs; see the module docstring. Each worker calls
+    load(cfg, device) once, for what its runs share (rl.load_resources), then train(cfg, loaded,
+    iteration, run, log) for each run it takes (runner.train_worker_run); both are module-level
+    functions, which a spawned process imports by name."""
+
+    def __init__(self, cfg, devices, threads, load, train):
         ctx = torch.multiprocessing.get_context("spawn")
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
         self.devices = [str(d) for d in devices]
-        self.procs = [ctx.Process(target=_worker, args=(w, cfg, d, threads, self.tasks, self.results),
+        self.procs = [ctx.Process(target=_worker, args=(w, cfg, d, threads, self.tasks, self.results, load, train),
                                   name=f"nanowarp-worker-{w}", daemon=True) for w, d in enumerate(self.devices)]
         for p in self.procs:
             p.start()
@@ -260,7 +275,7 @@ class Group:
             dist.barrier()
             dist.destroy_process_group()
 
-    def share(self, fn):
+    def on_leader(self, fn):
         """fn() computed on rank 0 and returned on every rank; an exception is raised on every rank."""
         if self.size == 1:
             return fn()

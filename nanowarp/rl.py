@@ -20,12 +20,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nanowarp.gpt2 import GPT2
+from nanowarp import hub
+from nanowarp.config import resolve_device
+from nanowarp.data import load_prompt_file, load_prompts
+from nanowarp.gpt2 import GPT2, GPT2Config
 from nanowarp.logger import completion_rows
-from nanowarp.logprobs import token_logprobs
+from nanowarp.logprobs import completion_logprobs, sampled_kl
 from nanowarp.lora import add_lora, effective_state_dict, folded, lora_modules
+from nanowarp.optim import adamw
 from nanowarp.parallel import Interrupted, stop_requested
+from nanowarp.reward import RewardModel
 from nanowarp.sampling import sample_micro_batches
+from nanowarp.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -39,6 +45,19 @@ class Resources:
     device: torch.device
 
 
+def load_resources(cfg, device=None):
+    """The Resources of a job's runs on `device` (default: --device): the policy's config and
+    tokenizer, the reward model, and the training prompts (--prompts, or --data's)."""
+    device = device or resolve_device(cfg.device)
+    folder = hub.resolve(cfg.policy)
+    gpt2_config = GPT2Config.from_hf(hub.load_config(folder), where=folder)
+    tokenizer = load_tokenizer(folder)
+    prompts = load_prompt_file(cfg.prompts, tokenizer) if cfg.prompts else load_prompts(cfg.data, "train")
+    reward_model = RewardModel(cfg.reward_model, device, kind=cfg.reward_kind, no_eos_penalty=cfg.no_eos_penalty,
+                               label=cfg.reward_label, dtype=getattr(torch, cfg.dtype))
+    return Resources(gpt2_config, tokenizer, reward_model, prompts, gpt2_config.eos_token_id, device)
+
+
 def rloo_advantages(rewards, k):
     """Leave-one-out advantages; rewards (B,) hold k consecutive completions per prompt.
     A_i = r_i − (Σ_j r_j − r_i) / (k − 1); k = 1 is plain REINFORCE (A = r)."""
@@ -47,13 +66,6 @@ def rloo_advantages(rewards, k):
     r = rewards.view(-1, k)
     baseline = (r.sum(1, keepdim=True) - r) / (k - 1)
     return (r - baseline).view(-1)
-
-
-def lr_factor(step, warmup, total):
-    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 @torch.no_grad()
@@ -70,19 +82,6 @@ def ema_update(anchor, policy, mu, master=None, base=None):
         else:
             master[name].lerp_(module.effective_weight(base[name]), mu)
             anchor.get_submodule(name).weight.copy_(master[name])
-
-
-def completion_hidden(model, prompt_ids, prompt_mask, tokens):
-    """Hidden states (B, N, d) at the positions that predict the completion tokens (B, N)."""
-    idx = torch.cat([prompt_ids, tokens], 1)[:, :-1]  # the last token predicts nothing we need
-    mask = torch.cat([prompt_mask, torch.ones_like(tokens)], 1)[:, :-1]
-    return model.hidden_states(idx, mask)[:, prompt_ids.size(1) - 1:]
-
-
-def completion_logprobs(model, prompt_ids, prompt_mask, tokens, temperature):
-    """log π(y_k | x, y_<k) of the completion tokens (B, N), through the fused log-prob."""
-    h = completion_hidden(model, prompt_ids, prompt_mask, tokens)
-    return token_logprobs(h, model.lm_head.weight, tokens, temperature)
 
 
 def decode(tokenizer, prompts, tokens, lengths):
@@ -169,8 +168,7 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
         base = {name: dense32.get_submodule(name).weight for name, _ in lora_modules(policy)}
         master = {name: w.clone() for name, w in base.items()}
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
+    opt, sched = adamw(params, cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps)
     generator = torch.Generator(device).manual_seed(seed)  # this run's sampling
     order = np.random.default_rng(seed)  # this run's prompt order
     n_prompts = cfg.batch_size // k
@@ -204,7 +202,7 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
         with torch.no_grad():
             anchor_lp = torch.cat([completion_logprobs(anchor, s.prompt[c], s.prompt_mask[c], s.tokens[c],
                                                        cfg.temperature) for c in chunks])
-        kl = ((s.logprobs - anchor_lp) * mask).sum(1)
+        kl = sampled_kl(s.logprobs, anchor_lp, mask)
         r_beta = rewards - cfg.kl_coef * kl
         adv = rloo_advantages(r_beta, k)
         if cfg.whiten:

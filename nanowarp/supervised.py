@@ -23,15 +23,14 @@ import torch.nn.functional as F
 from nanowarp import hub
 from nanowarp.card import model_card, write_card
 from nanowarp.data import load_reviews
-from nanowarp.gpt2 import GPT2, GPT2Classifier
+from nanowarp.gpt2 import GPT2, GPT2Classifier, save_policy
 from nanowarp.logger import progress
 from nanowarp.logprobs import token_logprobs
 from nanowarp.lora import add_lora, effective_state_dict
+from nanowarp.optim import adamw
 from nanowarp.padding import right_pad
 from nanowarp.reward import load_classifier
-from nanowarp.rl import lr_factor
 from nanowarp.tokenizer import load_tokenizer
-from nanowarp.warp import save_policy
 
 
 def batches(n, batch_size, epochs, seed):
@@ -110,8 +109,7 @@ def fit(model, params, steps, loss_fn, cfg, device, name, log, grad_clip=None):
     """The supervised loop of both stages: one AdamW step on `params` per batch of example indices
     in `steps`, on the mean loss `loss_fn(indices)`; learning rate cfg.train_lr, linear warm-up
     (warmup_steps) then linear decay to 0; the gradient norm clipped to grad_clip when given."""
-    opt = torch.optim.AdamW(params, lr=cfg.train_lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps(cfg, len(steps)), len(steps)))
+    opt, sched = adamw(params, cfg.train_lr, cfg.weight_decay, warmup_steps(cfg, len(steps)), len(steps))
     start = time.perf_counter()
     for step, idx in enumerate(progress(steps, name, unit="step"), 1):
         model.train()

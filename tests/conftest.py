@@ -158,7 +158,7 @@ def tiny_reward_dir(tmp_path_factory):
 def perturbed_copy(src, dst, seed, scale=0.01):
     """A copy of the GPT-2 checkpoint src, tokenizer included, with N(0, scale²) noise added to
     every tensor: a stand-in for a fine-tuned policy."""
-    from nanowarp.warp import save_policy
+    from nanowarp.gpt2 import save_policy
     g = torch.Generator().manual_seed(seed)
     model = GPT2.from_pretrained(src)
     theta = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in model.hf_state_dict().items()}

@@ -19,13 +19,14 @@ from safetensors.torch import load_file
 
 import eval as eval_cli
 import merge
-import nanowarp.warp as warp_module
+import nanowarp.job as job_module
 import train
 from conftest import perturbed_copy
 from nanowarp import hub
 from nanowarp.config import parse_args
 from nanowarp.parallel import Interrupted, stop_on_signals
-from nanowarp.warp import is_complete, lock_out_dir, warp
+from nanowarp.job import is_complete, lock_out_dir
+from nanowarp.warp import warp
 from tiny_warp_job import (ITERATIONS, RUNS, ROOT, STEPS, assert_same_weights, final_weights, in_process,  # noqa: F401
                            job_flags, leftovers, reference, reference_job, train_py)
 
@@ -188,7 +189,7 @@ def test_a_sigint_saves_the_state_of_the_run_where_it_stops(job_flags, reference
         if name == "iter_1/run_1/step_1":
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(warp_module, "kill_point", kill_point)
+    monkeypatch.setattr(job_module, "kill_point", kill_point)
     cfg = parse_args(job_flags + ["--out_dir", str(tmp_path), "--save_every", "100"])
     lines = []
     with stop_on_signals(), pytest.raises(Interrupted) as stopped:
@@ -220,7 +221,7 @@ def test_a_second_signal_stops_the_main_process_at_once_but_not_a_worker(main):
 
 def test_a_second_job_on_the_folder_is_refused_naming_the_holder_and_a_sigkill_leaves_no_stale_lock(
         job_flags, tmp_path, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom nanowarp.warp import lock_out_dir\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom nanowarp.job import lock_out_dir\n"
                                "with lock_out_dir(sys.argv[1]): print('locked', flush=True); time.sleep(300)",
                                str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -13,8 +13,7 @@ import torch
 
 import train
 from nanowarp import logger as logger_module
-from nanowarp.config import parse_args
-from nanowarp.warp import validate
+from nanowarp.config import parse_args, validate
 from tiny_warp_job import ROOT
 
 STEPS = 3

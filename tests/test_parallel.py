@@ -12,6 +12,8 @@ import torch
 from nanowarp.config import parse_args
 from nanowarp.data import DataError
 from nanowarp.parallel import RemoteTraceback, WorkerPool
+from nanowarp.rl import load_resources
+from nanowarp.runner import train_worker_run
 from nanowarp.warp import warp
 from tiny_warp_job import (ROOT, assert_same_weights, final_weights, in_process, job_flags, reference,  # noqa: F401
                            reference_job)
@@ -34,7 +36,7 @@ def test_torchrun_with_two_ranks_gives_the_sequential_weights(job_flags, referen
 def test_a_failing_worker_stops_the_job_with_its_error(job_flags, tmp_path):
     # the parent of a job checks its inputs first; here the workers meet a missing data folder themselves
     cfg = parse_args(job_flags + ["--out_dir", str(tmp_path), "--data", str(tmp_path / "gone")])
-    pool = WorkerPool(cfg, [torch.device("cpu")] * 2, threads=1)
+    pool = WorkerPool(cfg, [torch.device("cpu")] * 2, threads=1, load=load_resources, train=train_worker_run)
     try:
         with pytest.raises(DataError, match="no prompts_train.npz in") as raised:
             pool.train(1, [0, 1])

@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 import eval as eval_cli
-from nanowarp.config import parse_args
+from nanowarp.config import parse_args, validate
 from nanowarp.gpt2 import GPT2, GPT2Config
 from nanowarp.lora import add_lora, lora_modules
-from nanowarp.rl import completion_logprobs, ema_update, rl_run
+from nanowarp.logprobs import completion_logprobs
+from nanowarp.rl import ema_update, load_resources, rl_run
 from nanowarp.sampling import sample, sample_micro_batches
-from nanowarp.warp import load_resources, validate
 from test_eval import eos_prone
 from tiny_warp_job import job_flags, in_process  # noqa: F401 (job_flags is a fixture)
 

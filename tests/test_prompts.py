@@ -117,7 +117,7 @@ def test_eval_uses_the_jobs_settings_and_says_so(job, emotion_dir, tiny_gpt2_dir
 def test_a_job_from_before_a_new_flag_resumes(job):
     """A job.json written before --prompts and --reward_label existed: the job ran with their defaults."""
     from nanowarp.config import parse_args
-    from nanowarp.warp import start_job
+    from nanowarp.job import start_job
     path = os.path.join(job, "job.json")
     settings = json.load(open(path))
     new = ("prompts", "reward_label")

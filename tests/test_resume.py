@@ -7,11 +7,12 @@ import os
 import pytest
 import torch
 
-import nanowarp.warp as warp_module
+import nanowarp.job as job_module
 import train
 from nanowarp.config import parse_args
 from nanowarp.reward import RewardModel
-from nanowarp.warp import is_complete, start_job, warp
+from nanowarp.job import is_complete, start_job
+from nanowarp.warp import warp
 from tiny_warp_job import (ITERATIONS, RUNS, STEPS, assert_same_weights, final_weights, in_process,  # noqa: F401
                            job_flags, leftovers, reference, reference_job, train_py)
 
@@ -45,13 +46,13 @@ def test_a_job_killed_anywhere_resumes_to_the_weights_of_an_uninterrupted_job(jo
 
 
 def test_a_run_resumes_inside_from_the_state_saved_by_save_every(job_flags, reference, tmp_path, monkeypatch):
-    def kill_point(name):  # stands in, once, for the SIGKILL of nanowarp.warp.kill_point
+    def kill_point(name):  # stands in, once, for the SIGKILL of nanowarp.job.kill_point
         if name == "iter_1/run_1/step_3" and not killed:
             killed.append(name)
             raise Killed(name)
 
     killed = []
-    monkeypatch.setattr(warp_module, "kill_point", kill_point)
+    monkeypatch.setattr(job_module, "kill_point", kill_point)
     cfg = parse_args(job_flags + ["--out_dir", str(tmp_path), "--save_every", "2"])
     with pytest.raises(Killed):
         in_process(warp, cfg, None, lambda *a: None)

@@ -7,7 +7,8 @@ import torch
 
 from nanowarp.gpt2 import GPT2, GPT2Config
 from nanowarp.lora import add_lora, lora_modules
-from nanowarp.rl import ema_update, lr_factor, rloo_advantages
+from nanowarp.optim import lr_factor
+from nanowarp.rl import ema_update, rloo_advantages
 
 CONFIG = GPT2Config(vocab_size=53, n_positions=32, n_embd=16, n_layer=1, n_head=2)
 
