@@ -207,6 +207,7 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
         adv = rloo_advantages(r_beta, k)
         if cfg.whiten:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        t_anchor = time.perf_counter()
 
         # 4. policy-gradient step on −mean[A · Σ_k log π_θ(y_k|…)], one micro-batch at a time:
         #    each adds −Σ_{its rows}[…] / B to the loss and its gradient to the accumulated one
@@ -219,11 +220,13 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
             check_finite(step + 1, reward=rewards, loss=part)
             part.backward()
             loss = loss + part.detach()
+        t_policy = time.perf_counter()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         check_finite(step + 1, gradient=grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
+        t_optimizer = time.perf_counter()
 
         # 5. EMA anchor update, after every optimizer step
         if cfg.anchor == "ema":
@@ -233,7 +236,8 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
         log(dict(step=step + 1, reward=rewards.mean().item(), kl=kl.mean().item(), r_beta=r_beta.mean().item(),
                  length=lengths.float().mean().item(), finished=s.finished.float().mean().item(), lr=lr,
                  grad_norm=grad_norm.item(), loss=loss.item(), tokens_per_s=lengths.sum().item() / (t3 - t0),
-                 time_sample=t1 - t0, time_score=t2 - t1, time_update=t3 - t2))
+                 time_sample=t1 - t0, time_score=t2 - t1, time_update=t3 - t2, time_anchor=t_anchor - t2,
+                 time_policy=t_policy - t_anchor, time_optimizer=t_optimizer - t_policy, time_ema=t3 - t_optimizer))
         if log_completions is not None and cfg.log_completions and (step + 1) % cfg.log_completions == 0:
             log_completions(step + 1, completion_rows(res.tokenizer, prompts, s.tokens, lengths, rewards, kl))
         stop = stop_requested() if step + 1 < cfg.steps else 0  # SIGINT / SIGTERM: stop after this step
