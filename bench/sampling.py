@@ -25,6 +25,7 @@ a call on their own (a bound on the tokens/s of any fp32 sampler built on these 
 on its ratio to generate), and the top operators of generate and nanowarp by torch.profiler.
 """
 
+import contextlib
 import os
 import platform
 import statistics
@@ -37,6 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from nanowarp.config import flag, parse_args as parse_flags  # noqa: E402
 from nanowarp.gpt2 import GPT2, GPT2Config, linear  # noqa: E402
+from nanowarp.lora import add_lora, folded, lora_modules  # noqa: E402
 from nanowarp.padding import left_pad  # noqa: E402
 from nanowarp.sampling import lm_head, sample, sample_next  # noqa: E402
 
@@ -49,6 +51,10 @@ class Args:
     no_cache_repeats: int = flag(1, "timed calls of the slow no-cache loop; 0 skips it")
     hf: bool = flag(True, "include transformers' generate (skipped when transformers is missing)")
     compile: bool = flag(False, "also time nanowarp with compile=True")
+    lora_ranks: str = flag("", "comma-separated LoRA ranks: also time sampling from a LoRA policy of each rank "
+                               "(random factors), folded as an RL step samples it, e.g. 8,32")
+    lora_unfolded: bool = flag(False, "with --lora-ranks: also time each LoRA policy unfolded (two extra "
+                                      "matmuls per linear and token, as before folding)")
     profile: bool = flag(False, "also show where the time goes: nanowarp's phases, the matmuls alone, "
                                 "generate's and nanowarp's top operators")
     threads: int = flag(0, "torch.set_num_threads; 0 keeps torch's default")
@@ -133,6 +139,23 @@ def matmul_floor(model, B, P, new_tokens, repeats=5):
     return B * new_tokens / total
 
 
+def lora_sampler(model, rank, seed=0, fold=True):
+    """sample() from a copy of model with LoRA of this rank on every block linear (random A and B,
+    so the update is not zero), its factors folded as nanowarp.rl.rl_run folds them (fold)."""
+    policy = GPT2(model.config)
+    policy.load_state_dict(model.state_dict())
+    policy = add_lora(policy, rank).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_modules(policy):
+            m.lora_B.copy_(0.01 * torch.randn(m.lora_B.shape, generator=g))
+
+    def run(idx, n, g):
+        with folded(policy) if fold else contextlib.nullcontext():
+            return sample(policy, idx.tolist(), n, generator=g).tokens
+    return run
+
+
 def profile_ops(fn, label, rows=12):
     """The operators that take the most time in one call of fn, by torch.profiler."""
     from torch.profiler import profile
@@ -172,6 +195,10 @@ def main():
           + (f", transformers {sys.modules['transformers'].__version__}" if hf is not None else ""))
 
     contenders = {"nanowarp": lambda idx, n, g: sample(model, idx.tolist(), n, generator=g).tokens}
+    for rank in [int(r) for r in args.lora_ranks.split(",") if r]:
+        contenders[f"nanowarp LoRA {rank}"] = lora_sampler(model, rank)
+        if args.lora_unfolded:
+            contenders[f"LoRA {rank} unfolded"] = lora_sampler(model, rank, fold=False)
     if args.compile:
         contenders["nanowarp compile"] = lambda idx, n, g: sample(model, idx.tolist(), n, generator=g,
                                                                   compile=True).tokens
@@ -203,19 +230,22 @@ def main():
                 print(f"  repeat {r}  {shape[0]}x{shape[1]}  {name:16s} {shape[0] * shape[1] / times[shape, name][-1]:8.1f} tokens/s",
                       flush=True)
 
-    print(f"\n{'batch x new':12s} {'contender':18s} {'tokens/s':>9s} {'vs generate':>12s} {'runs':>5s}")
+    print(f"\n{'batch x new':12s} {'contender':18s} {'tokens/s':>9s} {'vs generate':>12s} {'vs nanowarp':>12s} {'runs':>5s}")
     for shape in shapes:
         B, N = shape
         rate = {n: B * N / statistics.median(t) for n, t in ((n, times[shape, n]) for n in names) if t}
         for name, tps in rate.items():
             ratio = f"{tps / rate['generate']:.2f}x" if "generate" in rate else "-"
-            print(f"{B:>4d} x {N:<5d} {name:18s} {tps:9.1f} {ratio:>12s} {len(times[shape, name]):5d}")
+            print(f"{B:>4d} x {N:<5d} {name:18s} {tps:9.1f} {ratio:>12s} {tps / rate['nanowarp']:11.2f}x "
+                  f"{len(times[shape, name]):5d}")
 
     if args.profile:
         print("\nwhere the time goes")
         for B, N in shapes:
             breakdown(model, prompts[B, N], N)
             bound = matmul_floor(model, B, prompts[B, N].size(1), N)
+            tps = B * N / statistics.median(times[(B, N), "nanowarp"])
+            print(f"  nanowarp's median, {B}x{N}: {tps:.1f} tokens/s = {tps / bound:.1%} of that bound")
             generate_times = times.get(((B, N), "generate"))
             if generate_times:
                 print(f"  so at most {bound * statistics.median(generate_times) / (B * N):.2f}x generate's "

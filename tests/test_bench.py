@@ -53,3 +53,13 @@ def test_device_check_measures_the_cpu_memory_of_an_rl_step():
     out = run("device_check.py", "--small", "--cpu-memory", "--micro-batch-size", "4", "--threads", "1")
     assert re.search(r"whole batch +\d+ +\d+ +-?\d+\n +4 +\d+ +\d+ +-?\d+\n", out), out
     assert re.search(r"micro-batches of 4: [\d.]+x the whole batch's peak, -?[\d.]+x its step's extra peak", out)
+
+
+def test_rl_step_bench_prints_phases_and_ratios_without_trl():
+    out = run("rl_step.py", "--shapes", "smoke", "--contenders", "nanowarp,reference", "--repeats", "1",
+              "--threads", "1", "--profile")
+    table = out[out.index("\nmedians over 1 rounds"):]
+    for contender, ratio in (("nanowarp", r"1\.00x"), ("reference", r"[\d.]+x")):
+        assert re.search(rf"smoke \(8 x 6 tokens\) +{contender} +[\d.]+ +{ratio}( +[\d.]+){{6}}\n", table), (contender, out)
+    assert "Differences that cannot be aligned" in table
+    assert re.search(r"update's matmuls alone .*: [\d.]+ s \(\d+ GFLOP/s\)", out)
