@@ -22,7 +22,15 @@ wall time of one call, prompt processing included) and the ratio of each median 
 
 --profile times nanowarp's phases (prefill, transformer body, LM head, sampling), the matmuls of
 a call on their own (a bound on the tokens/s of any fp32 sampler built on these kernels, and so
-on its ratio to generate), and the top operators of generate and nanowarp by torch.profiler.
+on its ratio to generate; nanowarp's median is printed as a fraction of it), and the top
+operators of generate and nanowarp by torch.profiler.
+
+--lora-ranks 8,32 adds nanowarp sampling from a LoRA policy of each rank (random factors on every
+block linear), folded into W0 + s·B·A as an RL step samples it (nanowarp.lora.folded, the fold
+timed with the call); --lora-unfolded adds the same policies unfolded (two extra matmuls per
+linear and token). The "vs nanowarp" column compares each with the dense model.
+
+    python bench/sampling.py --shapes 64x32,16x32 --no-cache-repeats 0 --lora-ranks 8,32 --lora-unfolded --profile
 """
 
 import contextlib
