@@ -57,7 +57,8 @@ from nanowarp.config import Config, flag, parse_args as parse_flags  # noqa: E40
 from nanowarp.gpt2 import linear  # noqa: E402
 from nanowarp.lora import add_lora, folded  # noqa: E402
 from nanowarp.padding import left_pad  # noqa: E402
-from nanowarp.rl import build_policy, completion_logprobs, ema_update, rl_run, rloo_advantages  # noqa: E402
+from nanowarp.logprobs import completion_logprobs  # noqa: E402
+from nanowarp.rl import build_policy, ema_update, rl_run, rloo_advantages  # noqa: E402
 from nanowarp.sampling import sample  # noqa: E402
 
 SHAPES = {
