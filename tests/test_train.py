@@ -45,6 +45,10 @@ def test_every_checkpoint_and_the_metrics_are_written(job):
     for key in ("reward", "kl", "r_beta", "length", "finished", "lr", "grad_norm", "tokens_per_s"):
         assert all(key in r for r in rows), key
     assert {(r["iteration"], r["run"]) for r in rows} == {(1, 0), (1, 1), (2, 0), (2, 1)}
+    for r in rows:  # the update's split adds up to it
+        split = r["time_anchor"] + r["time_policy"] + r["time_optimizer"] + r["time_ema"]
+        assert min(r[k] for k in ("time_anchor", "time_policy", "time_optimizer", "time_ema")) >= 0
+        assert abs(split - r["time_update"]) <= 1e-6, r
 
 
 def test_policy_moves_and_runs_differ(job, tiny_gpt2_dir):
