@@ -38,9 +38,10 @@ import torch
 from nanowarp import hub, merging
 from nanowarp.config import fail, flag, parse_args as parse_flags, resolve_device
 from nanowarp.data import DataError, load_meta, load_prompt_file, load_prompts
-from nanowarp.evaluate import evaluate, heldout_sequences, liti_sweep, plot
+from nanowarp.evaluate import evaluate, heldout_sequences, liti_sweep
 from nanowarp.gpt2 import GPT2
 from nanowarp.logger import Logger, check_report_to
+from nanowarp.plots import plot
 from nanowarp.reward import RewardModel
 from nanowarp.tokenizer import load_tokenizer
 

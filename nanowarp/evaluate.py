@@ -157,39 +157,3 @@ def liti_sweep(theta_a, theta_b, etas, policy, ref, reward_model, prompts, token
         results.append(result)
     return results
 
-
-def plot(results, path, log=print):
-    """KL (x) against reward (y): one labelled point per model, one line per LITI sweep.
-
-    results: rows with `model`, `kl`, `reward`, and for sweep points `sweep` (the line they
-    belong to) and `eta`. Writes a PNG to path and returns True, or returns False with a note
-    when matplotlib is not installed (it is optional: pip install matplotlib).
-    """
-    try:
-        from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
-    except ImportError:
-        log("matplotlib is not installed: no plot (pip install matplotlib)")
-        return False
-    fig = Figure(figsize=(7, 5), layout="constrained")
-    ax = fig.add_subplot()
-    sweeps = {}
-    for row in results:
-        if row.get("sweep") is not None:
-            sweeps.setdefault(row["sweep"], []).append(row)
-        else:
-            ax.plot(row["kl"], row["reward"], "o")
-            ax.annotate(row["model"], (row["kl"], row["reward"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
-    for name, rows in sweeps.items():
-        rows = sorted(rows, key=lambda r: r["eta"])
-        line, = ax.plot([r["kl"] for r in rows], [r["reward"] for r in rows], ".-", label=name)
-        for r in (rows[0], rows[-1]):  # mark the ends of the sweep with their η
-            ax.annotate(f"η={r['eta']:g}", (r["kl"], r["reward"]), textcoords="offset points", xytext=(4, -10),
-                        fontsize=7, color=line.get_color())
-    if sweeps:
-        ax.legend(fontsize=7)
-    ax.set_xlabel("KL(π ‖ π_ref)")
-    ax.set_ylabel("reward")
-    ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=150)
-    return True

@@ -10,10 +10,10 @@ import torch
 import eval as eval_cli
 from conftest import perturbed_copy
 from nanowarp.data import load_prompts, load_reviews
-from nanowarp.evaluate import (batch_seed, distinct_n, evaluate, heldout_nll, heldout_sequences, liti_sweep,
-                               plot)
+from nanowarp.evaluate import batch_seed, distinct_n, evaluate, heldout_nll, heldout_sequences, liti_sweep
 from nanowarp.gpt2 import GPT2
 from nanowarp.padding import left_pad
+from nanowarp.plots import plot
 from nanowarp.reward import RewardModel
 from nanowarp.rl import decode
 from nanowarp.sampling import sample
