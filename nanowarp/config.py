@@ -10,6 +10,7 @@ its own `Args` dataclass the same way, and reports a user error with `fail` (or 
 
 import argparse
 import dataclasses
+import shlex
 import sys
 from dataclasses import dataclass, field
 
@@ -199,6 +200,21 @@ def parse_args(argv=None, cls=Config, presets=PRESETS, description=None, dashes=
             parser.error(f"unknown --preset {known.preset!r}; choose from {', '.join(presets)}")
         parser.set_defaults(**presets[known.preset])
     return cls(**vars(parser.parse_args(argv)))
+
+
+def command_line(cfg, script):
+    """`python SCRIPT --flag=value ...` with the flags of cfg (a dataclass of a script's flags, one
+    value each, as Config) whose values differ from the defaults: the command that parses into cfg."""
+    flags = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == f.default:
+            continue
+        if isinstance(value, bool):
+            flags.append(f"--{f.name}" if value else f"--no-{f.name}")
+        else:
+            flags.append(f"--{f.name}={value}")
+    return " ".join(["python", script] + [shlex.quote(flag) for flag in flags])
 
 
 def user_error(script, message):

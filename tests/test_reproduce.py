@@ -10,8 +10,10 @@ import torch
 
 import reproduce
 from conftest import write_tiny_imdb
+from nanowarp.diagnose import sentiment_words
 from nanowarp.distilbert import DistilBertClassifier
 from nanowarp.gpt2 import GPT2
+from nanowarp.report import TABLE
 from nanowarp.supervised import fit_review
 from nanowarp.tokenizer import load_tokenizer
 
@@ -43,7 +45,7 @@ def test_every_stage_writes_an_ordinary_checkpoint(reproduction):
 def test_results_hold_the_table_the_claims_and_the_stage_times(reproduction):
     _, out = reproduction
     results = json.load(open(os.path.join(out, "results.json")))
-    assert [row["setup"] for row in results["table"]] == [label for label, _ in reproduce.TABLE]
+    assert [row["setup"] for row in results["table"]] == [label for label, _ in TABLE]
     assert results["table"][0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the SFT model against itself
     assert [c["name"] for c in results["claims"]] == ["SLERP vs its runs", "SLERP vs LERP", "EMA anchor vs fixed anchor",
                                                       "cosine between task vectors", "iterations push the front up",
@@ -131,5 +133,5 @@ def test_other_settings_in_the_same_folder_are_refused(reproduction, capsys):
 def test_sentiment_words_are_those_that_separate_the_labels():
     texts = ["a great film", "a great cast", "a good film", "a awful film", "a awful cast", "a bad film"] * 40
     labels = [1, 1, 1, 0, 0, 0] * 40
-    positive, negative = reproduce.sentiment_words(texts, labels, n=2, min_reviews=10)
+    positive, negative = sentiment_words(texts, labels, n=2, min_reviews=10)
     assert positive == ["great", "good"] and negative == ["awful", "bad"]  # "a", "film", "cast": in both

@@ -139,3 +139,12 @@ def test_presets_set_defaults_and_explicit_flags_win():
     assert cfg.steps == 7 and cfg.lora_rank == 8  # the flag beats the preset; the rest of the preset stays
     with pytest.raises(SystemExit):
         parse_args(["--preset", "nope"])
+
+
+def test_command_line_gives_back_the_config():
+    import shlex
+    from nanowarp.config import PRESETS, Config, command_line, parse_args
+    cfg = Config(policy="runs/my sft", out_dir="runs/x", fresh=True, whiten=False, **PRESETS["tiny"])
+    command = command_line(cfg, "train.py")
+    assert command.startswith("python train.py ") and "--fresh" in command and "--runs" not in command  # a default
+    assert parse_args(shlex.split(command)[2:]) == cfg
