@@ -43,15 +43,16 @@ DISTILBERT_ARCH = dict(n_layers=1, dim=64, n_heads=2, hidden_dim=256, max_positi
 # reference's GPT-2 often has not within 128.
 SFT = dict(epochs=1.0, train_batch_size=64, train_lr=2e-3, train_warmup=50, weight_decay=0.01, max_length=64)
 
-# Config overrides of `train.py --stage reward`: big batches (one thread does them 4x faster per
-# review than batches of 32), a learning rate for training from scratch. Half a of the labelled
-# reviews (the judge learns from half b), and two windows of 5-60 words of each: the reward model
-# scores texts of 10-80 tokens, and one trained on whole reviews alone is nearly binary on them.
+# Config overrides of `train.py --stage reward`: big batches (faster per review on one thread, as
+# measured in the README's "Reproducing WARP on a laptop CPU"), a learning rate for training from
+# scratch. Half a of the labelled reviews (the judge learns from half b), and two windows of 5-60
+# words of each: the reward model scores texts of 10-80 tokens, and one trained on whole reviews
+# alone is nearly binary on them.
 REWARD = dict(epochs=2.0, train_batch_size=128, train_lr=3e-3, train_warmup=20, max_length=256, train_split="a", windows=2)
 
-# The judge: the SFT model's GPT-2 body with a classifier head read at the last token (trained from
-# scratch, such a classifier reaches only 69% in the same time), the policy's tokenizer, half b of
-# the labelled reviews and two windows of each
+# The judge: the SFT model's GPT-2 body with a classifier head read at the last token (one trained
+# from scratch learns less in the same time: the README), the policy's tokenizer, half b of the
+# labelled reviews and two windows of each
 JUDGE = dict(epochs=1.0, train_batch_size=128, train_lr=1e-3, train_warmup=20, max_length=80, train_split="b", windows=2)
 
 # Config overrides of `train.py` (WARP): `--preset tiny`, defined with the other presets
