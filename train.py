@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from anywhere without installing
 
-from nanowarp.config import parse_args, resolve_device, validate  # noqa: E402
+from nanowarp.config import parse_args, resolve_device, user_error, validate  # noqa: E402
 from nanowarp.data import DataError  # noqa: E402
 from nanowarp.hub import CheckpointError, DiskFullError  # noqa: E402
 from nanowarp.job import lock_out_dir  # noqa: E402
@@ -47,8 +47,7 @@ def main(argv=None):
               file=sys.stderr)
         return e.exit_code  # 130 (SIGINT) or 143 (SIGTERM)
     except (ValueError, CheckpointError, DataError, FloatingPointError, WorkerError, DiskFullError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        return user_error("train.py", e)  # 2
     return 0
 
 
