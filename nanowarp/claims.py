@@ -54,6 +54,11 @@ def front_gain(lower, upper):
     return float(np.mean(gains)) if gains else None
 
 
+def sweep_gain(rows, lower, upper):
+    """front_gain of LITI sweep `upper` over LITI sweep `lower` (their names)."""
+    return front_gain(sweep_points(rows, lower), sweep_points(rows, upper))
+
+
 def verdict(values, claimed_sign=+1):
     """'holds' when the mean over seeds has the claimed sign and is 2 standard errors from 0,
     'does not hold' when it is that far on the other side, else 'inconclusive'."""
@@ -99,8 +104,7 @@ def claims(evals):
     d_kl = [value(r, "reinforce/iter_1/slerp", "kl") - value(r, "reinforce/iter_1/lerp", "kl") for r in rows]
     ratio_slerp = [g["reinforce/iter_1"]["merge_norm_ratio"] for g in geo]
     ratio_lerp = [g["reinforce/iter_1/lerp"]["merge_norm_ratio"] for g in geo]
-    gain = [front_gain(sweep_points(r, "reinforce/iter_1/lerp"), sweep_points(r, "reinforce/iter_1/slerp"))
-            for r in rows]
+    gain = [sweep_gain(r, "reinforce/iter_1/lerp", "reinforce/iter_1/slerp") for r in rows]
     add("SLERP vs LERP", "SLERP of the runs' task vectors gets a higher reward than LERP (at a higher KL), "
         "because it keeps their norm while LERP shrinks it",
         [f"reward SLERP − LERP {summary(d_reward, sign=True)}",
@@ -114,8 +118,7 @@ def claims(evals):
             return np.mean([value(r, f"{job}/iter_1/run_{m}", key) for m in (0, 1)])
         d_reward = [runs_mean(r, "reinforce", "reward") - runs_mean(r, "fixed_anchor", "reward") for r in rows]
         d_kl = [runs_mean(r, "reinforce", "kl") - runs_mean(r, "fixed_anchor", "kl") for r in rows]
-        gain = [front_gain(sweep_points(r, "fixed_anchor/iter_1/slerp"), sweep_points(r, "reinforce/iter_1/slerp"))
-                for r in rows]
+        gain = [sweep_gain(r, "fixed_anchor/iter_1/slerp", "reinforce/iter_1/slerp") for r in rows]
         add("EMA anchor vs fixed anchor", "an EMA anchor lets the policy reach a higher reward than the fixed SFT "
             "anchor (at a higher KL), and its LITI front is better",
             [f"reward of the runs, EMA − fixed {summary(d_reward, sign=True)}",
@@ -137,8 +140,7 @@ def claims(evals):
     # 5. later iterations push the front up; the KL of the WARP model grows with I
     iterations = job_iterations(rows[0], "reinforce")
     numbers = []
-    gains = [[front_gain(sweep_points(r, f"reinforce/iter_{i}/slerp"),
-                         sweep_points(r, f"reinforce/iter_{i + 1}/slerp")) for i in range(1, iterations)]
+    gains = [[sweep_gain(r, f"reinforce/iter_{i}/slerp", f"reinforce/iter_{i + 1}/slerp") for i in range(1, iterations)]
              for r in rows]  # [seed][i]
     for i in range(1, iterations):
         numbers.append(f"front {i + 1} above front {i} at equal KL by {format_gain([g[i - 1] for g in gains])}")
