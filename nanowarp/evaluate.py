@@ -99,28 +99,31 @@ def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_toke
     for start in progress(range(0, len(prompts), batch_size), "evaluating", unit="batch"):
         batch = prompts[start:start + batch_size]
         generator = torch.Generator(device).manual_seed(batch_seed(seed, start // batch_size))
-        s = sample(policy, batch, max_new_tokens, eos_token_id=eos_id, temperature=temperature,
-                   generator=generator)
-        ref_hidden = completion_hidden(ref, s.prompt.to(ref_device), s.prompt_mask.to(ref_device),
-                                       s.tokens.to(ref_device))
-        ref_logprobs = token_logprobs(ref_hidden, ref.lm_head.weight, s.tokens.to(ref_device), temperature)
-        mask = s.mask.to(ref_device)
-        kls.append(sampled_kl(s.logprobs.to(ref_device), ref_logprobs, mask).cpu())
+        sampled = sample(policy, batch, max_new_tokens, eos_token_id=eos_id, temperature=temperature,
+                         generator=generator)
+        ref_tokens = sampled.tokens.to(ref_device)  # on the reference's device
+        ref_hidden = completion_hidden(ref, sampled.prompt.to(ref_device), sampled.prompt_mask.to(ref_device),
+                                       ref_tokens)
+        ref_logprobs = token_logprobs(ref_hidden, ref.lm_head.weight, ref_tokens, temperature)
+        mask = sampled.mask.to(ref_device)
+        kls.append(sampled_kl(sampled.logprobs.to(ref_device), ref_logprobs, mask).cpu())
         # Σ_k KL(π(·|…) ‖ π_ref(·|…)) at the same positions, from one forward pass of the policy
-        hidden = completion_hidden(policy, s.prompt, s.prompt_mask, s.tokens).to(ref_device)
+        hidden = completion_hidden(policy, sampled.prompt, sampled.prompt_mask, sampled.tokens).to(ref_device)
         kls_exact.append(sequence_kl(hidden, policy.lm_head.weight.to(ref_device), ref_hidden, ref.lm_head.weight,
                                      mask, temperature).cpu())
-        n_tokens = s.mask.sum(1)
-        texts = decode(tokenizer, batch, s.tokens, n_tokens)
-        rewards.append(reward_model.score(texts, s.finished))
+        n_tokens = sampled.mask.sum(1)
+        texts = decode(tokenizer, batch, sampled.tokens, n_tokens)
+        rewards.append(reward_model.score(texts, sampled.finished))
         if judge is not None:
             judged.append(judge.score(texts))
-        finished.append(s.finished.cpu())
+        finished.append(sampled.finished.cpu())
         lengths.append(n_tokens.cpu())
         if len(shown) < samples:
             k = min(samples - len(shown), len(batch))
-            shown += completion_rows(tokenizer, batch[:k], s.tokens[:k], n_tokens[:k], rewards[-1][:k], kls[-1][:k], k)
-        completions += [t[:n] for t, n in zip(s.tokens.tolist(), (n_tokens - s.finished.long()).tolist())]
+            shown += completion_rows(tokenizer, batch[:k], sampled.tokens[:k], n_tokens[:k], rewards[-1][:k],
+                                     kls[-1][:k], k)
+        ends = (n_tokens - sampled.finished.long()).tolist()  # EOS excluded
+        completions += [t[:n] for t, n in zip(sampled.tokens.tolist(), ends)]
     kl, kl_se = mean_and_se(torch.cat(kls))
     kl_exact, kl_exact_se = mean_and_se(torch.cat(kls_exact))
     reward, reward_se = mean_and_se(torch.cat(rewards))
