@@ -47,8 +47,10 @@ SFT = dict(epochs=1.0, train_batch_size=64, train_lr=2e-3, train_warmup=50, weig
 # measured in the README's "Reproducing WARP on a laptop CPU"), a learning rate for training from
 # scratch. Half a of the labelled reviews (the judge learns from half b), and two windows of 5-60
 # words of each: the reward model scores texts of 10-80 tokens, and one trained on whole reviews
-# alone is nearly binary on them.
-REWARD = dict(epochs=2.0, train_batch_size=128, train_lr=3e-3, train_warmup=20, max_length=256, train_split="a", windows=2)
+# alone is nearly binary on them. Weight decay 0.01, asked for (the stage's default is none): without it
+# this recipe stalls at chance (loss 0.693 for all 587 steps, 50.0 % on the test reviews; measured
+# 2026-11-30), with it the loss is 0.41 by step 150.
+REWARD = dict(epochs=2.0, train_batch_size=128, train_lr=3e-3, train_warmup=20, weight_decay=0.01, max_length=256, train_split="a", windows=2)
 
 # The judge: the SFT model's GPT-2 body with a classifier head read at the last token (one trained
 # from scratch learns less in the same time: the README), the policy's tokenizer, half b of the
