@@ -184,7 +184,7 @@ class ReferenceWay:
             p.lerp_(w, EMA_RATE)
 
     def step(self, round_):
-        t, res, B, N = {}, self.res, self.shape["batch"], self.shape["new_tokens"]
+        res, B, N = self.res, self.shape["batch"], self.shape["new_tokens"]
         prompts = [res.prompts[i] for i in range(round_ * B // RLOO_K, (round_ + 1) * B // RLOO_K) for _ in range(RLOO_K)]
         eos = res.eos_id
         t0 = time.perf_counter()
