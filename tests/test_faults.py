@@ -21,14 +21,13 @@ import eval as eval_cli
 import merge
 import nanowarp.job as job_module
 import train
-from conftest import perturbed_copy
+from conftest import (ITERATIONS, ROOT, RUNS, STEPS, assert_same_weights, final_weights, in_process, leftovers,
+                      perturbed_copy, train_py)
 from nanowarp import hub
 from nanowarp.config import parse_args
-from nanowarp.parallel import Interrupted, stop_on_signals
 from nanowarp.job import is_complete, lock_out_dir
+from nanowarp.parallel import Interrupted, stop_on_signals
 from nanowarp.warp import warp
-from tiny_warp_job import (ITERATIONS, RUNS, ROOT, STEPS, assert_same_weights, final_weights, in_process,  # noqa: F401
-                           job_flags, leftovers, reference, reference_job, train_py)
 
 
 def run_with_file_size_limit(script, args, limit):

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import train
+from conftest import ROOT
 from nanowarp import logger as logger_module
 from nanowarp.config import parse_args, validate
-from tiny_warp_job import ROOT
 
 STEPS = 3
 

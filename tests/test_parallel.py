@@ -9,14 +9,13 @@ import sys
 import pytest
 import torch
 
+from conftest import ROOT, assert_same_weights, final_weights, in_process
 from nanowarp.config import parse_args
 from nanowarp.data import DataError
 from nanowarp.parallel import RemoteTraceback, WorkerPool
 from nanowarp.rl import load_resources
 from nanowarp.runner import train_worker_run
 from nanowarp.warp import warp
-from tiny_warp_job import (ROOT, assert_same_weights, final_weights, in_process, job_flags, reference,  # noqa: F401
-                           reference_job)
 
 
 def test_two_workers_give_the_sequential_weights(job_flags, reference, tmp_path):

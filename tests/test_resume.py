@@ -9,12 +9,11 @@ import torch
 
 import nanowarp.job as job_module
 import train
+from conftest import ITERATIONS, RUNS, STEPS, assert_same_weights, final_weights, in_process, leftovers, train_py
 from nanowarp.config import parse_args
-from nanowarp.reward import RewardModel
 from nanowarp.job import is_complete, start_job
+from nanowarp.reward import RewardModel
 from nanowarp.warp import warp
-from tiny_warp_job import (ITERATIONS, RUNS, STEPS, assert_same_weights, final_weights, in_process,  # noqa: F401
-                           job_flags, leftovers, reference, reference_job, train_py)
 
 # Each attempt kills itself (NANOWARP_KILL_AT, a real SIGKILL) at the next point; the next attempt,
 # the same command, resumes.
