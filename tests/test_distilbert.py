@@ -1,6 +1,5 @@
-"""DistilBERT classifier: parity with transformers, checkpoint round trips, base-model loading, errors."""
-
-import json
+"""DistilBERT classifier: parity with transformers, checkpoint round trips, base-model loading, errors
+(the checkpoint errors every model class shares are in tests/test_hub.py)."""
 
 import pytest
 import torch
@@ -183,50 +182,7 @@ def test_sinusoidal_positions_match_transformers(tmp_path):
                           fresh_hf.embeddings.position_embeddings.weight, atol=1e-6)
 
 
-# --- errors ---
-
-def test_missing_folder(tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoint folder at .*nowhere"):
-        DistilBertClassifier.from_pretrained(tmp_path / "nowhere")
-
-
-def test_folder_without_weights(hf_folder, tmp_path):
-    (tmp_path / "config.json").write_text((hf_folder / "config.json").read_text())
-    with pytest.raises(CheckpointError, match="holds no weights"):
-        DistilBertClassifier.from_pretrained(tmp_path)
-
-
-def test_truncated_safetensors(hf_folder, tmp_path):
-    (tmp_path / "config.json").write_text((hf_folder / "config.json").read_text())
-    data = (hf_folder / "model.safetensors").read_bytes()
-    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"cannot read .*model\.safetensors: the file is corrupt or truncated"):
-        DistilBertClassifier.from_pretrained(tmp_path)
-
-
-def test_wrong_shape(hf_folder, tmp_path):
-    def edit(sd):
-        sd["distilbert.transformer.layer.0.ffn.lin1.weight"] = torch.zeros(65, 32)
-    folder = edit_weights(hf_folder, tmp_path / "ckpt", edit)
-    with pytest.raises(CheckpointError, match=r"shape mismatch for 'transformer\.layer\.0\.ffn\.lin1\.weight'.*\(65, 32\)"):
-        DistilBertClassifier.from_pretrained(folder)
-
-
-def test_unexpected_key(hf_folder, tmp_path):
-    def edit(sd):
-        sd["distilbert.transformer.layer.2.ffn.lin1.weight"] = torch.zeros(64, 32)
-    folder = edit_weights(hf_folder, tmp_path / "ckpt", edit)
-    with pytest.raises(CheckpointError, match=r"unexpected key 'transformer\.layer\.2\.ffn\.lin1\.weight' in .*model\.safetensors"):
-        DistilBertClassifier.from_pretrained(folder)
-
-
-def test_unknown_model_type(hf_folder, tmp_path):
-    config = json.loads((hf_folder / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
-    (tmp_path / "model.safetensors").write_bytes((hf_folder / "model.safetensors").read_bytes())
-    with pytest.raises(CheckpointError, match=r"unknown model_type 'bert' in .*config\.json"):
-        DistilBertClassifier.from_pretrained(tmp_path)
-
+# --- errors (those of every checkpoint: tests/test_hub.py) ---
 
 def test_too_long_input(hf_folder):
     ours = DistilBertClassifier.from_pretrained(hf_folder)

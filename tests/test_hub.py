@@ -1,7 +1,12 @@
 """Hub ids: the local cache first, one file-list request when it is not enough, a clear offline
-message; and the files nanowarp writes are readable by others (no private 0600 checkpoints)."""
+message; the files nanowarp writes are readable by others (no private 0600 checkpoints); and a
+checkpoint a user can break (a wrong path, a missing or cut file, edited keys or config) is refused
+with a message that names the problem, by every model class alike."""
 
+import json
 import os
+import re
+import shutil
 import stat
 
 import pytest
@@ -11,7 +16,11 @@ import huggingface_hub
 import huggingface_hub.constants as constants
 from huggingface_hub.errors import OfflineModeIsEnabled
 
+from safetensors.torch import load_file, save_file
+
 from nanowarp import hub
+from nanowarp.distilbert import DistilBertClassifier
+from nanowarp.gpt2 import GPT2
 from nanowarp.hub import CheckpointError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -98,3 +107,78 @@ def test_saved_checkpoint_files_share_one_mode(tmp_path):
         os.umask(umask)
     modes = {name: stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in ("model.safetensors", "config.json")}
     assert modes == {"model.safetensors": 0o644, "config.json": 0o644}
+
+
+# ---- checkpoint errors a user can cause, for GPT-2 and DistilBERT alike ------------------------
+
+# (model class, conftest fixture of a checkpoint of it, one weight's key in the file, the same key
+# in the messages, without the file's prefix)
+MODELS = {"gpt2": (GPT2, "tiny_gpt2_dir", "transformer.h.0.mlp.c_fc.weight", "h.0.mlp.c_fc.weight"),
+          "distilbert": (DistilBertClassifier, "tiny_reward_dir", "distilbert.transformer.layer.0.ffn.lin1.weight",
+                         "transformer.layer.0.ffn.lin1.weight")}
+
+
+@pytest.fixture(params=list(MODELS))
+def checkpoint(request, tmp_path):
+    """(model class, a copy of a checkpoint of it in tmp_path, a weight's key in the file, the key in messages)."""
+    cls, fixture, key, shown = MODELS[request.param]
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(request.getfixturevalue(fixture), folder)
+    return cls, folder, key, shown
+
+
+def edit_weights(folder, edit):
+    sd = load_file(folder / "model.safetensors")
+    edit(sd)
+    save_file(sd, folder / "model.safetensors")
+
+
+def test_a_missing_folder_is_named(checkpoint, tmp_path):
+    cls = checkpoint[0]
+    with pytest.raises(CheckpointError, match="no checkpoint folder at .*nowhere: the folder does not exist"):
+        cls.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_a_folder_without_config_or_weights_says_which(checkpoint):
+    cls, folder, _, _ = checkpoint
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="holds no weights"):
+        cls.from_pretrained(str(folder))
+    (folder / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        cls.from_pretrained(str(folder))
+
+
+def test_a_truncated_safetensors_file_is_named(checkpoint):
+    cls, folder, _, _ = checkpoint
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"cannot read .*model\.safetensors: the file is corrupt or truncated"):
+        cls.from_pretrained(str(folder))
+
+
+def test_a_wrong_shape_names_the_key_and_both_shapes(checkpoint):
+    cls, folder, key, shown = checkpoint
+    edit_weights(folder, lambda sd: sd.update({key: torch.zeros(sd[key].shape[0] + 1, sd[key].shape[1])}))
+    with pytest.raises(CheckpointError, match=rf"shape mismatch for '{re.escape(shown)}' in .*model\.safetensors: "
+                                              rf"the file has \(\d+, \d+\)"):
+        cls.from_pretrained(str(folder))
+
+
+def test_unexpected_and_missing_keys_are_named(checkpoint):
+    cls, folder, key, shown = checkpoint
+    extra = key.replace(".0.", ".7.")
+    edit_weights(folder, lambda sd: sd.update({extra: sd[key].clone()}))
+    with pytest.raises(CheckpointError, match=rf"unexpected key '{re.escape(shown.replace('.0.', '.7.'))}'"):
+        cls.from_pretrained(str(folder))
+    edit_weights(folder, lambda sd: [sd.pop(extra), sd.pop(key)])
+    with pytest.raises(CheckpointError, match=rf"missing key '{re.escape(shown)}'"):
+        cls.from_pretrained(str(folder))
+
+
+def test_an_unknown_model_type_is_named(checkpoint):
+    cls, folder, _, _ = checkpoint
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="unknown model_type 'llama' in"):
+        cls.from_pretrained(str(folder))
