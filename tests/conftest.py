@@ -216,6 +216,26 @@ def reference(reference_job, tiny_gpt2_dir):
     return theta
 
 
+class Killed(Exception):
+    """Raised by stop_at where NANOWARP_KILL_AT would kill the process."""
+
+
+def stop_at(monkeypatch, point):
+    """The job raises Killed the first time it reaches the kill point `point` (nanowarp.job.kill_point),
+    where NANOWARP_KILL_AT=point would SIGKILL it: the same files on disk, without a process of its own."""
+    import nanowarp.job
+    import nanowarp.runner
+    reached = []
+
+    def kill_point(name):
+        if name == point and not reached:
+            reached.append(name)
+            raise Killed(name)
+
+    for module in (nanowarp.job, nanowarp.runner):
+        monkeypatch.setattr(module, "kill_point", kill_point)
+
+
 def train_py(args, env=None, timeout=300):
     """`python train.py args` in a subprocess (extra environment variables in env)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,

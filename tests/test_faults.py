@@ -21,8 +21,8 @@ import eval as eval_cli
 import merge
 import nanowarp.job as job_module
 import train
-from conftest import (ITERATIONS, ROOT, RUNS, STEPS, assert_same_weights, final_weights, in_process, leftovers,
-                      perturbed_copy, train_py)
+from conftest import (ITERATIONS, ROOT, RUNS, STEPS, Killed, assert_same_weights, final_weights, in_process, leftovers,
+                      perturbed_copy, stop_at)
 from nanowarp import hub
 from nanowarp.config import parse_args
 from nanowarp.job import is_complete, lock_out_dir
@@ -65,9 +65,12 @@ def assert_job_ends_as_uninterrupted(flags, reference, out_dir):
     ("iter_1/run_0/saved", "iter_1/run_1"),  # at a run's save
     ("iter_1/run_1/saved", "iter_1/slerp"),  # at the merge: the runs are done
 ])
-def test_a_full_disk_keeps_what_is_finished_and_a_rerun_resumes(job_flags, reference, tmp_path, killed_at, fails_at):
+def test_a_full_disk_keeps_what_is_finished_and_a_rerun_resumes(job_flags, reference, tmp_path, monkeypatch, killed_at,
+                                                                 fails_at):
     flags = job_flags + ["--out_dir", str(tmp_path)]
-    assert train_py(flags, env={"NANOWARP_KILL_AT": killed_at}).returncode == -9
+    with monkeypatch.context() as patch, pytest.raises(Killed):  # the job stopped after some runs
+        stop_at(patch, killed_at)
+        in_process(train.main, flags)
     finished = {name: snapshot(tmp_path / "iter_1" / name) for name in os.listdir(tmp_path / "iter_1")
                 if is_complete(tmp_path / "iter_1" / name)}
     size = len(finished["run_0"]["model.safetensors"])

@@ -81,11 +81,12 @@ def test_a_second_run_skips_every_finished_stage(reproduction, capsys):
 def test_a_deleted_stage_is_redone_with_the_stages_computed_from_it(reproduction, tmp_path, capsys):
     import shutil
     source, out = reproduction
+    rerun = ["--source", source, "--out_dir", str(tmp_path / "copy"), *TINY, "--workers", "1"]  # no process starts
     copy = str(tmp_path / "copy")
     shutil.copytree(out, copy)
     before = json.load(open(os.path.join(copy, "stages.json")))
     shutil.rmtree(os.path.join(copy, "seed_0", "rloo"))
-    reproduce.main(["--source", source, "--out_dir", copy, *TINY])
+    reproduce.main(rerun)
     printed = capsys.readouterr().out
     assert "3 stages run" not in printed and "2 stages run" in printed
     assert "seed_0/evaluate: done earlier, redone since seed_0/rloo changed" in printed
@@ -97,12 +98,12 @@ def test_a_deleted_stage_is_redone_with_the_stages_computed_from_it(reproduction
     stages = json.load(open(os.path.join(copy, "stages.json")))
     stages["seed_0/fixed_anchor"]["finished_at"] = stages["seed_0/evaluate"]["finished_at"] + 1
     reproduce.write_json(os.path.join(copy, "stages.json"), stages)
-    reproduce.main(["--source", source, "--out_dir", copy, *TINY])
+    reproduce.main(rerun)
     printed = capsys.readouterr().out
     assert "1 stages run" in printed and "redone since seed_0/fixed_anchor changed" in printed
 
     shutil.rmtree(os.path.join(copy, "reward_model"))  # the models change: every WARP job starts over
-    reproduce.main(["--source", source, "--out_dir", copy, *TINY])
+    reproduce.main(rerun)
     printed = capsys.readouterr().out
     assert "7 stages run" in printed  # reward, diagnose, signal, 3 WARP jobs, evaluation
     assert printed.count("--fresh: deleted the earlier job's results") == 3

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-import nanowarp.job as job_module
 import train
-from conftest import ITERATIONS, RUNS, STEPS, assert_same_weights, final_weights, in_process, leftovers, train_py
+from conftest import (ITERATIONS, RUNS, STEPS, Killed, assert_same_weights, final_weights, in_process, leftovers,
+                      stop_at, train_py)
 from nanowarp.config import parse_args
 from nanowarp.job import is_complete, start_job
 from nanowarp.reward import RewardModel
@@ -24,18 +24,14 @@ KILLS = [
 ]
 
 
-class Killed(Exception):
-    pass
-
-
-def test_a_job_killed_anywhere_resumes_to_the_weights_of_an_uninterrupted_job(job_flags, reference, tmp_path):
+def test_a_job_killed_anywhere_resumes_to_the_weights_of_an_uninterrupted_job(job_flags, reference, tmp_path, capsys):
     flags = job_flags + ["--out_dir", str(tmp_path)]
     for point in KILLS:
         attempt = train_py(flags, env={"NANOWARP_KILL_AT": point})
         assert attempt.returncode == -9, f"not killed at {point}:\n{attempt.stdout}\n{attempt.stderr}"
-    last = train_py(flags)
-    assert last.returncode == 0, last.stderr
-    assert "resuming the job" in last.stdout and "iter 1: done earlier" in last.stdout
+    assert in_process(train.main, flags) == 0  # the same command, run here to spare a process start
+    printed = capsys.readouterr().out
+    assert "resuming the job" in printed and "iter 1: done earlier" in printed
     assert_same_weights(final_weights(str(tmp_path)), reference)
     assert leftovers(str(tmp_path)) == []
     with open(tmp_path / "metrics.jsonl") as f:
@@ -45,13 +41,7 @@ def test_a_job_killed_anywhere_resumes_to_the_weights_of_an_uninterrupted_job(jo
 
 
 def test_a_run_resumes_inside_from_the_state_saved_by_save_every(job_flags, reference, tmp_path, monkeypatch):
-    def kill_point(name):  # stands in, once, for the SIGKILL of nanowarp.job.kill_point
-        if name == "iter_1/run_1/step_3" and not killed:
-            killed.append(name)
-            raise Killed(name)
-
-    killed = []
-    monkeypatch.setattr(job_module, "kill_point", kill_point)
+    stop_at(monkeypatch, "iter_1/run_1/step_3")
     cfg = parse_args(job_flags + ["--out_dir", str(tmp_path), "--save_every", "2"])
     with pytest.raises(Killed):
         in_process(warp, cfg, None, lambda *a: None)
