@@ -140,7 +140,7 @@ def restore_training_state(state, policy, anchor, opt, sched, generator, order, 
     return state["step"], list(state["queue"])
 
 
-def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=None, save_state=None,
+def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resume=None, save_state=None,
            log_completions=None):
     """Train one policy from θ_init (dense, Hugging Face layout) for cfg.steps steps and return
     its effective dense weights (Hugging Face layout, on the CPU).
@@ -157,14 +157,14 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
     micro-batches and the device check"). cfg.micro_batch_size: sampling, scoring, the anchor's
     log-probs and the policy's forward and backward run that many completions at a time; the
     gradients accumulate."""
-    device, k, dtype = res.device, cfg.rloo_k, getattr(torch, cfg.dtype)
+    device, k, dtype = resources.device, cfg.rloo_k, getattr(torch, cfg.dtype)
     torch.manual_seed(seed)  # LoRA's A initialisation
-    policy = add_lora(build_policy(theta_init, res.gpt2_config, device, dtype), cfg.lora_rank, cfg.lora_alpha,
+    policy = add_lora(build_policy(theta_init, resources.gpt2_config, device, dtype), cfg.lora_rank, cfg.lora_alpha,
                       cfg.lora_dropout, dtype=torch.float32)
-    anchor = build_policy(theta_init, res.gpt2_config, device, dtype).eval().requires_grad_(False)
+    anchor = build_policy(theta_init, resources.gpt2_config, device, dtype).eval().requires_grad_(False)
     dense32 = base = master = None
     if dtype != torch.float32:  # float32 copies of θ_init, of its adapted matrices W0, and of the anchor's
-        dense32 = build_policy(theta_init, res.gpt2_config, device).requires_grad_(False)
+        dense32 = build_policy(theta_init, resources.gpt2_config, device).requires_grad_(False)
         base = {name: dense32.get_submodule(name).weight for name, _ in lora_modules(policy)}
         master = {name: w.clone() for name, w in base.items()}
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -179,30 +179,30 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         while len(queue) < n_prompts:  # a fresh permutation of the prompt set each epoch
-            queue += order.permutation(len(res.prompts)).tolist()
+            queue += order.permutation(len(resources.prompts)).tolist()
         batch, queue = queue[:n_prompts], queue[n_prompts:]
-        prompts = [res.prompts[i] for i in batch for _ in range(k)]  # k consecutive copies per prompt
+        prompts = [resources.prompts[i] for i in batch for _ in range(k)]  # k consecutive copies per prompt
 
         # 1. sample y ~ π_θ(·|x), with the behaviour log-probs, from the LoRA folded into W0 + s·B·A
         policy.eval()
         with folded(policy):
-            s = sample_micro_batches(policy, prompts, cfg.max_new_tokens, cfg.micro_batch_size, generator,
-                                     eos_token_id=res.eos_id, temperature=cfg.temperature)
-        mask = s.mask.float()
+            sampled = sample_micro_batches(policy, prompts, cfg.max_new_tokens, cfg.micro_batch_size, generator,
+                                           eos_token_id=resources.eos_id, temperature=cfg.temperature)
+        mask = sampled.mask.float()
         chunks = micro_batches(len(prompts), cfg.micro_batch_size)  # whole RLOO groups (validate)
         t1 = time.perf_counter()
 
         # 2. reward r(x, y), −1 without EOS
-        lengths = s.mask.sum(1)
-        texts = decode(res.tokenizer, prompts, s.tokens, lengths)
-        rewards = torch.cat([res.reward_model.score(texts[c], s.finished[c]) for c in chunks]).to(device)
+        lengths = sampled.mask.sum(1)
+        texts = decode(resources.tokenizer, prompts, sampled.tokens, lengths)
+        rewards = torch.cat([resources.reward_model.score(texts[c], sampled.finished[c]) for c in chunks]).to(device)
         t2 = time.perf_counter()
 
         # 3. r_β = r − β · Σ_k log π_θ/π_ema (sequence level, sampled tokens, no gradient)
         with torch.no_grad():
-            anchor_lp = torch.cat([completion_logprobs(anchor, s.prompt[c], s.prompt_mask[c], s.tokens[c],
-                                                       cfg.temperature) for c in chunks])
-        kl = sampled_kl(s.logprobs, anchor_lp, mask)
+            anchor_lp = torch.cat([completion_logprobs(anchor, sampled.prompt[c], sampled.prompt_mask[c],
+                                                       sampled.tokens[c], cfg.temperature) for c in chunks])
+        kl = sampled_kl(sampled.logprobs, anchor_lp, mask)
         r_beta = rewards - cfg.kl_coef * kl
         adv = rloo_advantages(r_beta, k)
         if cfg.whiten:
@@ -215,7 +215,8 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
         opt.zero_grad(set_to_none=True)
         loss = 0.0
         for c in chunks:
-            logp = completion_logprobs(policy, s.prompt[c], s.prompt_mask[c], s.tokens[c], cfg.temperature)
+            logp = completion_logprobs(policy, sampled.prompt[c], sampled.prompt_mask[c], sampled.tokens[c],
+                                       cfg.temperature)
             part = -(adv[c] * (logp * mask[c]).sum(1)).sum() / len(prompts)  # bit for bit .mean() of one chunk
             check_finite(step + 1, reward=rewards, loss=part)
             part.backward()
@@ -234,12 +235,13 @@ def rl_run(theta_init, run, seed, cfg, res, log=lambda metrics: None, resume=Non
         t3 = time.perf_counter()
 
         log(dict(step=step + 1, reward=rewards.mean().item(), kl=kl.mean().item(), r_beta=r_beta.mean().item(),
-                 length=lengths.float().mean().item(), finished=s.finished.float().mean().item(), lr=lr,
+                 length=lengths.float().mean().item(), finished=sampled.finished.float().mean().item(), lr=lr,
                  grad_norm=grad_norm.item(), loss=loss.item(), tokens_per_s=lengths.sum().item() / (t3 - t0),
                  time_sample=t1 - t0, time_score=t2 - t1, time_update=t3 - t2, time_anchor=t_anchor - t2,
                  time_policy=t_policy - t_anchor, time_optimizer=t_optimizer - t_policy, time_ema=t3 - t_optimizer))
         if log_completions is not None and cfg.log_completions and (step + 1) % cfg.log_completions == 0:
-            log_completions(step + 1, completion_rows(res.tokenizer, prompts, s.tokens, lengths, rewards, kl))
+            shown = completion_rows(resources.tokenizer, prompts, sampled.tokens, lengths, rewards, kl)
+            log_completions(step + 1, shown)
         stop = stop_requested() if step + 1 < cfg.steps else 0  # SIGINT / SIGTERM: stop after this step
         if save_state is not None and cfg.save_every and step + 1 < cfg.steps and \
                 ((step + 1) % cfg.save_every == 0 or stop):
