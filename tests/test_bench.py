@@ -4,20 +4,34 @@ themselves are measured by hand, not by the test suite)."""
 import importlib.util
 import os
 import re
-import subprocess
+import runpy
 import sys
+
+import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(script, *flags):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *flags],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+@pytest.fixture
+def run(capsys, monkeypatch):
+    """run(script, *flags): what `python bench/script flags` prints, the script run as __main__ in
+    this process (a process start spared; the processes it starts itself are started as usual)."""
+    def run_script(script, *flags):
+        path = os.path.join(ROOT, "bench", script)
+        monkeypatch.setattr(sys, "argv", [path, *flags])
+        monkeypatch.setattr(sys, "path", list(sys.path))  # the scripts add their folders to it
+        threads, rng = torch.get_num_threads(), torch.get_rng_state()
+        try:
+            runpy.run_path(path, run_name="__main__")
+        finally:  # what the scripts set for themselves
+            torch.set_num_threads(threads)
+            torch.set_rng_state(rng)
+        return capsys.readouterr().out
+    return run_script
 
 
-def test_sampling_bench_prints_rates_ratios_and_the_matmul_bound():
+def test_sampling_bench_prints_rates_ratios_and_the_matmul_bound(run):
     out = run("sampling.py", "--shapes", "4x3", "--prompt-len", "4", "--repeats", "1", "--threads", "1",
               "--profile", "--lora-ranks", "2", "--lora-unfolded")
     for contender in ("nanowarp", "nanowarp LoRA 2", "LoRA 2 unfolded", "generate", "no cache"):
@@ -28,7 +42,7 @@ def test_sampling_bench_prints_rates_ratios_and_the_matmul_bound():
     assert re.search(r"so at most [\d.]+x generate's median at 4x3", out)
 
 
-def test_logprobs_bench_prints_time_and_memory_for_both_cases():
+def test_logprobs_bench_prints_time_and_memory_for_both_cases(run):
     out = run("logprobs.py", "--batch", "2", "--seq", "5", "--vocab", "300", "--dim", "16", "--repeats", "1",
               "--threads", "1")
     for case in ("hidden", "hidden+weight"):
@@ -36,7 +50,7 @@ def test_logprobs_bench_prints_time_and_memory_for_both_cases():
             assert re.search(rf"\n{re.escape(case)} +{variant} +[\d.]+ +-?[\d.]+ +[\d.]+x +-?[\d.]+%", out), (case, variant, out)
 
 
-def test_device_check_prints_its_table_on_small_shapes():
+def test_device_check_prints_its_table_on_small_shapes(run):
     out = run("device_check.py", "--small", "--no-compile", "--rl-steps", "2", "--threads", "1")
     table = out[out.index("\ncheck "):]
     for dtype in ("float32", "bfloat16"):
@@ -52,13 +66,13 @@ def test_device_check_prints_its_table_on_small_shapes():
     assert re.search(r"parity +float32: .* 0\.00e\+00", table)  # the CPU against itself
 
 
-def test_device_check_measures_the_cpu_memory_of_an_rl_step():
+def test_device_check_measures_the_cpu_memory_of_an_rl_step(run):
     out = run("device_check.py", "--small", "--cpu-memory", "--micro-batch-size", "4", "--threads", "1")
     assert re.search(r"whole batch +\d+ +\d+ +-?\d+\n +4 +\d+ +\d+ +-?\d+\n", out), out
     assert re.search(r"micro-batches of 4: [\d.]+x the whole batch's peak, -?[\d.]+x its step's extra peak", out)
 
 
-def test_rl_step_bench_prints_phases_and_ratios_without_trl():
+def test_rl_step_bench_prints_phases_and_ratios_without_trl(run):
     out = run("rl_step.py", "--shapes", "smoke", "--contenders", "nanowarp,reference", "--repeats", "1",
               "--threads", "1", "--profile")
     table = out[out.index("\nmedians over 1 rounds"):]

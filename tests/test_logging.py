@@ -5,14 +5,13 @@ and a clear error for an integration that is not installed."""
 import io
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+import merge
 import train
-from conftest import ROOT
 from nanowarp import logger as logger_module
 from nanowarp.config import parse_args, validate
 
@@ -85,9 +84,8 @@ def test_every_checkpoint_has_a_model_card(job, tiny_gpt2_dir):
 
 def test_merge_writes_a_model_card(job, tmp_path):
     out = tmp_path / "merged"
-    subprocess.run([sys.executable, os.path.join(ROOT, "merge.py"), "--init", os.path.join(job, "iter_1", "slerp"),
-                    "--policies", os.path.join(job, "iter_1", "run_0"), os.path.join(job, "iter_1", "run_1"),
-                    "--out", str(out), "--eta", "0.5"], check=True, capture_output=True)
+    assert merge.main(["--init", os.path.join(job, "iter_1", "slerp"), "--policies", os.path.join(job, "iter_1", "run_0"),
+                       os.path.join(job, "iter_1", "run_1"), "--out", str(out), "--eta", "0.5"]) == 0
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "# nanowarp merge:" in card and "with η = 0.5" in card and "mean_cos_task_vectors" in card
 

@@ -10,18 +10,24 @@ from conftest import REVIEWS
 from nanowarp import tiny
 from nanowarp.tokenizer import BERT_SPECIALS, load_tokenizer
 
-# Trains both tokenizers in a fresh process: the tokenizers library visits words in the order of a
-# hash map seeded anew in each process, which is where run-to-run differences would come from.
-TRAIN = ("import sys; from conftest import REVIEWS; from nanowarp import tiny; "
-         "tiny.train_bpe(REVIEWS, 400, sys.argv[1] + '/policy', 64); "
-         "tiny.train_wordpiece(REVIEWS, 300, sys.argv[1] + '/reward', 64)")
+
+def train_both(folder):
+    """The tiny setting's two tokenizers, trained into folder/policy and folder/reward."""
+    tiny.train_bpe(REVIEWS, 400, os.path.join(folder, "policy"), 64)
+    tiny.train_wordpiece(REVIEWS, 300, os.path.join(folder, "reward"), 64)
+
+
+# train_both in a fresh process: the tokenizers library visits words in the order of a hash map
+# seeded anew in each process, which is where run-to-run differences would come from.
+TRAIN = "import sys, test_tiny; test_tiny.train_both(sys.argv[1])"
 
 
 def test_tokenizers_are_the_same_files_in_every_run(tmp_path):
     tests = os.path.dirname(__file__)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.path.dirname(tests)])}
     runs = [tmp_path / str(i) for i in range(3)]
-    for run in runs:
+    train_both(str(runs[0]))  # this process, and two fresh ones
+    for run in runs[1:]:
         subprocess.run([sys.executable, "-c", TRAIN, str(run)], env=env, check=True)
     for kind in ("policy", "reward"):
         names = sorted(os.listdir(runs[0] / kind))
