@@ -84,8 +84,8 @@ def test_every_checkpoint_has_a_model_card(job, tiny_gpt2_dir):
 
 def test_merge_writes_a_model_card(job, tmp_path):
     out = tmp_path / "merged"
-    assert merge.main(["--init", os.path.join(job, "iter_1", "slerp"), "--policies", os.path.join(job, "iter_1", "run_0"),
-                       os.path.join(job, "iter_1", "run_1"), "--out", str(out), "--eta", "0.5"]) == 0
+    merge.main(["--init", os.path.join(job, "iter_1", "slerp"), "--policies", os.path.join(job, "iter_1", "run_0"),
+                os.path.join(job, "iter_1", "run_1"), "--out", str(out), "--eta", "0.5"])  # in this process
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "# nanowarp merge:" in card and "with η = 0.5" in card and "mean_cos_task_vectors" in card
 
