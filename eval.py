@@ -14,6 +14,11 @@ completions, divided by their counts), with --judge the mean P(positive) under a
 classifier over all completions (no −1 rule), with --heldout N the mean NLL per token of N
 held-out test reviews (forgetting).
 
+--best_of N [N ...] adds the reference front of RLHF papers: for each N, best-of-N of --ref (N
+completions per prompt from --ref, the reward model keeps its favourite, ties to the first), at the
+analytic KL log N − (N − 1)/N. The completions are drawn once for the largest N and every smaller N
+keeps the best of the first N, so the rows are nested; best-of-1 is --ref's own row.
+
 All models use the same seed, hence the same random numbers, batch by batch: their differences are
 less noisy than independent draws. A model folder of a train.py job (OUT/iter_i/NAME, next to
 OUT/job.json) is scored with that job's --temperature, --reward_kind, --no_eos_penalty and
@@ -24,7 +29,7 @@ table, and plots the points when matplotlib is installed. Until it is done it al
 it continues with the models and sweep points it has not finished.
 
     python eval.py --models runs/warp/iter_1/liti runs/warp/iter_2/liti --ref lvwerra/gpt2-imdb \\
-        --sweep lvwerra/gpt2-imdb runs/warp/iter_2/slerp --n_prompts 100 --out results.json
+        --sweep lvwerra/gpt2-imdb runs/warp/iter_2/slerp --best_of 1 2 4 8 16 --n_prompts 100 --out results.json
 """
 
 import dataclasses
@@ -38,7 +43,7 @@ import torch
 from nanowarp import hub, merging
 from nanowarp.config import fail, flag, parse_args as parse_flags, resolve_device
 from nanowarp.data import DataError, load_meta, load_prompt_file, load_prompts
-from nanowarp.evaluate import evaluate, heldout_sequences, liti_sweep
+from nanowarp.evaluate import best_of_n, evaluate, heldout_sequences, liti_sweep
 from nanowarp.gpt2 import GPT2
 from nanowarp.logger import Logger, check_report_to
 from nanowarp.plots import plot
@@ -87,6 +92,8 @@ class Args:
                             "gain judge, its mean P(positive) over all completions", metavar="DIR")
     heldout: int = flag(0, "rows gain heldout_nll: mean NLL per token of N test reviews of --data (0: off)",
                         type=int, metavar="N")
+    best_of: tuple = flag(None, "also rows for best-of-N of --ref for each N: N completions per prompt, the reward "
+                                "model keeps one; KL log N - (N-1)/N", nargs="+", type=int, metavar="N")
     plot: str = flag(None, "KL-reward plot (PNG); None: --out with .png when matplotlib is installed; "
                            "'none': no plot", metavar="PNG")
 
@@ -101,7 +108,9 @@ def parse_args(argv=None):
 
 def validate(args):
     checks = [
-        (args.models or args.sweep, "nothing to evaluate: give --models, --sweep A B, or both"),
+        (args.models or args.sweep or args.best_of, "nothing to evaluate: give --models, --sweep A B, --best_of N, "
+                                                    "or several"),
+        (not args.best_of or min(args.best_of) >= 1, f"--best_of takes N >= 1, got {args.best_of}"),
         (args.n_prompts >= 1, f"--n_prompts must be >= 1, got {args.n_prompts}"),
         (args.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
         (args.temperature is None or args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
@@ -169,6 +178,11 @@ def check_prompts(prompts, args, ref):
                         f"the model's context ({ref.config.n_positions}): lower --max_new_tokens")
 
 
+def best_of_name(n, ref):
+    """The model name of a best-of-N row."""
+    return f"best-of-{n}({ref})"
+
+
 def load_progress(path, args):
     """{model: row} done by an earlier run with the same arguments that did not finish, else {}."""
     try:
@@ -183,13 +197,17 @@ def load_progress(path, args):
 
 def print_table(rows):
     width = max([len("model")] + [len(r["model"]) for r in rows])
-    extra = [k for k in ("judge", "heldout_nll") if k in rows[0]]
+    extra = [k for k in ("judge", "heldout_nll") if any(k in r for r in rows)]
+
+    def cell(r, k, fmt, w):
+        return f"{r[k]:{fmt}}" if k in r else f"{'-':>{w}}"  # best-of-N rows have no exact KL or held-out NLL
+
     print(f"{'model':<{width}}  {'KL':>8}  {'KL exact':>8}  {'reward':>8}  {'finished':>8}  {'length':>7}  "
           f"{'dist-1':>6}  {'dist-2':>6}" + "".join(f"  {k:>11}" for k in extra))
     for r in rows:
-        print(f"{r['model']:<{width}}  {r['kl']:8.3f}  {r['kl_exact']:8.3f}  {r['reward']:+8.3f}  {r['finished']:8.2f}  "
-              f"{r['length']:7.1f}  {r['distinct_1']:6.3f}  {r['distinct_2']:6.3f}" +
-              "".join(f"  {r[k]:11.3f}" for k in extra))
+        print(f"{r['model']:<{width}}  {r['kl']:8.3f}  {cell(r, 'kl_exact', '8.3f', 8)}  {r['reward']:+8.3f}  "
+              f"{r['finished']:8.2f}  {r['length']:7.1f}  {r['distinct_1']:6.3f}  {r['distinct_2']:6.3f}" +
+              "".join(f"  {cell(r, k, '11.3f', 11)}" for k in extra))
 
 
 def main(argv=None):
@@ -261,7 +279,7 @@ def main(argv=None):
         """Keep a new row (--out, --out.partial, the logger), print a progress line."""
         nonlocal last
         row = dict(model=name, kl=result["kl"], reward=result["reward"], finished=result["finished"],
-                   length=result["length"], n_prompts=result["n"], kl_se=result["kl_se"],
+                   length=result["length"], n_prompts=result["n"], kl_se=result.get("kl_se"),
                    reward_se=result["reward_se"], **{k: result[k] for k in NEW_METRICS if k in result},
                    **extra, **scoring, max_new_tokens=args.max_new_tokens, seed=args.seed,
                    **({"samples": result["samples"]} if "samples" in result else {}))
@@ -306,6 +324,17 @@ def main(argv=None):
         liti_sweep(theta_a, theta_b, etas, policy, ref, reward_model, prompts, tokenizer, eos_id,
                    log=lambda eta, result: record(point(eta), result, scoring, eta=eta, sweep=f"liti({a},{b})"),
                    **kwargs)
+
+    # 4. best-of-N of the reference: every N from one draw of max(N) completions per prompt
+    names = {n: best_of_name(n, args.ref) for n in sorted(set(args.best_of or ()))}
+    if names and all(name in done for name in names.values()):
+        for name in names.values():
+            keep(done[name])
+    elif names:
+        scoring, kwargs = settings(args.ref)
+        for result in best_of_n(ref, reward_model, prompts, tokenizer, eos_id, list(names),
+                                **{k: kwargs[k] for k in ("max_new_tokens", "temperature", "batch_size", "seed", "judge")}):
+            record(names[result["best_of"]], result, scoring, best_of=result["best_of"])
 
     logger.close()
     if os.path.exists(progress):

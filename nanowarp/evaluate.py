@@ -140,6 +140,73 @@ def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_toke
     return result
 
 
+def best_of_n_kl(n):
+    """KL(best-of-n of π ‖ π) = log n − (n − 1)/n: the analytic value that the RLHF literature plots
+    best-of-n at (Stiennon et al. 2020, Gao et al. 2022); exact when no two completions of a prompt
+    tie in reward, an upper bound otherwise (Beirami et al. 2024)."""
+    return math.log(n) - (n - 1) / n
+
+
+@torch.no_grad()
+def best_of_n(ref, reward_model, prompts, tokenizer, eos_id, ns, max_new_tokens=128, temperature=1.0, batch_size=64,
+              seed=0, judge=None):
+    """Best-of-n of `ref` for each n in `ns`: n completions per prompt sampled from `ref`, the reward
+    model keeps the one it scores highest (ties: the first drawn). This is the reference front of
+    RLHF papers: how much reward a KL budget buys with no training at all.
+
+    The completions are drawn once, max(ns) per prompt, and best-of-n uses the first n of them, so
+    the rows are nested and the reward never decreases with n. Batch b draws them one after another
+    from one generator seeded as evaluate() seeds batch b: draw 0 is the completion evaluate(ref, ...)
+    samples with the same seed, so best-of-1 is the reference's own row.
+    Returns one dict per n, in ascending order: best_of, kl (best_of_n_kl), reward, reward_se,
+    finished, length, distinct_1, distinct_2, n (prompts), and judge, judge_se (the judge's
+    P(positive) of the kept completions) when a judge is given. Best-of-n has no exact KL along its
+    completions to report: it is not an autoregressive policy."""
+    ns = sorted(set(ns))
+    if not ns or ns[0] < 1:
+        raise ValueError(f"best-of-n needs n >= 1, got {ns}")
+    device = ref.lm_head.weight.device
+    kept = {n: dict(rewards=[], judged=[], finished=[], lengths=[], completions=[]) for n in ns}
+    for start in progress(range(0, len(prompts), batch_size), f"best-of-{ns[-1]}", unit="batch"):
+        batch = prompts[start:start + batch_size]
+        generator = torch.Generator(device).manual_seed(batch_seed(seed, start // batch_size))
+        draws = []  # per draw: (texts, rewards (B,), finished (B,), n_tokens (B,), completions)
+        for _ in range(ns[-1]):
+            sampled = sample(ref, batch, max_new_tokens, eos_token_id=eos_id, temperature=temperature,
+                             generator=generator)
+            n_tokens = sampled.mask.sum(1).cpu()
+            finished = sampled.finished.cpu()
+            texts = decode(tokenizer, batch, sampled.tokens, n_tokens)
+            ends = (n_tokens - finished.long()).tolist()  # EOS excluded
+            draws.append((texts, reward_model.score(texts, finished), finished, n_tokens,
+                          [t[:m] for t, m in zip(sampled.tokens.tolist(), ends)]))
+        rewards = torch.stack([d[1] for d in draws])  # (max n, B)
+        picks = {n: rewards[:n].argmax(0).tolist() for n in ns}  # argmax returns the first of equal maxima
+        if judge is not None:  # the judge scores each kept completion once, however many n keep it
+            chosen = sorted({(j, b) for n in ns for b, j in enumerate(picks[n])})
+            scores = dict(zip(chosen, judge.score([draws[j][0][b] for j, b in chosen]).tolist()))
+        for n in ns:
+            rows = list(enumerate(picks[n]))
+            k = kept[n]
+            k["rewards"] += [draws[j][1][b].item() for b, j in rows]
+            k["finished"] += [draws[j][2][b].item() for b, j in rows]
+            k["lengths"] += [draws[j][3][b].item() for b, j in rows]
+            k["completions"] += [draws[j][4][b] for b, j in rows]
+            if judge is not None:
+                k["judged"] += [scores[(j, b)] for b, j in rows]
+    results = []
+    for n in ns:
+        k = kept[n]
+        reward, reward_se = mean_and_se(torch.tensor(k["rewards"]))
+        result = dict(best_of=n, kl=best_of_n_kl(n), reward=reward, reward_se=reward_se,
+                      finished=float(np.mean(k["finished"])), length=float(np.mean(k["lengths"])), n=len(prompts),
+                      distinct_1=distinct_n(k["completions"], 1), distinct_2=distinct_n(k["completions"], 2))
+        if judge is not None:
+            result["judge"], result["judge_se"] = mean_and_se(torch.tensor(k["judged"]))
+        results.append(result)
+    return results
+
+
 def liti_sweep(theta_a, theta_b, etas, policy, ref, reward_model, prompts, tokenizer, eos_id, log=None, **kwargs):
     """evaluate() of (1−η)·θ_a + η·θ_b for each η in etas, without writing any checkpoint.
 

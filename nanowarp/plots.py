@@ -14,6 +14,11 @@ def sweep_rows(rows, sweep):
     return sorted((r for r in rows if r.get("sweep") == sweep), key=lambda r: r["eta"])
 
 
+def best_of_models(rows):
+    """The models of the best-of-N rows (eval.py --best_of), in order of N: a line, the reference front."""
+    return [r["model"] for r in sorted((r for r in rows if r.get("best_of") is not None), key=lambda r: r["best_of"])]
+
+
 def kl_reward_plane(ax, rows, y="reward", draw=None):
     """Draw KL (x) against column `y` of `rows` on the matplotlib axis `ax`; returns the lines.
 
@@ -23,12 +28,19 @@ def kl_reward_plane(ax, rows, y="reward", draw=None):
     ax.plot's keyword arguments (label, color, lw, ...), plus optionally `notes`: one text per point
     (None: none) written next to it, with `note_offset` (points; default (4, 4)) and `note_size`
     (default 7); for a sweep, notes="eta" writes η at both ends in the line's colour.
-    None: eval.py's plot, every model that is not a sweep point as a point named after it, then
-    every sweep as a line named after it, with η at its ends."""
+    None: eval.py's plot, every model that is neither a sweep point nor best-of-N as a point named
+    after it, every sweep as a line named after it, with η at its ends, and best-of-N as a dashed
+    grey line with N at its points."""
     if draw is None:
-        points = [([r["model"]], "o", dict(notes=[r["model"]])) for r in rows if r.get("sweep") is None]
+        points = [([r["model"]], "o", dict(notes=[r["model"]])) for r in rows
+                  if r.get("sweep") is None and r.get("best_of") is None]
         sweeps = dict.fromkeys(r["sweep"] for r in rows if r.get("sweep") is not None)
         draw = points + [(name, ".-", dict(label=name, notes="eta", note_offset=(4, -10))) for name in sweeps]
+        bon = best_of_models(rows)
+        if bon:
+            by_model = {r["model"]: r for r in rows}
+            draw.append((bon, "s--", dict(color="grey", ms=3, label="best-of-N of the reference",
+                                          notes=[f"N={by_model[m]['best_of']}" for m in bon])))
     by_model = {r["model"]: r for r in rows}
     lines = []
     for what, fmt, style in draw:
@@ -61,7 +73,7 @@ def plot(results, path, log=print):
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.add_subplot()
     kl_reward_plane(ax, results)
-    if any(r.get("sweep") is not None for r in results):
+    if any(r.get("sweep") is not None or r.get("best_of") is not None for r in results):
         ax.legend(fontsize=7)
     ax.set_xlabel("KL(π ‖ π_ref)")
     ax.set_ylabel("reward")

@@ -1,6 +1,8 @@
 """Tests for nanowarp.evaluate and eval.py: KL to a reference and reward, on tiny models."""
 
+import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -10,7 +12,8 @@ import torch
 import eval as eval_cli
 from conftest import perturbed_copy
 from nanowarp.data import load_prompts, load_reviews
-from nanowarp.evaluate import batch_seed, distinct_n, evaluate, heldout_nll, heldout_sequences, liti_sweep
+from nanowarp.evaluate import (batch_seed, best_of_n, best_of_n_kl, distinct_n, evaluate, heldout_nll,
+                               heldout_sequences, liti_sweep)
 from nanowarp.gpt2 import GPT2
 from nanowarp.padding import left_pad
 from nanowarp.plots import plot
@@ -204,6 +207,60 @@ SWEEP_ROWS = [dict(model="sft", kl=0.0, reward=-0.6)] + [
     dict(model=f"liti(a,b,eta={e})", kl=e, reward=e - 0.5, eta=e, sweep="liti(a,b)") for e in (0, 0.5, 1)]
 
 
+def bon(s, ns, **kw):
+    kw = dict(dict(max_new_tokens=MAX_NEW, batch_size=5), **kw)  # batches of 5, 5, 2 as run()
+    return best_of_n(s["ref"], s["reward_model"], s["prompts"], s["tokenizer"], s["eos_id"], ns, **kw)
+
+
+def test_best_of_one_is_the_reference_row(setup):
+    """Draw 0 of each batch comes from evaluate()'s random stream: best-of-1 is the reference's row."""
+    row, ref = bon(setup, [1], seed=3)[0], run(setup, setup["ref"], seed=3)
+    assert row["best_of"] == 1 and row["kl"] == 0
+    assert {k: row[k] for k in ("reward", "reward_se", "finished", "length", "distinct_1", "distinct_2")} == \
+        {k: ref[k] for k in ("reward", "reward_se", "finished", "length", "distinct_1", "distinct_2")}
+
+
+def test_best_of_n_keeps_the_reward_models_favourite_of_the_first_n_draws(setup):
+    """Rows nested: best-of-n is the max over the first n draws of one stream, reward non-decreasing in
+    n; recomputed by hand from the draws, and the judge scores the kept completions."""
+    s, ns, seed = setup, [1, 2, 4], 5
+    rows = bon(s, [4, 1, 2, 2], seed=seed, judge=s["reward_model"])  # unsorted, repeated: sorted, once
+    assert [r["best_of"] for r in rows] == ns
+    assert [r["kl"] for r in rows] == [best_of_n_kl(n) for n in ns] and rows[0]["kl"] == 0
+    assert rows[1]["kl"] == pytest.approx(math.log(2) - 0.5) and rows[2]["kl"] == pytest.approx(math.log(4) - 0.75)
+    rewards, texts = [], []  # by hand: (draw, prompt)
+    for start in range(0, 12, 5):
+        batch = s["prompts"][start:start + 5]
+        generator = torch.Generator().manual_seed(batch_seed(seed, start // 5))
+        draws = [sample(s["ref"], batch, MAX_NEW, eos_token_id=s["eos_id"], generator=generator) for _ in range(4)]
+        decoded = [decode(s["tokenizer"], batch, d.tokens, d.mask.sum(1)) for d in draws]
+        scores = torch.stack([s["reward_model"].score(t, d.finished) for t, d in zip(decoded, draws)])
+        rewards.append(scores)
+        texts += [[decoded[j][b] for j in range(4)] for b in range(len(batch))]
+    rewards = torch.cat(rewards, 1)  # (4, 12)
+    for n, row in zip(ns, rows):
+        best = rewards[:n].max(0).values
+        assert row["reward"] == pytest.approx(best.double().mean().item(), abs=1e-6)
+        kept = [texts[b][j] for b, j in enumerate(rewards[:n].argmax(0).tolist())]
+        judged = s["reward_model"].score(kept).double().mean().item()  # the judge: no −1 rule
+        assert row["judge"] == pytest.approx(judged, abs=1e-6) and row["n"] == 12
+    assert rows[0]["reward"] < rows[1]["reward"] <= rows[2]["reward"]  # nested rows: never decreasing
+    assert (rewards[1:] != rewards[:1]).any()  # the draws differ
+
+
+def test_best_of_n_ties_keep_the_first_draw(setup, monkeypatch):
+    """A reward model that scores every text alike keeps draw 0: best-of-4 is then best-of-1."""
+    rm = setup["reward_model"]
+    monkeypatch.setattr(rm, "score", lambda texts, finished=None: torch.zeros(len(texts)))
+    rows = bon(setup, [1, 4], seed=2)
+    assert {k: rows[1][k] for k in ("length", "distinct_2")} == {k: rows[0][k] for k in ("length", "distinct_2")}
+
+
+def test_best_of_n_refuses_n_below_one(setup):
+    with pytest.raises(ValueError, match="n >= 1"):
+        bon(setup, [0, 2])
+
+
 def test_plot_draws_kl_against_reward(tmp_path):
     pytest.importorskip("matplotlib")
     assert plot(SWEEP_ROWS, str(tmp_path / "p.png"))
@@ -265,6 +322,22 @@ def test_cli_rows_gain_kl_exact_distinct_judge_and_heldout_nll(cli_args, judge_d
         {k: rows[0][k] for k in ("kl", "reward", "kl_exact", "distinct_2")}
 
 
+def test_cli_best_of_rows_are_nested_at_the_analytic_kl(cli_args, judge_dir, tmp_path, capsys):
+    sft, out = cli_args["sft"], str(tmp_path / "r.json")
+    eval_cli.main(["--models", sft, "--best_of", "1", "2", "4", "--judge", judge_dir, "--out", out, *cli_args["argv"]])
+    rows = json.load(open(out))
+    bon = [r for r in rows if "best_of" in r]
+    assert [r["best_of"] for r in bon] == [1, 2, 4] and [r["model"] for r in bon] == [f"best-of-{n}({sft})" for n in (1, 2, 4)]
+    assert [r["kl"] for r in bon] == [best_of_n_kl(n) for n in (1, 2, 4)]
+    assert bon[0]["reward"] == rows[0]["reward"] and bon[0]["judge"] == rows[0]["judge"]  # best-of-1 is --ref
+    assert bon[0]["reward"] <= bon[1]["reward"] <= bon[2]["reward"]
+    assert "kl_exact" not in bon[1] and 0 < bon[2]["judge"] < 1
+    assert f"best-of-4({sft})" in capsys.readouterr().out
+    assert (tmp_path / "r.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+    eval_cli.main(["--best_of", "2", "--out", out, "--plot", "none", *cli_args["argv"]])  # best-of-N alone
+    assert json.load(open(out))[0]["reward"] == bon[1]["reward"]
+
+
 def test_cli_uses_all_prompts_when_asked_for_more(cli_args, tmp_path, capsys):
     out = str(tmp_path / "r.json")
     argv = [a if a != "3" else "1000" for a in cli_args["argv"]]
@@ -275,7 +348,7 @@ def test_cli_uses_all_prompts_when_asked_for_more(cli_args, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing model", "missing ref", "missing data", "zero prompts", "nothing",
-                                  "missing judge", "negative heldout"])
+                                  "missing judge", "negative heldout", "best of zero"])
 def test_cli_refuses_bad_input_in_one_line(cli_args, tmp_path, capsys, case):
     missing = str(tmp_path / "missing")
     argv = {"missing model": ["--models", missing],
@@ -284,7 +357,8 @@ def test_cli_refuses_bad_input_in_one_line(cli_args, tmp_path, capsys, case):
             "zero prompts": ["--models", cli_args["sft"], "--n_prompts", "0"],
             "nothing": [],
             "missing judge": ["--models", cli_args["sft"], "--judge", missing],
-            "negative heldout": ["--models", cli_args["sft"], "--heldout", "-1"]}[case]
+            "negative heldout": ["--models", cli_args["sft"], "--heldout", "-1"],
+            "best of zero": ["--best_of", "0", "4"]}[case]
     with pytest.raises(SystemExit) as e:
         eval_cli.main([*cli_args["argv"], *argv, "--out", str(tmp_path / "r.json")])  # later flags win
     err = capsys.readouterr().err.strip()
@@ -299,5 +373,5 @@ def test_cli_help_documents_every_flag(capsys):
     out = capsys.readouterr().out
     for flag in ("--models", "--ref", "--reward_model", "--data", "--n_prompts", "--seed", "--out",
                  "--max_new_tokens", "--temperature", "--batch_size", "--device", "--sweep", "--etas", "--plot",
-                 "--judge", "--heldout"):
+                 "--judge", "--heldout", "--best_of"):
         assert flag in out
