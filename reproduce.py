@@ -5,6 +5,12 @@ RLOO, the evaluation, the tables, the plots, and the paper's claims checked, eve
 
     python reproduce.py --source ../shared/data/imdb/aclImdb_labeled.tar.gz                 # one seed
     python reproduce.py --source ../shared/data/imdb/aclImdb_labeled.tar.gz --seeds 0 1 2    # three
+    python reproduce.py --setting sentiment --source ... --seeds 0 1 2    # what WARP does to sentiment
+
+Two settings (nanowarp/tiny.py SETTINGS): `fast` (the default, ~17 minutes a seed) runs the whole
+pipeline at 40 new tokens, where what RL learns is to end the review in time; `sentiment` runs at
+60 new tokens, where the SFT model ends every completion and only sentiment is left to learn, with
+ten times the completions per RL run (WARP + RLOO and its fixed-anchor ablation).
 
 Only the models are small (nanowarp/tiny.py); every stage is the package's ordinary code path and
 every model an ordinary checkpoint that train.py, merge.py and eval.py take:
@@ -19,13 +25,14 @@ every model an ordinary checkpoint that train.py, merge.py and eval.py take:
   6. diagnose,   how the classifiers read texts of the completions' length, the sentiment words of
      signal      the SFT model's completions, and each reward's policy-gradient signal
   for each seed s (WARP's --seed is 100·s: the job's run seeds never overlap another seed's):
-  7. warp        nanowarp.warp.warp, as train.py runs it: REINFORCE (I = 3), RLOO k = 4 (I = 2), and the
-                 fixed-anchor ablation (I = 1); each prints the train.py command that runs the same job
+  7. warp        nanowarp.warp.warp, as train.py runs it: fast: REINFORCE (I = 3), RLOO k = 4 (I = 2), and
+                 the fixed-anchor ablation (I = 1); sentiment: RLOO k = 4 (I = 2) and its fixed-anchor
+                 ablation (I = 1); each prints the train.py command that runs the same job
   8. evaluate    KL (sampled and exact), reward, judge, held-out NLL and distinct-n on the eval prompts,
-                 for every checkpoint, the LITI sweep SFT → SLERP of each iteration, and the LERP of
-                 iteration 1's runs (in --workers processes)
+                 for every checkpoint, the LITI sweep SFT → SLERP of each iteration of the main job, the
+                 LERP of its iteration 1's runs, and best-of-N of the SFT model (in --workers processes)
   9. report      OUT/results.json, OUT/results.md and OUT/pareto.png (matplotlib, when installed): the
-                 tables and the paper's claims checked (nanowarp/report.py, nanowarp/claims.py)
+                 headline, the tables and the paper's claims checked (nanowarp/report.py, nanowarp/claims.py)
 
 A finished stage is recorded in OUT/stages.json and skipped when the command runs again, so an
 interrupted reproduction resumes (a WARP job also resumes inside itself), and `--seeds 0 1 2` after
@@ -50,15 +57,15 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)  # run from anywhere without installing
 
 from nanowarp import hub, merging, tiny  # noqa: E402
-from nanowarp.config import (Config, changed_flags, command_line, fail, flag, parse_args as parse_flags,  # noqa: E402
-                             resolve_device)
+from nanowarp.config import (PRESETS, Config, changed_flags, command_line, fail, flag,  # noqa: E402
+                             parse_args as parse_flags, resolve_device)
 from nanowarp.data import IMDB_URL, DataError, clean, load_prompts, prepare, read_imdb  # noqa: E402
 from nanowarp.diagnose import diagnose, gradient_signal  # noqa: E402
-from nanowarp.evaluate import evaluate, heldout_sequences  # noqa: E402
+from nanowarp.evaluate import best_of_n, evaluate, heldout_sequences  # noqa: E402
 from nanowarp.gpt2 import GPT2, load_theta  # noqa: E402
 from nanowarp.hub import write_json  # noqa: E402
 from nanowarp.parallel import Interrupted, WorkerError, stop_on_signals  # noqa: E402
-from nanowarp.report import TABLE, write_results  # noqa: E402
+from nanowarp.report import table_models, write_results  # noqa: E402
 from nanowarp.reward import RewardModel  # noqa: E402
 from nanowarp.stages import Stages  # noqa: E402
 from nanowarp.supervised import train_reward_model, train_sft  # noqa: E402
@@ -68,8 +75,11 @@ from nanowarp.warp import warp  # noqa: E402
 
 @dataclass
 class Args:
+    setting: str = flag("fast", "fast: the pipeline in minutes, 40 new tokens (RL learns to end in time); sentiment: "
+                                "60 new tokens, only sentiment to learn, 10x the completions per run (tiny.SETTINGS)",
+                        choices=list(tiny.SETTINGS))
     source: str = flag(IMDB_URL, "IMDB: the official aclImdb_v1.tar.gz URL, a local copy, or the folder it extracts to")
-    out_dir: str = flag("runs/tiny", "where everything goes")
+    out_dir: str = flag(None, "where everything goes; None: runs/tiny (fast) or runs/sentiment")
     seeds: tuple = flag((0,), "WARP seeds (each adds its WARP jobs and evaluation); seed s is train.py --seed 100*s",
                         nargs="+", type=int)
     device: str = flag("auto", "cpu, cuda, cuda:N, or auto")
@@ -78,6 +88,8 @@ class Args:
     workers: int = flag(2, "processes side by side: the SFT and reward stages, and (train.py --workers) the M runs "
                            "of a WARP iteration")
     ablations: bool = flag(True, "also train the fixed-anchor WARP job (the EMA-vs-fixed-anchor claim)")
+    best_of: tuple = flag(None, "best-of-N of the SFT model evaluated for each N (eval.py --best_of); None: the "
+                                "setting's (1 2 4 8 16)", nargs="+", type=int)
     # sizes and budgets; the defaults are nanowarp/tiny.py's
     policy_vocab: int = flag(tiny.POLICY_VOCAB, "BPE vocabulary of the policy")
     reward_vocab: int = flag(tiny.REWARD_VOCAB, "WordPiece vocabulary of the reward model")
@@ -88,9 +100,10 @@ class Args:
     sft_epochs: float = flag(tiny.SFT["epochs"], "passes over the training reviews of the SFT stage")
     reward_epochs: float = flag(tiny.REWARD["epochs"], "passes over the training reviews of the reward stage")
     judge_epochs: float = flag(tiny.JUDGE["epochs"], "passes over its half of the training reviews of the judge")
-    steps: int = flag(tiny.WARP["steps"], "T: RL steps per WARP run")
-    batch_size: int = flag(tiny.WARP["batch_size"], "completions per RL step")
-    max_new_tokens: int = flag(tiny.WARP["max_new_tokens"], "completion length, in RL and evaluation")
+    steps: int = flag(None, "T: RL steps per WARP run; None: the setting's preset's (fast 60, sentiment 600)", type=int)
+    batch_size: int = flag(None, "completions per RL step; None: the preset's (64 in both)", type=int)
+    max_new_tokens: int = flag(None, "completion length, in RL and evaluation; None: the preset's (fast 40, "
+                                     "sentiment 60)", type=int)
     n_eval: int = flag(1000, "eval prompts: the first N test reviews of at least 200 characters in eval order (the "
                              "reference's 100, all negative, then positive and negative alike)")
     n_reference: int = flag(100, "the table of SPEC §2 (KL, reward) also on the first N eval prompts, the reference's")
@@ -103,7 +116,12 @@ class Args:
 
 
 def parse_args(argv=None):
-    return parse_flags(argv, Args, presets=None, description=__doc__)
+    """The flags, with those left at None set from the --setting (tiny.SETTINGS and its preset)."""
+    args = parse_flags(argv, Args, presets=None, description=__doc__)
+    setting, preset = tiny.SETTINGS[args.setting], PRESETS[tiny.SETTINGS[args.setting]["preset"]]
+    defaults = dict(out_dir=setting["out_dir"], best_of=setting["best_of"],
+                    **{k: preset[k] for k in ("steps", "batch_size", "max_new_tokens")})
+    return dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
 
 
 # flags that change no result: a resumed reproduction may change them
@@ -191,18 +209,20 @@ def n_weights(model):
 
 # ---- stage 5: WARP, the package's own job, as train.py runs it ---------------------------------
 
-# name: Config overrides on top of tiny.WARP
-JOBS = {"reinforce": {}, "rloo": {"rloo_k": 4, "iterations": 2}, "fixed_anchor": {"anchor": "init", "iterations": 1}}
-
-
 def jobs(args):
-    """The WARP jobs of each seed: every job of JOBS, the fixed-anchor ablation only with --ablations."""
-    return [job for job in JOBS if job != "fixed_anchor" or args.ablations]
+    """The WARP jobs of each seed: every job of the setting, the fixed-anchor ablation only with --ablations."""
+    return [job for job in tiny.SETTINGS[args.setting]["jobs"] if job != "fixed_anchor" or args.ablations]
+
+
+def main_job(args):
+    """The WARP job whose iterations get the LITI sweeps, the LERP and the claims."""
+    return tiny.SETTINGS[args.setting]["main"]
 
 
 def job_settings(args, job):
-    return {**tiny.WARP, "steps": args.steps, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-            **JOBS[job]}
+    setting = tiny.SETTINGS[args.setting]
+    return {**PRESETS[setting["preset"]], "steps": args.steps, "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens, **setting["jobs"][job]}
 
 
 def warp_job(args, seed, job, fresh=False):
@@ -247,8 +267,10 @@ def seed_plan(args, seed):
               to build the weights (recipe_theta), extra goes into the row (sweep, eta);
     geometry  {name: (θ_init folder, run folders, recipe of the merge)}: the task vectors of each
               iteration's runs, measured against the SLERP (and for iteration 1, the LERP)."""
-    sft = os.path.join(args.out_dir, "sft")
-    tasks, geometry = [("sft", ("load", sft), {})], {}
+    sft, main = os.path.join(args.out_dir, "sft"), main_job(args)
+    # best-of-N first: the longest task, started while the other process takes the rest
+    tasks, geometry = [("best-of-N", ("best_of", tuple(args.best_of)), {})] if args.best_of else [], {}
+    tasks.append(("sft", ("load", sft), {}))
 
     def sweep(name, end):
         tasks.extend((f"{name} eta={eta:g}", ("liti", sft, end, eta), dict(sweep=name, eta=eta)) for eta in args.etas)
@@ -261,13 +283,13 @@ def seed_plan(args, seed):
             tasks += [(f"{job}/iter_{i}/{name}", ("load", os.path.join(folder, name)), {})
                       for name in ("run_0", "run_1", "slerp", "liti")]
             geometry[f"{job}/iter_{i}"] = (theta_init, runs, ("load", os.path.join(folder, "slerp")))
-            if job in ("reinforce", "fixed_anchor"):
+            if job in (main, "fixed_anchor"):
                 sweep(f"{job}/iter_{i}/slerp", ("load", os.path.join(folder, "slerp")))
-            if job == "reinforce" and i == 1:  # SLERP vs LERP, on the same two runs
+            if job == main and i == 1:  # SLERP vs LERP, on the same two runs
                 lerp = ("lerp", theta_init, runs)
-                tasks.append(("reinforce/iter_1/lerp", lerp, {}))
-                sweep("reinforce/iter_1/lerp", lerp)
-                geometry["reinforce/iter_1/lerp"] = (theta_init, runs, lerp)
+                tasks.append((f"{main}/iter_1/lerp", lerp, {}))
+                sweep(f"{main}/iter_1/lerp", lerp)
+                geometry[f"{main}/iter_1/lerp"] = (theta_init, runs, lerp)
             theta_init = os.path.join(folder, "liti")
     return tasks, geometry
 
@@ -299,16 +321,26 @@ def _eval_setup(args, seed, threads):
                       judge=RewardModel(os.path.join(args.out_dir, "judge"), device, batch_size=64),
                       heldout=heldout_sequences(data, args.heldout, tokenizer, ref.config.n_positions, eos)),
         reward_model=RewardModel(os.path.join(args.out_dir, "reward_model"), device, batch_size=64),
-        n_reference=args.n_reference, samples=args.samples)
+        n_reference=args.n_reference, samples=args.samples, table={model for _, model in table_models(args.setting)})
 
 
 def _eval_task(task):
-    """One row: the model of `task` on every eval prompt, and (SPEC §2's table) on the reference's
-    first prompts; sample completions for the table's models."""
+    """The rows of `task`: one for a model, on every eval prompt and (SPEC §2's table) on the reference's
+    first prompts, with sample completions for the table's models; or one per N for best-of-N of the
+    SFT model (the same random numbers: best-of-1 is the SFT model's row)."""
     name, recipe, extra = task
     e, start = _EVAL, time.perf_counter()
+    if recipe[0] == "best_of":
+        settings = {k: v for k, v in e["settings"].items() if k != "heldout"}
+        rows = [dict(model=f"best-of-{r['best_of']}", **r)
+                for r in best_of_n(e["ref"], e["reward_model"], e["prompts"], e["tokenizer"], e["eos"], recipe[1],
+                                   **settings)]
+        for r in rows:
+            print(f"  {r['model']:<34} KL {r['kl']:7.3f}  reward {r['reward']:+.3f}  judge {r['judge']:.3f}", flush=True)
+        print(f"  best-of-N: {time.perf_counter() - start:.0f}s", flush=True)
+        return rows
     e["policy"].load_hf_state_dict(recipe_theta(recipe), where=name)
-    in_table = name in {model for _, model in TABLE}
+    in_table = name in e["table"]
     row = dict(model=name, **evaluate(e["policy"], e["ref"], e["reward_model"], e["prompts"], e["tokenizer"],
                                       e["eos"], samples=e["samples"] if in_table else 0, **e["settings"]), **extra)
     if in_table:
@@ -317,7 +349,7 @@ def _eval_task(task):
         row["reference"] = {k: reference[k] for k in ("kl", "kl_se", "reward", "reward_se", "finished", "n")}
     print(f"  {name:<34} KL {row['kl']:7.3f}  reward {row['reward']:+.3f}  judge {row['judge']:.3f}  held-out NLL "
           f"{row['heldout_nll']:.3f}  length {row['length']:5.1f}  ({time.perf_counter() - start:.0f}s)", flush=True)
-    return row
+    return [row]
 
 
 def evaluate_seed(args, seed):
@@ -326,12 +358,12 @@ def evaluate_seed(args, seed):
     tasks, plan = seed_plan(args, seed)
     if args.workers <= 1:
         _eval_setup(args, seed, args.threads)
-        rows = [_eval_task(t) for t in tasks]
+        rows = [row for t in tasks for row in _eval_task(t)]
     else:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.workers, ctx, initializer=_eval_setup,
                                                     initargs=(args, seed, args.threads)) as pool:
-            rows = list(pool.map(_eval_task, tasks))
+            rows = [row for rows in pool.map(_eval_task, tasks) for row in rows]
     geometry = {}
     for name, (theta_init, runs, merged) in plan.items():
         stats = merging.task_vector_stats(load_theta(theta_init), [load_theta(r) for r in runs], recipe_theta(merged))
@@ -347,7 +379,8 @@ GEOMETRY = ("cos", "cos_per_tensor_median", "tensors", "norm_1", "norm_2", "merg
 def report(args, stages, evals):
     """results.json, results.md and pareto.png in OUT; returns the markdown, and whether it plotted."""
     done = stages.done
-    settings = dict(warp=job_settings(args, "reinforce"), jobs=JOBS, sft=done["sft"]["result"],
+    settings = dict(setting=args.setting, warp=job_settings(args, main_job(args)), jobs=tiny.SETTINGS[args.setting]["jobs"],
+                    best_of=args.best_of, sft=done["sft"]["result"],
                     reward=done["reward"]["result"], judge=done["judge"]["result"], n_eval=args.n_eval,
                     source=os.path.basename(args.source))
     return write_results(args, stages, evals, settings)

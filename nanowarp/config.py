@@ -29,7 +29,7 @@ class Config:
     stage: str = flag("warp", "warp: WARP iterations; reward: train the reward model; sft: fine-tune the SFT policy",
                       choices=["warp", "reward", "sft"])
     preset: str = flag("reference", "named set of defaults (nanowarp/config.py PRESETS); explicit flags override it",
-                       choices=["reference", "rloo", "paper", "tiny"])
+                       choices=["reference", "rloo", "paper", "tiny", "tiny_sentiment"])
     # models and data
     policy: str = flag("lvwerra/gpt2-imdb", "SFT policy: Hub id or local folder (Hugging Face layout)")
     reward_model: str = flag("lvwerra/distilbert-imdb", "sentiment classifier: Hub id or local folder")
@@ -119,6 +119,12 @@ PRESETS = {
     # mu = 1/60 keeps mu * T = 1 as in the reference (0.01 * 100): the EMA covers the same share of a run.
     "tiny": {"iterations": 3, "runs": 2, "steps": 60, "batch_size": 64, "max_new_tokens": 40, "lr": 1e-3,
              "warmup": 6, "lora_rank": 8, "lora_alpha": 8.0, "kl_coef": 0.1, "ema_rate": 1 / 60, "liti_rate": 0.5},
+    # reproduce.py --setting sentiment: the tiny models with nothing left to learn but sentiment (60 new
+    # tokens: the SFT model ends all its completions) and ten times the completions per run; RLOO k = 4,
+    # a higher lr, and mu * T = 1 again. The README's "Reproducing WARP on a laptop CPU" has the measurements.
+    "tiny_sentiment": {"iterations": 2, "runs": 2, "steps": 600, "batch_size": 64, "max_new_tokens": 60,
+                       "rloo_k": 4, "lr": 3e-3, "warmup": 6, "lora_rank": 8, "lora_alpha": 8.0, "kl_coef": 0.1,
+                       "ema_rate": 1 / 600, "liti_rate": 0.5},
 }
 
 

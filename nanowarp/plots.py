@@ -46,7 +46,8 @@ def kl_reward_plane(ax, rows, y="reward", draw=None):
     for what, fmt, style in draw:
         style = dict(style)
         notes, offset, size = style.pop("notes", None), style.pop("note_offset", (4, 4)), style.pop("note_size", 7)
-        points = sweep_rows(rows, what) if isinstance(what, str) else [by_model[m] for m in what]
+        points = sweep_rows(rows, what) if isinstance(what, str) else [by_model[m] for m in what if m in by_model]
+        points = [r for r in points if y in r]  # e.g. best-of-N has no held-out NLL
         if not points:
             continue
         line, = ax.plot([r["kl"] for r in points], [r[y] for r in points], fmt, **style)

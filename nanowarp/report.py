@@ -12,14 +12,22 @@ import os
 
 import numpy as np
 
-from nanowarp.claims import claims, format_mean, job_iterations, mean_spread
+from nanowarp.claims import claims, format_mean, headline, job_iterations, mean_spread
+from nanowarp.config import PRESETS
 from nanowarp.hub import write_json, write_text
-from nanowarp.plots import kl_reward_plane
+from nanowarp.plots import best_of_models, kl_reward_plane
+from nanowarp.tiny import SETTINGS
 
-# The table's rows: (setup, model)
-TABLE = [("SFT", "sft"), ("WARP I=1", "reinforce/iter_1/liti"), ("WARP I=2", "reinforce/iter_2/liti"),
-         ("WARP I=3", "reinforce/iter_3/liti"), ("WARP + RLOO (k=4) I=1", "rloo/iter_1/liti"),
-         ("WARP + RLOO (k=4) I=2", "rloo/iter_2/liti")]
+JOB_LABELS = {"reinforce": "WARP", "rloo": "WARP + RLOO (k=4)"}  # the table's name of each job's WARP model
+
+
+def table_models(setting):
+    """The table's rows of a setting (tiny.SETTINGS): (setup, model), the SFT model then each WARP
+    model I = 1.. of every job but the fixed-anchor ablation."""
+    jobs = SETTINGS[setting]["jobs"]
+    iterations = {job: {**PRESETS[SETTINGS[setting]["preset"]], **jobs[job]}["iterations"] for job in jobs}
+    return [("SFT", "sft")] + [(f"{JOB_LABELS[job]} I={i}", f"{job}/iter_{i}/liti") for job in jobs if job in JOB_LABELS
+                               for i in range(1, iterations[job] + 1)]
 COLUMNS = ["kl", "kl_exact", "reward", "judge", "heldout_nll", "distinct_2", "finished", "length"]
 
 
@@ -34,11 +42,11 @@ def rounded(obj, digits=4):
     return obj
 
 
-def table_rows(evals, column_key=lambda row: row):
+def table_rows(evals, setting, column_key=lambda row: row):
     """The TABLE's models: each column's mean over seeds and its spread (the std over seeds; with one
     seed, the standard error over the eval prompts where there is one)."""
     table = []
-    for label, model in TABLE:
+    for label, model in table_models(setting):
         per_seed = [next((r for r in e["rows"] if r["model"] == model), None) for e in evals]
         if any(r is None for r in per_seed):
             continue
@@ -56,19 +64,56 @@ def write_results(args, stages, evals, settings):
     plotted. args: reproduce.py's flags (out_dir, seeds, n_eval, n_reference, heldout); stages: the
     nanowarp.stages.Stages of the reproduction; evals: the seeds' evaluations, in the order of
     args.seeds; settings: what results.json records as the reproduction's settings."""
-    table = table_rows(evals)
-    reference = table_rows(evals, lambda row: row["reference"])
-    found = claims(evals)
+    main = SETTINGS[args.setting]["main"]
+    table = table_rows(evals, args.setting)
+    reference = table_rows(evals, args.setting, lambda row: row["reference"])
+    found = claims(evals, main)
+    head = headline(evals, main)
+    best_of = best_of_table(evals)
     times = {name: record["seconds"] for name, record in stages.done.items()}
-    results = dict(seeds=args.seeds, settings=settings, table=table, reference_table=reference, claims=found,
+    results = dict(headline=head, seeds=args.seeds, settings=settings, table=table, reference_table=reference,
+                   best_of=best_of, claims=found,
                    stage_seconds=times, total_seconds=stages.wall_time(list(times)),
                    evaluations={str(s): e for s, e in zip(args.seeds, evals)})
     write_json(os.path.join(args.out_dir, "results.json"), rounded(results))
-    lines = tables_markdown(args, table, reference) + stages_markdown(stages.done, evals, table, args.seeds)
+    lines = headline_markdown(head) + tables_markdown(args, table, reference) + best_of_markdown(best_of) + \
+        stages_markdown(stages.done, evals, table, args.seeds, main)
     markdown = "\n".join(lines + claims_markdown(found) + times_markdown(stages, times, args.seeds[0])) + "\n"
     write_text(os.path.join(args.out_dir, "results.md"), markdown)
-    plotted = plot_results(evals[0], stages.done, args.seeds[0], os.path.join(args.out_dir, "pareto.png"))
+    plotted = plot_results(evals[0], stages.done, args.seeds[0], os.path.join(args.out_dir, "pareto.png"), args.setting)
     return markdown, plotted
+
+
+def best_of_table(evals):
+    """Best-of-N of the SFT model, one row per N: each column's mean over seeds and its spread."""
+    ns = sorted(r["best_of"] for r in evals[0]["rows"] if r.get("best_of"))
+    table = []
+    for n in ns:
+        per_seed = [next(r for r in e["rows"] if r.get("best_of") == n) for e in evals]
+        row = dict(best_of=n, kl=per_seed[0]["kl"])
+        for c in ("reward", "judge", "length"):
+            mean, spread = mean_spread([r[c] for r in per_seed])
+            row[c], row[c + "_spread"] = mean, spread if len(evals) > 1 else per_seed[0].get(c + "_se")
+        table.append(row)
+    return table
+
+
+def headline_markdown(head):
+    """The headline: what WARP did to sentiment, in the judge's terms (lines)."""
+    fraction = f"{head['bon_fraction']:.2f}" if head["bon_fraction"] is not None else "n/a (its KL is outside best-of-N's range)"
+    return [f"**Headline** ({head['model']}, {head['seeds']} seed(s)): judge gain over the SFT model "
+            f"{head['judge_gain']:+.3f} ± {head['judge_gain_se']:.3f} (standard error over seeds and prompts) at KL "
+            f"{head['kl']:.3f}; best-of-N fraction {fraction} (its judge gain ÷ best-of-N's at the same KL).", ""]
+
+
+def best_of_markdown(table):
+    """Best-of-N of the SFT model: the reference front (lines)."""
+    if not table:
+        return []
+    return ["", "Best-of-N of the SFT model (N completions per prompt, the reward model keeps one; KL = log N − "
+                "(N − 1)/N): the reference front.", "", "| N | KL | reward | judge | length |", "|---|---|---|---|---|"] + \
+        [f"| {t['best_of']} | {t['kl']:.3f} | {format_mean(t['reward'], t['reward_spread'], sign=True)} | "
+         f"{format_mean(t['judge'], t['judge_spread'])} | {t['length']:.1f} |" for t in table]
 
 
 def tables_markdown(args, table, reference):
@@ -94,7 +139,7 @@ def tables_markdown(args, table, reference):
     return lines
 
 
-def stages_markdown(done, evals, table, seeds):
+def stages_markdown(done, evals, table, seeds, main):
     """The models' own scores, the diagnosis and the signal, and sample completions (lines)."""
     sft, rm, judge = done["sft"]["result"], done["reward"]["result"], done["judge"]["result"]
     lines = ["", f"Reward model: test accuracy {rm['test_accuracy']:.4f} on {rm['test_reviews']} IMDB test reviews; "
@@ -109,9 +154,9 @@ def stages_markdown(done, evals, table, seeds):
         lines += [f"- {k}: {v}" for k, v in done["signal"]["result"].items()]
     samples = {t["model"]: next(r for r in evals[0]["rows"] if r["model"] == t["model"]).get("samples", [])
                for t in table}
-    if samples.get("sft") and samples.get("reinforce/iter_2/liti"):
+    if samples.get("sft") and samples.get(f"{main}/iter_2/liti"):
         lines += ["", f"Sample completions, seed {seeds[0]} (prompt in bold):", ""]
-        for a, b in zip(samples["sft"], samples["reinforce/iter_2/liti"]):
+        for a, b in zip(samples["sft"], samples[f"{main}/iter_2/liti"]):
             lines += [f"- **{a['prompt']}** SFT: {a['completion']!r} · WARP I=2: {b['completion']!r}"]
     return lines
 
@@ -134,55 +179,59 @@ def times_markdown(stages, times, first_seed):
                     f"| total | {stages.wall_time(list(times)):.0f} |"]
 
 
-def plot_results(evaluation, done, seed, path):
+def plot_results(evaluation, done, seed, path, setting="fast"):
     """Three planes against KL to the SFT model (the reward model's reward, the judge's P(positive),
-    the held-out NLL): the WARP models I = 1..3 and their path from the SFT model, each iteration's
-    LITI sweep SFT → SLERP_i, the runs, RLOO, LERP and the fixed anchor; and the training reward per
-    RL step. Returns False without matplotlib."""
+    the held-out NLL): the main job's WARP models I = 1.. and their path from the SFT model, each
+    iteration's LITI sweep SFT → SLERP_i, the runs, the other WARP job, LERP, the fixed anchor and
+    best-of-N of the SFT model; and the training reward per RL step. Returns False without matplotlib."""
     try:
         from matplotlib.figure import Figure  # optional: pip install matplotlib
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return False
+    main, jobs = SETTINGS[setting]["main"], SETTINGS[setting]["jobs"]
     rows = {r["model"]: r for r in evaluation["rows"]}
     fig = Figure(figsize=(13, 9), layout="constrained")
     axes = fig.subplot_mosaic([["reward", "judge"], ["nll", "train"]])
-    n_iter = job_iterations(evaluation["rows"], "reinforce")
+    n_iter = job_iterations(evaluation["rows"], main)
     draw = []
     for i in range(1, n_iter + 1):  # each iteration's sweep, and its runs in the same colour
         color = f"C{i - 1}"
-        draw += [(f"reinforce/iter_{i}/slerp", ".-", dict(color=color, label=f"LITI sweep SFT → SLERP, iteration {i}"))]
-        draw += [([f"reinforce/iter_{i}/run_{m}"], "x", dict(color=color, label=None if m else f"RL runs, iteration {i}"))
+        draw += [(f"{main}/iter_{i}/slerp", ".-", dict(color=color, label=f"LITI sweep SFT → SLERP, iteration {i}"))]
+        draw += [([f"{main}/iter_{i}/run_{m}"], "x", dict(color=color, label=None if m else f"RL runs, iteration {i}"))
                  for m in (0, 1)]
-    draw += [("reinforce/iter_1/lerp", ":", dict(color="olive", label="LITI sweep SFT → LERP, iteration 1")),
+    draw += [(f"{main}/iter_1/lerp", ":", dict(color="olive", label="LITI sweep SFT → LERP, iteration 1")),
              ("fixed_anchor/iter_1/slerp", "--", dict(color="gray", label="LITI sweep SFT → SLERP, fixed anchor"))]
-    warp = ["sft"] + [f"reinforce/iter_{i}/liti" for i in range(1, n_iter + 1)]
-    draw += [(warp, "ko-", dict(lw=1, label=f"WARP (REINFORCE): SFT, I = 1..{n_iter}", note_offset=(5, -12),
+    warp = ["sft"] + [f"{main}/iter_{i}/liti" for i in range(1, n_iter + 1)]
+    draw += [(warp, "ko-", dict(lw=1, label=f"{JOB_LABELS[main]}: SFT, I = 1..{n_iter}", note_offset=(5, -12),
                                 note_size=8, notes=[None] + [f"I={k}" for k in range(1, n_iter + 1)]))]
-    rloo = ["sft"] + [m for m in (f"rloo/iter_{i}/liti" for i in (1, 2, 3)) if m in rows]
-    draw += [(rloo, "s--", dict(color="purple", lw=1, label="WARP + RLOO (k=4): SFT, I = 1, 2"))]
+    for job in (j for j in jobs if j in JOB_LABELS and j != main):  # the other WARP job, as a path
+        other = ["sft"] + [m for m in (f"{job}/iter_{i}/liti" for i in range(1, 4)) if m in rows]
+        draw += [(other, "s--", dict(color="purple", lw=1, label=f"{JOB_LABELS[job]}: SFT, I = 1..{len(other) - 1}"))]
+    bon = best_of_models(evaluation["rows"])
+    draw += [(bon, "^--", dict(color="red", lw=1, ms=4, label="best-of-N of SFT (N = 1, 2, 4, ...)"))] if bon else []
     labels = {"reward": "reward model: P(positive), −1 without EOS", "judge": "judge: P(positive) (never trained on)",
               "heldout_nll": "held-out NLL (nats/token; lower = less forgotten)"}
     for key, ax in (("reward", axes["reward"]), ("judge", axes["judge"]), ("heldout_nll", axes["nll"])):
-        kl_reward_plane(ax, evaluation["rows"], key, draw)
+        kl_reward_plane(ax, evaluation["rows"], key, draw)  # best-of-N has no held-out NLL: not drawn there
         ax.set(xlabel="KL(π ‖ π_SFT)", ylabel=labels[key])
         ax.grid(alpha=0.3)
     axes["reward"].set_title(f"KL–reward, {rows['sft']['n']} eval prompts, seed {seed}")
     axes["judge"].set_title("the same completions, scored by the independent judge")
-    sft_judge = rows["sft"]["judge"]  # the judge on the reward plane's scale: its target, +0.30, in view
-    target = axes["judge"].axhline(sft_judge + 0.30, color="red", ls=":", lw=1, label="target: the SFT model's + 0.30")
-    axes["judge"].set_ylim(sft_judge - 0.15, sft_judge + 0.45)
-    axes["judge"].legend(handles=[target], fontsize=7, loc="upper left")
+    sft_judge, target = rows["sft"]["judge"], SETTINGS[setting]["judge_target"]  # the target in view
+    line = axes["judge"].axhline(sft_judge + target, color="red", ls=":", lw=1,
+                                 label=f"target: the SFT model's + {target:.2f}")
+    axes["judge"].legend(handles=[line], fontsize=7, loc="upper left")
     axes["nll"].set_title("forgetting: NLL of held-out real reviews")
     axes["reward"].legend(fontsize=7, loc="lower right")
-    training_reward(axes["train"], done, seed)
+    training_reward(axes["train"], done, seed, [j for j in jobs if j in JOB_LABELS])
     fig.savefig(path, dpi=90)
     return True
 
 
-def training_reward(ax, done, seed):
-    """The training reward of every RL step of seed's REINFORCE and RLOO jobs, iterations one after the other."""
-    for job, color in (("reinforce", "black"), ("rloo", "purple")):
+def training_reward(ax, done, seed, jobs):
+    """The training reward of every RL step of seed's WARP jobs `jobs`, iterations one after the other."""
+    for job, color in zip(jobs, ("black", "purple")):
         key = f"seed_{seed}/{job}"
         if key not in done:
             continue

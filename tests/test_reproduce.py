@@ -13,9 +13,10 @@ from conftest import write_tiny_imdb
 from nanowarp.diagnose import sentiment_words
 from nanowarp.distilbert import DistilBertClassifier
 from nanowarp.gpt2 import GPT2
-from nanowarp.report import TABLE
+from nanowarp.report import table_models
 from nanowarp.supervised import fit_review
 from nanowarp.tokenizer import load_tokenizer
+from test_report import CLAIMS
 
 TINY = ["--policy_vocab", "300", "--reward_vocab", "200", "--policy_layers", "1", "--policy_width", "16",
         "--reward_layers", "1", "--reward_width", "16", "--steps", "2", "--batch_size", "4", "--max_new_tokens", "8",
@@ -45,13 +46,16 @@ def test_every_stage_writes_an_ordinary_checkpoint(reproduction):
 def test_results_hold_the_table_the_claims_and_the_stage_times(reproduction):
     _, out = reproduction
     results = json.load(open(os.path.join(out, "results.json")))
-    assert [row["setup"] for row in results["table"]] == [label for label, _ in TABLE]
+    assert [row["setup"] for row in results["table"]] == [label for label, _ in table_models("fast")]
     assert results["table"][0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the SFT model against itself
-    assert [c["name"] for c in results["claims"]] == ["SLERP vs its runs", "SLERP vs LERP", "EMA anchor vs fixed anchor",
-                                                      "cosine between task vectors", "iterations push the front up",
-                                                      "KL grows with I", "the judge agrees",
-                                                      "front above the RL runs (judge)", "reward hacking",
-                                                      "less forgetting"]
+    assert [c["name"] for c in results["claims"]] == CLAIMS
+    head = results["headline"]
+    assert head["model"] == "reinforce/iter_3/liti" and head["seeds"] == 1 and head["judge_gain_se"] > 0
+    rows = results["evaluations"]["0"]["rows"]
+    bon = {r["best_of"]: r for r in rows if r.get("best_of")}
+    sft = next(r for r in rows if r["model"] == "sft")
+    assert sorted(bon) == [1, 2, 4, 8, 16] and (bon[1]["reward"], bon[1]["judge"]) == (sft["reward"], sft["judge"])
+    assert all(bon[a]["reward"] <= bon[b]["reward"] for a, b in ((1, 2), (2, 4), (4, 8), (8, 16)))
     stages = {"tokenizers", "prepare", "sft", "reward", "judge", "diagnose", "signal", "seed_0/reinforce", "seed_0/rloo", "seed_0/fixed_anchor",
               "seed_0/evaluate"}
     assert set(results["stage_seconds"]) == stages
@@ -136,3 +140,22 @@ def test_sentiment_words_are_those_that_separate_the_labels():
     labels = [1, 1, 1, 0, 0, 0] * 40
     positive, negative = sentiment_words(texts, labels, n=2, min_reviews=10)
     assert positive == ["great", "good"] and negative == ["awful", "bad"]  # "a", "film", "cast": in both
+
+
+def test_the_sentiment_setting_runs_rloo_and_its_fixed_anchor_ablation_at_60_tokens():
+    """--setting sentiment: its preset's steps, batch and length unless given, its own folder, and a
+    plan of the main job's checkpoints, sweeps and LERP (rloo), the ablation's, and best-of-N first."""
+    args = reproduce.parse_args(["--setting", "sentiment"])
+    assert (args.out_dir, args.steps, args.batch_size, args.max_new_tokens) == ("runs/sentiment", 600, 64, 60)
+    assert reproduce.jobs(args) == ["rloo", "fixed_anchor"] and reproduce.main_job(args) == "rloo"
+    rloo = reproduce.job_settings(args, "rloo")  # RLOO k = 4; the ablation differs by its anchor alone (and I)
+    assert rloo["rloo_k"] == 4 and rloo["iterations"] == 2
+    assert reproduce.job_settings(args, "fixed_anchor") == {**rloo, "anchor": "init", "iterations": 1}
+    tasks, geometry = reproduce.seed_plan(args, 0)
+    names = [name for name, _, _ in tasks]
+    assert names[:2] == ["best-of-N", "sft"] and tasks[0][1] == ("best_of", (1, 2, 4, 8, 16))
+    assert "rloo/iter_1/lerp" in names and "rloo/iter_2/slerp eta=0.6" in names and "fixed_anchor/iter_1/liti" in names
+    assert not any(n.startswith("reinforce/") for n in names)
+    assert sorted(geometry) == ["fixed_anchor/iter_1", "rloo/iter_1", "rloo/iter_1/lerp", "rloo/iter_2"]
+    fast = reproduce.parse_args(["--steps", "5"])
+    assert (fast.setting, fast.out_dir, fast.steps, fast.max_new_tokens) == ("fast", "runs/tiny", 5, 40)
