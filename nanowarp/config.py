@@ -185,14 +185,34 @@ def parse_args(argv=None, cls=Config, presets=PRESETS, description=None, dashes=
     --config PATH reads flags from a JSON or YAML file (read_config_file), so a value comes from, last
     one winning: the default, the preset, the file (which may name the preset), the command line.
     dashes: spell field `a_b` as --a-b (the benchmarks) instead of --a_b."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     assert "config" not in fields, "--config is parse_args' own flag"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    early = build_parser(fields, description, dashes, final=False)  # finds --config and --preset
+    config_file = early.parse_known_args(argv)[0].config
+    from_file, unset = config_file_argv(config_file, fields, dashes, early.prog) if config_file else ([], {})
+    argv = from_file + argv  # the command line after the file: its flags win
+    parser = build_parser(fields, description, dashes)
+    if presets:
+        preset = early.parse_known_args(argv)[0].preset
+        if preset not in presets:
+            parser.error(f"unknown --preset {preset!r}; choose from {', '.join(presets)}")
+        parser.set_defaults(**presets[preset])
+    parser.set_defaults(**unset)  # the file's nulls, over the preset
+    values = vars(parser.parse_args(argv))
+    del values["config"]
+    return cls(**values)
+
+
+def build_parser(fields, description=None, dashes=False, final=True):
+    """The parser of the flags of `fields` ({name: dataclasses.Field}) and --config. final=False: one
+    with no --help and no required flag, to read --config and --preset before the file's flags are in."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, add_help=final)
     for f in fields.values():
         kw = dict(f.metadata)
-        if kw.pop("required", False):  # checked below, after --config's file has had its say
+        if kw.get("required"):
             kw["default"] = argparse.SUPPRESS  # no default to show
-            kw["help"] += " (required)"
+            kw["required"] = final
         else:
             kw["default"] = list(f.default) if isinstance(f.default, tuple) else f.default  # nargs gives lists
         if isinstance(f.default, bool):
@@ -203,21 +223,7 @@ def parse_args(argv=None, cls=Config, presets=PRESETS, description=None, dashes=
     parser.add_argument("--config", metavar="PATH", help="a JSON or YAML (.yaml, .yml; pip install pyyaml) file "
                         "of flags, {\"flag_name\": value}, e.g. a train.py job's OUT/job.json; flags given here "
                         "override it, and it overrides --preset")
-    config_file = parser.parse_known_args(argv)[0].config
-    from_file, unset = config_file_argv(config_file, fields, dashes, parser.prog) if config_file else ([], {})
-    argv = from_file + list(sys.argv[1:] if argv is None else argv)  # the command line after: its flags win
-    if presets:
-        known, _ = parser.parse_known_args(argv)
-        if known.preset not in presets:
-            parser.error(f"unknown --preset {known.preset!r}; choose from {', '.join(presets)}")
-        parser.set_defaults(**presets[known.preset])
-    parser.set_defaults(**unset)  # the file's nulls, over the preset
-    values = vars(parser.parse_args(argv))
-    del values["config"]
-    missing = [flag_name(name, dashes) for name, f in fields.items() if f.metadata.get("required") and name not in values]
-    if missing:
-        parser.error(f"the following arguments are required: {', '.join(missing)}")
-    return cls(**values)
+    return parser
 
 
 def flag_name(name, dashes=False):
