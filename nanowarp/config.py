@@ -10,6 +10,7 @@ its own `Args` dataclass the same way, and reports a user error with `fail` (or 
 
 import argparse
 import dataclasses
+import json
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -187,25 +188,106 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def parse_args(argv=None, cls=Config, presets=PRESETS, description=None, dashes=False):
     """Parse flags into a `cls` instance: one flag per field, its argparse settings (help, choices,
     nargs, ...) in the field's metadata. With presets, --preset NAME sets the defaults first.
+    --config PATH reads flags from a JSON or YAML file (read_config_file), so a value comes from, last
+    one winning: the default, the preset, the file (which may name the preset), the command line.
     dashes: spell field `a_b` as --a-b (the benchmarks) instead of --a_b."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    for f in dataclasses.fields(cls):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    assert "config" not in fields, "--config is parse_args' own flag"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    early = build_parser(fields, description, dashes, final=False)  # finds --config and --preset
+    config_file = early.parse_known_args(argv)[0].config
+    from_file, unset = config_file_argv(config_file, fields, dashes, early.prog) if config_file else ([], {})
+    argv = from_file + argv  # the command line after the file: its flags win
+    parser = build_parser(fields, description, dashes)
+    if presets:
+        preset = early.parse_known_args(argv)[0].preset
+        if preset not in presets:
+            parser.error(f"unknown --preset {preset!r}; choose from {', '.join(presets)}")
+        parser.set_defaults(**presets[preset])
+    parser.set_defaults(**unset)  # the file's nulls, over the preset
+    values = vars(parser.parse_args(argv))
+    del values["config"]
+    return cls(**values)
+
+
+def build_parser(fields, description=None, dashes=False, final=True):
+    """The parser of the flags of `fields` ({name: dataclasses.Field}) and --config. final=False: one
+    with no --help and no required flag, to read --config and --preset before the file's flags are in."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, add_help=final)
+    for f in fields.values():
         kw = dict(f.metadata)
         if kw.get("required"):
             kw["default"] = argparse.SUPPRESS  # no default to show
+            kw["required"] = final
         else:
             kw["default"] = list(f.default) if isinstance(f.default, tuple) else f.default  # nargs gives lists
         if isinstance(f.default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif f.default is not None and "nargs" not in kw:
             kw.setdefault("type", type(f.default))
-        parser.add_argument("--" + (f.name.replace("_", "-") if dashes else f.name), **kw)
-    if presets:
-        known, _ = parser.parse_known_args(argv)
-        if known.preset not in presets:
-            parser.error(f"unknown --preset {known.preset!r}; choose from {', '.join(presets)}")
-        parser.set_defaults(**presets[known.preset])
-    return cls(**vars(parser.parse_args(argv)))
+        parser.add_argument(flag_name(f.name, dashes), **kw)
+    parser.add_argument("--config", metavar="PATH", help="a JSON or YAML (.yaml, .yml; pip install pyyaml) file "
+                        "of flags, {\"flag_name\": value}, e.g. a train.py job's OUT/job.json; flags given here "
+                        "override it, and it overrides --preset")
+    return parser
+
+
+def flag_name(name, dashes=False):
+    return "--" + (name.replace("_", "-") if dashes else name)
+
+
+def read_config_file(path, script):
+    """The {flag name: value} of a --config file: JSON, or YAML for a name ending in .yaml / .yml."""
+    yaml_file = path.lower().endswith((".yaml", ".yml"))
+    if yaml_file:
+        try:
+            import yaml  # an optional dependency: only YAML files need it
+        except ImportError:
+            fail(script, f"--config {path} is a YAML file: reading it needs PyYAML (pip install pyyaml), "
+                         f"or give the flags as JSON")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) if yaml_file else json.load(f)
+    except OSError as e:
+        fail(script, f"cannot read --config {path}: {e.strerror}")
+    except Exception as e:  # JSONDecodeError, UnicodeDecodeError, yaml.YAMLError
+        fail(script, f"--config {path} is not valid {'YAML' if yaml_file else 'JSON'}: {' '.join(str(e).split())}")
+    if not isinstance(values, dict):
+        fail(script, f"--config {path} must hold an object of flags, {{\"flag_name\": value, ...}}")
+    return values
+
+
+def config_file_argv(path, fields, dashes, script):
+    """The flags of a --config file as command-line arguments (argparse converts and checks them as
+    if typed), and {name: None} for its nulls (argparse cannot take a None)."""
+    values = {k.replace("-", "_"): v for k, v in read_config_file(path, script).items()}
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        fail(script, f"--config {path}: unknown flag{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
+                     f"(the keys are the flag names of --help, without the leading --)")
+    argv, unset = [], {}
+    for name, value in values.items():
+        option, kw = flag_name(name, dashes), fields[name].metadata
+        many = "nargs" in kw or kw.get("action") == "append"
+        if value is None and (fields[name].default is not None or kw.get("required")):
+            fail(script, f"--config {path}: {name} needs a value, got null")
+        elif value is None:
+            unset[name] = None
+        elif isinstance(fields[name].default, bool):
+            if not isinstance(value, bool):
+                fail(script, f"--config {path}: {name} must be true or false, got {value!r}")
+            argv.append(option if value else "--no-" + option[2:])
+        elif many != isinstance(value, list) or isinstance(value, dict) or \
+                (many and any(isinstance(v, (list, dict)) for v in value)):
+            fail(script, f"--config {path}: {name} must be {'a list of values' if many else 'one value'}, "
+                         f"got {value!r}")
+        elif kw.get("action") == "append":
+            argv += [f"{option}={v}" for v in value]
+        elif many:
+            argv += [option, *map(str, value)]
+        else:
+            argv.append(f"{option}={value}")  # =: a value such as -1 is not taken for a flag
+    return argv, unset
 
 
 def command_line(cfg, script):

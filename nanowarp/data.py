@@ -307,10 +307,16 @@ def load_prompt_file(path, tokenizer):
                     raise DataError(f"{path}, line {n}: expected an object with a \"prompt\" string")
                 line = row["prompt"]
             texts.append(line)
-    prompts = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-    if not prompts:
+    if not texts:
         raise DataError(f"{path} holds no prompts")
+    return encode_prompts(texts, tokenizer, path)
+
+
+def encode_prompts(texts, tokenizer, source):
+    """Prompt texts as lists of token ids of `tokenizer`, as they are (no special tokens added);
+    a DataError, naming `source` (where they came from), for one that encodes to no tokens."""
+    prompts = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
     empty = [i for i, p in enumerate(prompts) if not p]
     if empty:
-        raise DataError(f"{path}: prompt {empty[0] + 1} encodes to no tokens")
+        raise DataError(f"{source}: prompt {empty[0] + 1} encodes to no tokens")
     return prompts
