@@ -133,6 +133,7 @@ def check_settings(args):
     since the stages done earlier would not be redone with them."""
     path = os.path.join(args.out_dir, "settings.json")
     settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in RESUME_FREE}
+    settings = json.loads(json.dumps(settings))  # as read back: tuples become lists
     if os.path.isfile(path):
         differing = changed_flags(json.load(open(path)), settings)
         if differing:

@@ -178,5 +178,10 @@ def test_sequence_kl_is_never_negative_and_exact_for_close_and_peaked_models():
         assert (out >= 0).all() and torch.isfinite(out).all()
         if noise < 0.01:
             assert ((out.double() - ref).abs() <= 1e-6 * mask.sum(1)).all() and ref.max() < 1e-5
-        else:  # logits of hundreds in fp32 (a plain fp32 log_softmax is off by 3e-4 here)
-            assert rel_err(out, ref) <= 1e-4
+        else:  # logits of hundreds in fp32: the floor is fp32's own rounding of the logits, which a
+            # plain fp32 log_softmax over all of them reaches too (rel. error 1e-5 to 2.3e-4 by seed
+            # and CPU's matmul kernel); the tiles must not add to it
+            logp, logq = (torch.log_softmax(h.float() @ weight.float().T / 0.5, -1) for h in (hidden, ref_hidden))
+            plain = ((logp.exp() * (logp - logq)).sum(-1) * mask).sum(1)
+            assert rel_err(out, ref) <= 1.25 * rel_err(plain, ref) + 1e-6
+            assert ((out.double() - ref).abs() <= 1e-5).all()
