@@ -7,12 +7,12 @@ RLOO, the evaluation, the tables, the plots, and the paper's claims checked, eve
     python reproduce.py --source ../shared/data/imdb/aclImdb_labeled.tar.gz --seeds 0 1 2    # three
     python reproduce.py --setting sentiment --source ... --seeds 0 1 2    # what WARP does to sentiment
 
-Two settings (nanowarp/tiny.py SETTINGS): `fast` (the default, ~17 minutes a seed) runs the whole
+Two settings (nanowarp/study/tiny.py SETTINGS): `fast` (the default, ~17 minutes a seed) runs the whole
 pipeline at 40 new tokens, where what RL learns is to end the review in time; `sentiment` runs at
 60 new tokens, where the SFT model ends every completion and only sentiment is left to learn, with
 ten times the completions per RL run (WARP + RLOO and its fixed-anchor ablation).
 
-Only the models are small (nanowarp/tiny.py); every stage is the package's ordinary code path and
+Only the models are small (nanowarp/study/tiny.py); every stage is the package's ordinary code path and
 every model an ordinary checkpoint that train.py, merge.py and eval.py take:
 
   1. tokenizers  a byte-level BPE (policy) and a lowercase WordPiece (classifier), trained on the
@@ -32,7 +32,7 @@ every model an ordinary checkpoint that train.py, merge.py and eval.py take:
                  for every checkpoint, the LITI sweep SFT → SLERP of each iteration of the main job, the
                  LERP of its iteration 1's runs, and best-of-N of the SFT model (in --workers processes)
   9. report      OUT/results.json, OUT/results.md and OUT/pareto.png (matplotlib, when installed): the
-                 headline, the tables and the paper's claims checked (nanowarp/report.py, nanowarp/claims.py)
+                 headline, the tables and the paper's claims checked (nanowarp/study/report.py, nanowarp/study/claims.py)
 
 A finished stage is recorded in OUT/stages.json and skipped when the command runs again, so an
 interrupted reproduction resumes (a WARP job also resumes inside itself), and `--seeds 0 1 2` after
@@ -42,10 +42,8 @@ after the SFT or reward model; the evaluations after the judge). Other sizes or 
 --out_dir (OUT/settings.json holds the flags, and a change is refused).
 """
 
-import concurrent.futures
 import dataclasses
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -56,21 +54,22 @@ import torch
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)  # run from anywhere without installing
 
-from nanowarp import hub, merging, tiny  # noqa: E402
+from nanowarp import hub  # noqa: E402
 from nanowarp.config import (PRESETS, Config, changed_flags, command_line, fail, flag,  # noqa: E402
                              parse_args as parse_flags, resolve_device)
-from nanowarp.data import IMDB_URL, DataError, clean, load_prompts, prepare, read_imdb  # noqa: E402
-from nanowarp.diagnose import diagnose, gradient_signal  # noqa: E402
-from nanowarp.evaluate import best_of_n, evaluate, heldout_sequences  # noqa: E402
-from nanowarp.gpt2 import GPT2, load_theta  # noqa: E402
+from nanowarp.data import IMDB_URL, DataError, clean, prepare, read_imdb  # noqa: E402
+from nanowarp.gpt2 import GPT2  # noqa: E402
 from nanowarp.hub import write_json  # noqa: E402
 from nanowarp.parallel import Interrupted, WorkerError, stop_on_signals  # noqa: E402
-from nanowarp.report import table_models, write_results  # noqa: E402
-from nanowarp.reward import RewardModel  # noqa: E402
-from nanowarp.stages import Stages  # noqa: E402
 from nanowarp.supervised import train_reward_model, train_sft  # noqa: E402
 from nanowarp.tokenizer import load_tokenizer  # noqa: E402
 from nanowarp.warp import warp  # noqa: E402
+from nanowarp.study import tiny  # noqa: E402
+from nanowarp.study.diagnose import diagnose, gradient_signal  # noqa: E402
+from nanowarp.study.evaluation import evaluate_seed  # noqa: E402
+from nanowarp.study.report import write_results  # noqa: E402
+from nanowarp.study.stages import Stages  # noqa: E402
+from nanowarp.study.tiny import job_settings, jobs, main_job  # noqa: E402
 
 
 @dataclass
@@ -90,7 +89,7 @@ class Args:
     ablations: bool = flag(True, "also train the fixed-anchor WARP job (the EMA-vs-fixed-anchor claim)")
     best_of: tuple = flag(None, "best-of-N of the SFT model evaluated for each N (eval.py --best_of); None: the "
                                 "setting's (1 2 4 8 16)", nargs="+", type=int)
-    # sizes and budgets; the defaults are nanowarp/tiny.py's
+    # sizes and budgets; the defaults are nanowarp/study/tiny.py's
     policy_vocab: int = flag(tiny.POLICY_VOCAB, "BPE vocabulary of the policy")
     reward_vocab: int = flag(tiny.REWARD_VOCAB, "WordPiece vocabulary of the reward model")
     policy_layers: int = flag(tiny.GPT2_ARCH["n_layer"], "GPT-2 layers")
@@ -195,12 +194,12 @@ def judge_stage(args, tokenizer_folder):
 
 def diagnose_stage(args):
     """How the classifiers read texts of the completions' length, and the sentiment words of the SFT
-    model's completions (nanowarp/diagnose.py)."""
+    model's completions (nanowarp/study/diagnose.py)."""
     return diagnose(args.out_dir, args.max_new_tokens)
 
 
 def signal_stage(args):
-    """The policy-gradient signal of each reward at the SFT model (nanowarp/diagnose.py)."""
+    """The policy-gradient signal of each reward at the SFT model (nanowarp/study/diagnose.py)."""
     return gradient_signal(args.out_dir, args.max_new_tokens)
 
 
@@ -209,22 +208,6 @@ def n_weights(model):
 
 
 # ---- stage 5: WARP, the package's own job, as train.py runs it ---------------------------------
-
-def jobs(args):
-    """The WARP jobs of each seed: every job of the setting, the fixed-anchor ablation only with --ablations."""
-    return [job for job in tiny.SETTINGS[args.setting]["jobs"] if job != "fixed_anchor" or args.ablations]
-
-
-def main_job(args):
-    """The WARP job whose iterations get the LITI sweeps, the LERP and the claims."""
-    return tiny.SETTINGS[args.setting]["main"]
-
-
-def job_settings(args, job):
-    setting = tiny.SETTINGS[args.setting]
-    return {**PRESETS[setting["preset"]], "steps": args.steps, "batch_size": args.batch_size,
-            "max_new_tokens": args.max_new_tokens, **setting["jobs"][job]}
-
 
 def warp_job(args, seed, job, fresh=False):
     """Seed `seed`'s WARP job `job` in OUT/seed_{seed}/{job}, resumed if it was cut short (fresh: started
@@ -258,124 +241,7 @@ def read_metrics(job_dir):
     return out
 
 
-# ---- stage 6: evaluation -----------------------------------------------------------------------
-
-def seed_plan(args, seed):
-    """What the seed's evaluation computes, in one walk over its jobs' iterations:
-
-    tasks     (name, recipe, extra): every checkpoint of the seed's jobs, each iteration's LITI sweep
-              SFT → SLERP, and iteration 1's LERP of the same runs (and its sweep); a recipe says how
-              to build the weights (recipe_theta), extra goes into the row (sweep, eta);
-    geometry  {name: (θ_init folder, run folders, recipe of the merge)}: the task vectors of each
-              iteration's runs, measured against the SLERP (and for iteration 1, the LERP)."""
-    sft, main = os.path.join(args.out_dir, "sft"), main_job(args)
-    # best-of-N first: the longest task, started while the other process takes the rest
-    tasks, geometry = [("best-of-N", ("best_of", tuple(args.best_of)), {})] if args.best_of else [], {}
-    tasks.append(("sft", ("load", sft), {}))
-
-    def sweep(name, end):
-        tasks.extend((f"{name} eta={eta:g}", ("liti", sft, end, eta), dict(sweep=name, eta=eta)) for eta in args.etas)
-
-    for job in jobs(args):
-        theta_init = sft
-        for i in range(1, job_settings(args, job)["iterations"] + 1):
-            folder = os.path.join(args.out_dir, f"seed_{seed}", job, f"iter_{i}")
-            runs = [os.path.join(folder, f"run_{m}") for m in (0, 1)]
-            tasks += [(f"{job}/iter_{i}/{name}", ("load", os.path.join(folder, name)), {})
-                      for name in ("run_0", "run_1", "slerp", "liti")]
-            geometry[f"{job}/iter_{i}"] = (theta_init, runs, ("load", os.path.join(folder, "slerp")))
-            if job in (main, "fixed_anchor"):
-                sweep(f"{job}/iter_{i}/slerp", ("load", os.path.join(folder, "slerp")))
-            if job == main and i == 1:  # SLERP vs LERP, on the same two runs
-                lerp = ("lerp", theta_init, runs)
-                tasks.append((f"{main}/iter_1/lerp", lerp, {}))
-                sweep(f"{main}/iter_1/lerp", lerp)
-                geometry[f"{main}/iter_1/lerp"] = (theta_init, runs, lerp)
-            theta_init = os.path.join(folder, "liti")
-    return tasks, geometry
-
-
-def recipe_theta(recipe):
-    kind, *parts = recipe
-    if kind == "load":
-        return load_theta(parts[0])
-    if kind == "lerp":
-        return merging.lerp(load_theta(parts[0]), [load_theta(p) for p in parts[1]])
-    start, end, eta = parts
-    return merging.liti(load_theta(start), recipe_theta(end), eta)
-
-
-_EVAL = {}  # what each evaluation process loads once: models, prompts, settings
-
-
-def _eval_setup(args, seed, threads):
-    torch.set_num_threads(threads or 1)
-    device = resolve_device(args.device)
-    sft_dir, data = os.path.join(args.out_dir, "sft"), os.path.join(args.out_dir, "data")
-    ref = GPT2.from_pretrained(sft_dir).to(device).eval()
-    tokenizer, eos = load_tokenizer(sft_dir), ref.config.eos_token_id
-    prompts = load_prompts(data, "eval")
-    _EVAL.update(
-        ref=ref, tokenizer=tokenizer, eos=eos, policy=GPT2(ref.config).to(device).eval(), prompts=prompts,
-        # as eval.py's defaults: `eval.py --seed S` gives the same completions, hence the same numbers
-        settings=dict(max_new_tokens=args.max_new_tokens, temperature=1.0, batch_size=64, seed=seed,
-                      judge=RewardModel(os.path.join(args.out_dir, "judge"), device, batch_size=64),
-                      heldout=heldout_sequences(data, args.heldout, tokenizer, ref.config.n_positions, eos)),
-        reward_model=RewardModel(os.path.join(args.out_dir, "reward_model"), device, batch_size=64),
-        n_reference=args.n_reference, samples=args.samples, table={model for _, model in table_models(args.setting)})
-
-
-def _eval_task(task):
-    """The rows of `task`: one for a model, on every eval prompt and (SPEC §2's table) on the reference's
-    first prompts, with sample completions for the table's models; or one per N for best-of-N of the
-    SFT model (the same random numbers: best-of-1 is the SFT model's row)."""
-    name, recipe, extra = task
-    e, start = _EVAL, time.perf_counter()
-    if recipe[0] == "best_of":
-        settings = {k: v for k, v in e["settings"].items() if k != "heldout"}
-        rows = [dict(model=f"best-of-{r['best_of']}", **r)
-                for r in best_of_n(e["ref"], e["reward_model"], e["prompts"], e["tokenizer"], e["eos"], recipe[1],
-                                   **settings)]
-        for r in rows:
-            print(f"  {r['model']:<34} KL {r['kl']:7.3f}  reward {r['reward']:+.3f}  judge {r['judge']:.3f}", flush=True)
-        print(f"  best-of-N: {time.perf_counter() - start:.0f}s", flush=True)
-        return rows
-    e["policy"].load_hf_state_dict(recipe_theta(recipe), where=name)
-    in_table = name in e["table"]
-    row = dict(model=name, **evaluate(e["policy"], e["ref"], e["reward_model"], e["prompts"], e["tokenizer"],
-                                      e["eos"], samples=e["samples"] if in_table else 0, **e["settings"]), **extra)
-    if in_table:
-        reference = evaluate(e["policy"], e["ref"], e["reward_model"], e["prompts"][:e["n_reference"]],
-                             e["tokenizer"], e["eos"], **{**e["settings"], "judge": None, "heldout": None})
-        row["reference"] = {k: reference[k] for k in ("kl", "kl_se", "reward", "reward_se", "finished", "n")}
-    print(f"  {name:<34} KL {row['kl']:7.3f}  reward {row['reward']:+.3f}  judge {row['judge']:.3f}  held-out NLL "
-          f"{row['heldout_nll']:.3f}  length {row['length']:5.1f}  ({time.perf_counter() - start:.0f}s)", flush=True)
-    return [row]
-
-
-def evaluate_seed(args, seed):
-    """Every task of seed_plan, in `workers` processes; returns {"rows": [...], "geometry": {...}}
-    (the task vectors' cosines and norms, per iteration: merging.task_vector_stats)."""
-    tasks, plan = seed_plan(args, seed)
-    if args.workers <= 1:
-        _eval_setup(args, seed, args.threads)
-        rows = [row for t in tasks for row in _eval_task(t)]
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(args.workers, ctx, initializer=_eval_setup,
-                                                    initargs=(args, seed, args.threads)) as pool:
-            rows = [row for rows in pool.map(_eval_task, tasks) for row in rows]
-    geometry = {}
-    for name, (theta_init, runs, merged) in plan.items():
-        stats = merging.task_vector_stats(load_theta(theta_init), [load_theta(r) for r in runs], recipe_theta(merged))
-        geometry[name] = {k: stats[k] for k in GEOMETRY}
-    return dict(rows=rows, geometry=geometry)
-
-
-GEOMETRY = ("cos", "cos_per_tensor_median", "tensors", "norm_1", "norm_2", "merge_norm_ratio")  # kept in results
-
-
-# ---- stage 7: the report (nanowarp/report.py) --------------------------------------------------
+# ---- stage 6 is nanowarp/study/evaluation.py; stage 7: the report (nanowarp/study/report.py) --------------------------------------------------
 
 def report(args, stages, evals):
     """results.json, results.md and pareto.png in OUT; returns the markdown, and whether it plotted."""

@@ -5,7 +5,7 @@ reimplementation's way, on the same random models, prompts and settings.
 Shapes (random weights, nothing downloaded; tokenizers with one word per token id, as in
 bench/device_check.py):
 
-- tiny: the laptop reproduction's models (nanowarp/tiny.py: GPT-2 of 2 layers, width 128,
+- tiny: the laptop reproduction's models (nanowarp/study/tiny.py: GPT-2 of 2 layers, width 128,
   vocabulary 4,096; DistilBERT of 1 layer, width 64), 64 completions x 40 new tokens;
 - gpt2: GPT-2 124M and a DistilBERT-base reward model, 16 completions x 32 new tokens;
 - smoke: a few seconds on a CPU, for the test suite.
@@ -51,10 +51,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from device_check import random_resources  # noqa: E402
-from nanowarp import tiny  # noqa: E402
 from nanowarp.config import Config, flag, parse_args as parse_flags  # noqa: E402
 from nanowarp.padding import left_pad  # noqa: E402
 from nanowarp.rl import rl_run, rloo_advantages  # noqa: E402
+from nanowarp.study import tiny  # noqa: E402
 from update_profile import profile_update  # noqa: E402
 
 SHAPES = {

@@ -116,7 +116,7 @@ PRESETS = {
     # closer to the paper's Gemma setting, scaled to GPT-2: gentler LITI, lower temperature, more steps
     "paper": {"liti_rate": 0.3, "temperature": 0.9, "iterations": 5, "batch_size": 128, "warmup": 100,
               "steps": 1000},
-    # the laptop-CPU reproduction (reproduce.py, nanowarp/tiny.py): tiny models, short runs, small LoRA.
+    # the laptop-CPU reproduction (reproduce.py, nanowarp/study/tiny.py): tiny models, short runs, small LoRA.
     # mu = 1/60 keeps mu * T = 1 as in the reference (0.01 * 100): the EMA covers the same share of a run.
     "tiny": {"iterations": 3, "runs": 2, "steps": 60, "batch_size": 64, "max_new_tokens": 40, "lr": 1e-3,
              "warmup": 6, "lora_rank": 8, "lora_alpha": 8.0, "kl_coef": 0.1, "ema_rate": 1 / 60, "liti_rate": 0.5},

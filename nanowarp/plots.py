@@ -3,7 +3,7 @@ KL–reward plots, the WARP paper's figures: KL to the reference policy (x) agai
 or against any other column of evaluation rows (the judge's P(positive), the held-out NLL).
 
 `kl_reward_plane` draws one such plane on a matplotlib axis, for eval.py's plot (`plot`) and for
-reproduce.py's figure (nanowarp/report.py). The rows are evaluation rows as eval.py writes them:
+reproduce.py's figure (nanowarp/study/report.py). The rows are evaluation rows as eval.py writes them:
 `model`, `kl`, `reward` and the other columns; a LITI sweep's points also `sweep` (the sweep's name)
 and `eta`. matplotlib is optional (pip install matplotlib): the callers import it.
 """

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanowarp import tiny
 from nanowarp.config import parse_args
 from nanowarp.gpt2 import GPT2, GPT2Classifier, GPT2ClassifierConfig, GPT2Config, save_policy
 from nanowarp.tokenizer import EOS
+from nanowarp.study import tiny
 
 # The test models are tiny: one thread runs them as fast as two, and far faster when the cores
 # are busy with other work (thread oversubscription); it also fixes float reduction order.

@@ -1,5 +1,7 @@
-"""The package's modules import each other without a cycle (imports inside functions included), so
-each can be read, and loaded, after the ones it builds on."""
+"""The package's layout shows its architecture: the library (nanowarp/*.py) never imports the laptop
+study (nanowarp/study/), no module imports itself through others (imports inside functions
+included), so each can be read, and loaded, after the ones it builds on, and no source file is
+longer than a reader takes in at once."""
 
 import ast
 import os
@@ -7,24 +9,42 @@ import os
 import nanowarp
 
 PACKAGE = os.path.dirname(nanowarp.__file__)
+ROOT = os.path.dirname(PACKAGE)
+MAX_LINES = 400
+
+
+def module_name(path):
+    """'gpt2' for nanowarp/gpt2.py, 'study.tiny' for nanowarp/study/tiny.py, 'study' for its __init__."""
+    rel = os.path.relpath(path, PACKAGE)[:-3].replace(os.sep, ".")
+    return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
 
 
 def imported_modules(path):
-    """The nanowarp modules a source file imports, anywhere in it."""
+    """The nanowarp modules a source file imports, anywhere in it, named as module_name names them."""
     found = set()
     for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
-        if isinstance(node, ast.ImportFrom) and node.module == "nanowarp":
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nanowarp."):
-            found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "nanowarp":
+            base = node.module[len("nanowarp."):] if node.module != "nanowarp" else ""
+            for alias in node.names:  # `from nanowarp.study import tiny` imports a module; `from nanowarp.gpt2 import GPT2` a name
+                sub = f"{base}.{alias.name}" if base else alias.name
+                found.add(sub if os.path.exists(os.path.join(PACKAGE, *sub.split(".")) + ".py") else base)
         elif isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("nanowarp.")}
-    return found
+            found |= {alias.name[len("nanowarp."):] for alias in node.names if alias.name.startswith("nanowarp.")}
+    return found - {""}
+
+
+def sources(folder, skip=(".venv", ".git", "runs")):
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d not in skip and not d.startswith(".")]
+        yield from (os.path.join(dirpath, f) for f in filenames if f.endswith(".py"))
 
 
 def import_graph():
-    return {name[:-3]: imported_modules(os.path.join(PACKAGE, name)) - {name[:-3]}
-            for name in os.listdir(PACKAGE) if name.endswith(".py")}
+    graph = {}
+    for path in sources(PACKAGE):
+        name = module_name(path)
+        graph[name] = imported_modules(path) - {name}
+    return graph
 
 
 def find_cycle(graph):
@@ -47,12 +67,30 @@ def find_cycle(graph):
     return None
 
 
+def library_imports_of_the_study(graph):
+    """(library module, study module) for every import that goes the wrong way."""
+    return sorted((m, dep) for m, deps in graph.items() if not m.startswith("study")
+                  for dep in deps if dep == "study" or dep.startswith("study."))
+
+
 def test_no_module_of_the_package_imports_itself_through_others():
     graph = import_graph()
-    assert {"warp", "job", "runner", "parallel", "rl"} <= set(graph)
+    assert {"warp", "job", "runner", "parallel", "rl", "study.tiny", "study.report", "study.evaluation"} <= set(graph)
+    assert "gpt2" in graph["study.tiny"] and "study.tiny" in graph["study.evaluation"]  # both kinds of import seen
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_a_cycle_is_found():  # the check above can fail
+def test_the_library_never_imports_the_study():
+    assert library_imports_of_the_study(import_graph()) == []
+
+
+def test_the_checks_can_fail():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+    assert library_imports_of_the_study({"gpt2": {"study.tiny"}, "study.tiny": {"gpt2"}}) == [("gpt2", "study.tiny")]
+
+
+def test_no_source_file_is_longer_than_400_lines():
+    long = {os.path.relpath(p, ROOT): n for p in sources(ROOT)
+            if (n := sum(1 for _ in open(p, encoding="utf-8"))) > MAX_LINES}
+    assert long == {}, f"split these files (> {MAX_LINES} lines): {long}"

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from nanowarp import claims, plots, report
+from nanowarp import plots
 from nanowarp.evaluate import best_of_n_kl
+from nanowarp.study import claims, report
 
 
 def evaluation(seed, main="reinforce"):
@@ -125,7 +126,7 @@ def test_headline_is_the_judge_gain_of_the_final_policy_against_best_of_n():
 
 
 class Recorded:
-    """What report.write_results reads of nanowarp.stages.Stages: the records, and wall_time."""
+    """What report.write_results reads of nanowarp.study.stages.Stages: the records, and wall_time."""
 
     def __init__(self, done):
         self.done = done

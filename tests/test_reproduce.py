@@ -10,10 +10,11 @@ import torch
 
 import reproduce
 from conftest import write_tiny_imdb
-from nanowarp.diagnose import sentiment_words
 from nanowarp.distilbert import DistilBertClassifier
 from nanowarp.gpt2 import GPT2
-from nanowarp.report import table_models
+from nanowarp.study import evaluation, tiny
+from nanowarp.study.diagnose import sentiment_words
+from nanowarp.study.report import table_models
 from nanowarp.supervised import fit_review
 from nanowarp.tokenizer import load_tokenizer
 from test_report import CLAIMS
@@ -147,11 +148,11 @@ def test_the_sentiment_setting_runs_rloo_and_its_fixed_anchor_ablation_at_60_tok
     plan of the main job's checkpoints, sweeps and LERP (rloo), the ablation's, and best-of-N first."""
     args = reproduce.parse_args(["--setting", "sentiment"])
     assert (args.out_dir, args.steps, args.batch_size, args.max_new_tokens) == ("runs/sentiment", 600, 64, 60)
-    assert reproduce.jobs(args) == ["rloo", "fixed_anchor"] and reproduce.main_job(args) == "rloo"
-    rloo = reproduce.job_settings(args, "rloo")  # RLOO k = 4; the ablation differs by its anchor alone (and I)
+    assert tiny.jobs(args) == ["rloo", "fixed_anchor"] and tiny.main_job(args) == "rloo"
+    rloo = tiny.job_settings(args, "rloo")  # RLOO k = 4; the ablation differs by its anchor alone (and I)
     assert rloo["rloo_k"] == 4 and rloo["iterations"] == 2
-    assert reproduce.job_settings(args, "fixed_anchor") == {**rloo, "anchor": "init", "iterations": 1}
-    tasks, geometry = reproduce.seed_plan(args, 0)
+    assert tiny.job_settings(args, "fixed_anchor") == {**rloo, "anchor": "init", "iterations": 1}
+    tasks, geometry = evaluation.seed_plan(args, 0)
     names = [name for name, _, _ in tasks]
     assert names[:2] == ["best-of-N", "sft"] and tasks[0][1] == ("best_of", (1, 2, 4, 8, 16))
     assert "rloo/iter_1/lerp" in names and "rloo/iter_2/slerp eta=0.6" in names and "fixed_anchor/iter_1/liti" in names

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from conftest import REVIEWS
-from nanowarp import tiny
+from nanowarp.study import tiny
 from nanowarp.tokenizer import BERT_SPECIALS, load_tokenizer
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanowarp import tiny
+from nanowarp.study import tiny
 from nanowarp.data import load_prompts, load_reviews
 from nanowarp.gpt2 import GPT2
 from nanowarp.logprobs import completion_logprobs

@@ -1,22 +1,22 @@
 """
 The report of a reproduction (reproduce.py's last stage): OUT/results.json (every number, rounded to
 4 digits so that two reports can be diffed), OUT/results.md (the tables, the paper's claims with their
-verdicts (nanowarp/claims.py), the diagnosis, sample completions and the stage times) and
+verdicts (nanowarp/study/claims.py), the diagnosis, sample completions and the stage times) and
 OUT/pareto.png (the KL–reward planes and the training reward, when matplotlib is installed).
 
-Its inputs are what the stages recorded (nanowarp/stages.py: `stages.done[name]["result"]`) and the
-evaluations of the seeds (`{"rows": [...], "geometry": {...}}`, see nanowarp/claims.py).
+Its inputs are what the stages recorded (nanowarp/study/stages.py: `stages.done[name]["result"]`) and the
+evaluations of the seeds (`{"rows": [...], "geometry": {...}}`, see nanowarp/study/claims.py).
 """
 
 import os
 
 import numpy as np
 
-from nanowarp.claims import claims, format_mean, headline, job_iterations, mean_spread
+from nanowarp.study.claims import claims, format_mean, headline, job_iterations, mean_spread
 from nanowarp.config import PRESETS
 from nanowarp.hub import write_json, write_text
 from nanowarp.plots import best_of_models, kl_reward_plane
-from nanowarp.tiny import SETTINGS
+from nanowarp.study.tiny import SETTINGS
 
 JOB_LABELS = {"reinforce": "WARP", "rloo": "WARP + RLOO (k=4)"}  # the table's name of each job's WARP model
 
@@ -62,7 +62,7 @@ def table_rows(evals, setting, column_key=lambda row: row):
 def write_results(args, stages, evals, settings):
     """results.json, results.md and pareto.png in args.out_dir; returns the markdown, and whether it
     plotted. args: reproduce.py's flags (out_dir, seeds, n_eval, n_reference, heldout); stages: the
-    nanowarp.stages.Stages of the reproduction; evals: the seeds' evaluations, in the order of
+    nanowarp.study.stages.Stages of the reproduction; evals: the seeds' evaluations, in the order of
     args.seeds; settings: what results.json records as the reproduction's settings."""
     main = SETTINGS[args.setting]["main"]
     table = table_rows(evals, args.setting)

@@ -78,6 +78,23 @@ SETTINGS = {
 }
 
 
+def jobs(args):
+    """The WARP jobs of each seed: every job of the setting, the fixed-anchor ablation only with --ablations."""
+    return [job for job in SETTINGS[args.setting]["jobs"] if job != "fixed_anchor" or args.ablations]
+
+
+def main_job(args):
+    """The WARP job whose iterations get the LITI sweeps, the LERP and the claims."""
+    return SETTINGS[args.setting]["main"]
+
+
+def job_settings(args, job):
+    """The Config overrides of seed job `job`: its setting's preset, the reproduction's budget flags, the job's own."""
+    setting = SETTINGS[args.setting]
+    return {**PRESETS[setting["preset"]], "steps": args.steps, "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens, **setting["jobs"][job]}
+
+
 # ---- tokenizers --------------------------------------------------------------------------------
 
 def train_bpe(texts, vocab_size, folder, model_max_length):
