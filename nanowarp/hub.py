@@ -8,7 +8,8 @@ folder or a Hub id ("lvwerra/gpt2-imdb"); Hub ids go through `huggingface_hub`, 
 
 Every error a user can cause (wrong path, offline, corrupt file) is a `CheckpointError` whose
 message says what was wrong and what to do. Every write is atomic (a temporary file renamed), and a
-full disk is a `DiskFullError` that says where and how much space the file needs.
+full disk is a `DiskFullError` that says where and how much space the file needs. A checkpoint folder
+written here ends with a checksums.sha256 (nanowarp/checksums.py), and one that has it is verified on load.
 """
 
 import errno
@@ -21,6 +22,8 @@ import tempfile
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
+
+from nanowarp import checksums
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -132,8 +135,21 @@ def load_config(folder):
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
+def verify(folder):
+    """Raise CheckpointError, naming the file, if a file of the folder differs from its checksums.sha256."""
+    problem = checksums.problem(folder)
+    if problem:
+        raise CheckpointError(problem)
+
+
+def seal(folder):
+    """Write the folder's checksums.sha256, once every other file of the checkpoint is written."""
+    write_text(os.path.join(folder, checksums.NAME), checksums.listing(folder))
+
+
 def load_state_dict(folder):
     """Read the weights of a checkpoint folder: (state_dict, path of the file read)."""
+    verify(folder)
     for filename in WEIGHT_FILES:
         path = os.path.join(folder, filename)
         if os.path.isfile(path):
@@ -152,7 +168,8 @@ def load_state_dict(folder):
 
 def check_readable(folder):
     """Raise CheckpointError unless the checkpoint's config.json parses and its weights file is whole
-    (a safetensors header that agrees with the file's length); nothing large is read."""
+    (a safetensors header that agrees with the file's length), and every file matches its checksums.sha256."""
+    verify(folder)
     load_config(folder)
     path = os.path.join(folder, WEIGHT_FILES[0])
     if not os.path.isfile(path):
@@ -188,6 +205,8 @@ def atomic_write(path, write, size=None):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
     os.close(fd)
+    if checksums.lists(folder, os.path.basename(path)):  # a file it vouches for changes: unverified until sealed
+        os.remove(os.path.join(folder, checksums.NAME))
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -239,7 +258,8 @@ def write_json(path, obj, sort_keys=False):
 
 
 def save_checkpoint(folder, config, state_dict):
-    """Write config.json and model.safetensors (both atomically)."""
+    """Write model.safetensors, config.json (both atomically), then checksums.sha256 of the folder."""
     state_dict = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     write_bytes(os.path.join(folder, "model.safetensors"), save(state_dict, metadata={"format": "pt"}))
     write_json(os.path.join(folder, "config.json"), config, sort_keys=True)
+    seal(folder)

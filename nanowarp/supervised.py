@@ -157,13 +157,13 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
         cfg, device, "reward model", log)
     # save first: scoring 25,000 test reviews takes minutes, and a crash then must not lose the model
     out = os.path.join(cfg.out_dir, name)
-    model.save_pretrained(out)
     for file in (n for n in hub.TOKENIZER_FILES if n != "tokenizer.json"):  # for transformers
         if os.path.isfile(os.path.join(folder, file)):
             hub.atomic_write(os.path.join(out, file), lambda tmp: shutil.copyfile(os.path.join(folder, file), tmp))
     tokenizer.no_truncation()  # the saved tokenizer: its users choose their own length
     hub.atomic_write(os.path.join(out, "tokenizer.json"), lambda tmp: tokenizer.save(tmp))
     tokenizer.enable_truncation(min(cfg.max_length, model.config.max_position_embeddings))
+    model.save_pretrained(out)  # config.json, then checksums.sha256: the folder is complete
     test_texts, test_labels = test_subset(*load_reviews(cfg.data, "test"), test_limit or cfg.test_limit or None)
     log(f"reward model saved to {out}; scoring {len(test_texts)} test reviews (--test_limit N scores fewer)")
     acc = accuracy(model, tokenizer, test_texts, test_labels, device)
@@ -171,6 +171,7 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
                                f"fine-tuned by `train.py --stage reward` on the labelled IMDB training reviews.",
                                base, dataclasses.asdict(cfg),
                                dict(test_accuracy=acc, test_reviews=len(test_texts))))
+    hub.seal(out)  # again, with the model card
     log(f"reward model: test accuracy {acc:.4f} on {len(test_texts)} reviews -> {out}")
     return acc
 
