@@ -21,7 +21,7 @@ import os
 import re
 
 NAME = "checksums.sha256"
-UNLISTED = ("state.pt", NAME)  # the training state changes, and is removed, after the folder is complete
+UNLISTED = ("state.pt", "state.pt.sha256", NAME)  # a training state changes, and goes, after the folder is done
 LINE = re.compile(r"([0-9a-fA-F]{64}) [ *]([^/\\]+)")  # sha256sum's text (" ") or binary ("*") mode
 
 
@@ -40,15 +40,15 @@ def listed_files(folder):
                   and name not in UNLISTED and not name.startswith(".") and ".damaged" not in name)
 
 
-def listing(folder):
-    """The text of checksums.sha256 for the files of `folder` as they are now."""
-    return "".join(f"{sha256(os.path.join(folder, name))}  {name}\n" for name in listed_files(folder))
+def listing(folder, names=None):
+    """The text of checksums.sha256 for the files of `folder` as they are now (or for `names` alone)."""
+    return "".join(f"{sha256(os.path.join(folder, name))}  {name}\n" for name in names or listed_files(folder))
 
 
-def read(folder):
-    """{file name: hex digest} of the folder's checksums.sha256; {} without one. A file that is not
-    in sha256sum's format raises ValueError, naming it and the line."""
-    path = os.path.join(folder, NAME)
+def read(folder, sums_file=NAME):
+    """{file name: hex digest} of the folder's checksums.sha256 (or `sums_file`); {} without one. A file
+    that is not in sha256sum's format raises ValueError, naming it and the line."""
+    path = os.path.join(folder, sums_file)
     if not os.path.isfile(path):
         return {}
     with open(path, "rb") as f:
@@ -66,20 +66,20 @@ def read(folder):
     return sums
 
 
-def problem(folder):
-    """Why the folder's files do not match its checksums.sha256 (a message naming the first file that
-    differs or is missing), or None: they match, or the folder has no checksums.sha256."""
+def problem(folder, sums_file=NAME):
+    """Why the folder's files do not match its checksums.sha256 (or `sums_file`): a message naming the
+    first file that differs or is missing; or None: they match, or there is no such file."""
     try:
-        sums = read(folder)
+        sums = read(folder, sums_file)
     except ValueError as e:
         return f"{e}; delete it to load the folder unverified, or restore the folder from a copy"
     for name, expected in sums.items():
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
-            return f"{path} is missing: {os.path.join(folder, NAME)} lists it"
+            return f"{path} is missing: {os.path.join(folder, sums_file)} lists it"
         if sha256(path) != expected:
-            return (f"{path} is damaged: its bytes differ from those it was saved with ({os.path.join(folder, NAME)}"
-                    f" holds their SHA-256); save it again, or restore the folder from a copy")
+            return (f"{path} is damaged: its bytes differ from those it was saved with "
+                    f"({os.path.join(folder, sums_file)} holds their SHA-256); save it again, or restore it from a copy")
     return None
 
 

@@ -238,10 +238,27 @@ def write_bytes(path, data):
 
 
 def torch_save(obj, path):
-    """torch.save(obj, path), atomically."""
+    """torch.save(obj, path), atomically, then its SHA-256 beside it in path.sha256 (sha256sum's format:
+    torch.load checks no checksum of its own, and a changed byte of a tensor would load unnoticed)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
+    if os.path.exists(path + ".sha256"):
+        os.remove(path + ".sha256")  # a crash before the new one is written: unverified, not wrong
     write_bytes(path, buffer.getbuffer())
+    write_text(path + ".sha256", checksums.listing(os.path.dirname(path), [os.path.basename(path)]))
+
+
+def torch_load(path):
+    """What torch_save wrote to path (tensors on the CPU, no pickled code run), verified against
+    path.sha256 when there is one; a file that cannot be read raises CheckpointError, naming it."""
+    problem = checksums.problem(os.path.dirname(path), os.path.basename(path) + ".sha256")
+    if problem:
+        raise CheckpointError(problem)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged zip or pickle raises whatever its reader meets first
+        raise CheckpointError(f"cannot read {path}: the file is corrupt or truncated ({type(e).__name__}: "
+                              f"{str(e)[:300]})") from None
 
 
 def write_text(path, text):

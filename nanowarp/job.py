@@ -16,7 +16,7 @@ checkpoint with the policy's tokenizer files:
 Every checkpoint folder also holds a model card, README.md (nanowarp/card.py).
 
 Crash safety. Every file is written atomically and a checkpoint's config.json last, so a folder with
-a config.json is complete. Running the same command again resumes the job: a finished iteration
+a config.json is complete; its checksums.sha256 follows (nanowarp/checksums.py). Running the same command again resumes the job: a finished iteration
 gives its θ_init back (iter_{i}/liti), finished runs are kept, only the missing runs are trained
 (from their state.pt, if any), and the merge is redone (it is a function of θ_init and the runs,
 which it always reads from disk). The result is the one of an uninterrupted job, bit for bit on a
@@ -24,7 +24,8 @@ CPU with the same --threads. The M runs of an iteration can train side by side (
 Other faults: a full disk stops the job with hub.DiskFullError (nothing written is lost); SIGINT /
 SIGTERM stop it at the end of a step (parallel.Interrupted), saving the run's state with --save_every;
 a second job on the same folder is refused (lock_out_dir); a finished checkpoint (or state.pt) that
-cannot be read is moved aside as *.damaged and computed again (start_job, train_run).
+cannot be read, or whose bytes differ from its checksums.sha256 (state.pt.sha256), is moved aside as
+*.damaged and computed again (start_job, train_run).
 """
 
 import contextlib
@@ -38,8 +39,6 @@ import signal
 import socket
 import sys
 import time
-
-import torch
 
 from nanowarp import hub, parallel
 from nanowarp.card import model_card
@@ -89,8 +88,9 @@ def save_run(cfg, iteration, run, theta, rows, gpt2_config):
                     f"that iteration's θ_init, seed {run_seed(cfg, iteration, run)}, its LoRA folded into dense "
                     f"weights.", rows[-1:])
     save_policy(folder, theta, gpt2_config, policy_folder(cfg.policy), card)
-    if os.path.exists(os.path.join(folder, "state.pt")):
-        os.remove(os.path.join(folder, "state.pt"))  # the run is complete: its training state is no use
+    for name in ("state.pt", "state.pt.sha256"):  # the run is complete: its training state is no use
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
 
 
 def last_rows(cfg, iteration):
@@ -242,7 +242,7 @@ def start_job(cfg, log=print):
     hub.write_json(path, settings, sort_keys=True)
     for folder, _, files in os.walk(cfg.out_dir):  # what a kill -9 may have left behind
         for name in files:
-            if name.startswith(".tmp-") or (name == "state.pt" and is_complete(folder)):
+            if name.startswith(".tmp-") or (name in ("state.pt", "state.pt.sha256") and is_complete(folder)):
                 os.remove(os.path.join(folder, name))
     set_damaged_aside(cfg, log)
 
@@ -267,10 +267,10 @@ def train_run(cfg, resources, iteration, run, theta_init, log=print, save=True):
     resume, rows = None, []
     if save and os.path.isfile(state_path):
         try:
-            resume = torch.load(state_path, map_location="cpu", weights_only=True)
+            resume = hub.torch_load(state_path)
             rows = resume.pop("metrics")
             log(f"iter {i} run {m + 1}: resuming at step {resume['step']} from {state_path}")
-        except Exception as e:  # anything that keeps it from being read: the run starts over
+        except Exception as e:  # anything that keeps it from being read (or a changed byte): the run starts over
             resume, rows = None, []
             log(f"iter {i} run {m + 1}: damaged: cannot read {state_path} ({type(e).__name__}: {e}); "
                 f"moved aside to {move_aside(state_path)}: the run starts over")

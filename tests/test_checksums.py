@@ -142,3 +142,16 @@ def test_a_job_moves_a_checkpoint_with_a_changed_byte_aside_and_computes_it_agai
     for name in ("iter_2/slerp", "iter_2/liti"):
         assert checksums.problem(str(out / name)) is None
     assert "metrics.jsonl" in checksums.read(str(out / "iter_1" / "run_0"))  # a run's rows are part of it
+
+
+def test_a_training_state_carries_its_checksum_and_a_changed_byte_is_named(tmp_path):
+    path = str(tmp_path / "state.pt")
+    hub.torch_save({"step": 3, "w": torch.arange(1000.0)}, path)
+    assert hub.torch_load(path)["step"] == 3 and checksums.read(str(tmp_path), "state.pt.sha256").keys() == {"state.pt"}
+    with open(path, "r+b") as f:  # torch.load alone would not notice: the zip's CRCs are not checked
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(hub.CheckpointError, match=f"{path} is damaged: its bytes differ"):
+        hub.torch_load(path)
