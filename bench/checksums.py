@@ -1,8 +1,9 @@
 """
 What checksums.sha256 costs (nanowarp/checksums.py): a GPT-2 124M checkpoint (random weights, nothing
 downloaded) saved without and with it (and the checksums alone, hub.seal), loaded by
-GPT2.from_pretrained without and with the verification (and the verification alone); medians of --repeats interleaved rounds (the first also warms the page
-cache). Then the cost per RL run of a WARP job, which seals its run's checkpoint once and verifies it
+GPT2.from_pretrained without and with the verification (and the verification alone); medians of
+--repeats interleaved rounds, the order of the two saves and of the two loads swapped every round
+(the first round also warms the page cache). Then the cost per RL run of a WARP job, which seals its run's checkpoint once and verifies it
 once (when the merge loads it), as a share of --steps RL steps of --step_s seconds each: by default
 the 124M step bench/rl_step.py measured (7.15 s, 2 CPU cores, 2026-11-30; the README's table).
 
@@ -59,12 +60,14 @@ def main():
     plain, sealed = os.path.join(root, "plain"), os.path.join(root, "sealed")
     times = {k: [] for k in ("save", "save + checksums", "checksums", "load", "load + verify", "verify")}
     try:
-        for _ in range(args.repeats):  # interleaved: drift on a shared machine hits every contender alike
-            times["save"].append(timed(save_without_checksums, plain, config, theta))
-            times["save + checksums"].append(timed(hub.save_checkpoint, sealed, config, theta))
+        for r in range(args.repeats):  # interleaved: drift on a shared machine hits every contender alike
+            saves = [("save", save_without_checksums, plain), ("save + checksums", hub.save_checkpoint, sealed)]
+            loads = [("load", plain), ("load + verify", sealed)]  # without checksums.sha256: not verified
+            for name, save, folder in saves[::-1] if r % 2 else saves:
+                times[name].append(timed(save, folder, config, theta))
             times["checksums"].append(timed(hub.seal, sealed))  # what save_checkpoint adds, alone
-            times["load"].append(timed(GPT2.from_pretrained, plain))  # no checksums.sha256: not verified
-            times["load + verify"].append(timed(GPT2.from_pretrained, sealed))
+            for name, folder in loads[::-1] if r % 2 else loads:
+                times[name].append(timed(GPT2.from_pretrained, folder))
             times["verify"].append(timed(checksums.problem, sealed))
         size = os.path.getsize(os.path.join(sealed, "model.safetensors"))
         assert checksums.problem(sealed) is None

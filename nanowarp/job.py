@@ -16,10 +16,10 @@ checkpoint with the policy's tokenizer files:
 Every checkpoint folder also holds a model card, README.md (nanowarp/card.py).
 
 Crash safety. Every file is written atomically and a checkpoint's config.json last, so a folder with
-a config.json is complete; its checksums.sha256 follows (nanowarp/checksums.py). Running the same command again resumes the job: a finished iteration
-gives its θ_init back (iter_{i}/liti), finished runs are kept, only the missing runs are trained
-(from their state.pt, if any), and the merge is redone (it is a function of θ_init and the runs,
-which it always reads from disk). The result is the one of an uninterrupted job, bit for bit on a
+a config.json is complete; its checksums.sha256 follows (nanowarp/checksums.py). Running the same
+command again resumes the job: a finished iteration gives its θ_init back (iter_{i}/liti), finished
+runs are kept, only the missing runs are trained (from their state.pt, if any), and the merge is
+redone (it is a function of θ_init and the runs, which it always reads from disk). The result is the one of an uninterrupted job, bit for bit on a
 CPU with the same --threads. The M runs of an iteration can train side by side (nanowarp/parallel.py).
 Other faults: a full disk stops the job with hub.DiskFullError (nothing written is lost); SIGINT /
 SIGTERM stop it at the end of a step (parallel.Interrupted), saving the run's state with --save_every;

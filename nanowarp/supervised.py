@@ -120,9 +120,9 @@ def plan(model, steps, cfg, grad_clip):
     for name, t in model.state_dict().items():
         weights.update(name.encode())
         weights.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
-    return dict(weights=weights.hexdigest()[:16], batches=hashlib.sha256(json.dumps(steps, default=int).encode()).hexdigest()[:16],
-                steps=len(steps), lr=cfg.train_lr, weight_decay=cfg.weight_decay, warmup=warmup_steps(cfg, len(steps)),
-                grad_clip=grad_clip)
+    batches = hashlib.sha256(json.dumps(steps, default=int).encode()).hexdigest()[:16]
+    return dict(weights=weights.hexdigest()[:16], batches=batches, steps=len(steps), lr=cfg.train_lr,
+                weight_decay=cfg.weight_decay, warmup=warmup_steps(cfg, len(steps)), grad_clip=grad_clip)
 
 
 def resume_state(path, trained, opt, sched, expected, name, log):
@@ -185,7 +185,8 @@ def fit(model, params, steps, loss_fn, cfg, device, name, log, grad_clip=None, o
         save = out and cfg.save_every and step < len(steps) and (step % cfg.save_every == 0 or stop)
         if save:
             hub.torch_save(dict(step=step, plan=expected, params={n: p.detach() for n, p in trained.items()},
-                                optimizer=opt.state_dict(), scheduler=sched.state_dict(), torch_rng=torch.get_rng_state(),
+                                optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                                torch_rng=torch.get_rng_state(),
                                 cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None), path)
         if stop:
             log(f"{name}: stopped after step {step}/{len(steps)}; " + (f"its training state is in {path}" if save
@@ -209,7 +210,7 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
     folder = tokenizer_folder or hub.resolve(cfg.reward_base, weights=model is None)
     base = cfg.reward_base if model is None else "(none: trained from scratch)"
     if model is None:
-        torch.manual_seed(cfg.seed)  # dropout: the stage is a function of its flags (a given `model`: the caller's seed)
+        torch.manual_seed(cfg.seed)  # dropout: the stage is a function of its flags (a given `model`: the caller seeds)
     model = (model or load_classifier(folder)).to(device)
     model.config.id2label = {0: "NEGATIVE", 1: "POSITIVE"}
     if isinstance(model, GPT2Classifier) and model.config.pad_token_id is None:
