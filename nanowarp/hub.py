@@ -12,12 +12,14 @@ full disk is a `DiskFullError` that says where and how much space the file needs
 written here ends with a checksums.sha256 (nanowarp/checksums.py), and one that has it is verified on load.
 """
 
+import dataclasses
 import errno
 import io
 import json
 import os
 import re
 import tempfile
+import typing
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -129,10 +131,37 @@ def load_config(folder):
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder} has no config.json: is it a Hugging Face checkpoint folder?")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return config
+
+
+def check_config(cls, d, where, sizes):
+    """Raise CheckpointError naming `where` (a config.json) unless every field of the dataclass `cls`
+    that the dict `d` sets has a value of the field's type, and the fields `sizes` are at least 1:
+    a damaged config.json must not build a model of another size, or of none."""
+    for f in dataclasses.fields(cls):
+        value = d.get(f.name)
+        kinds = typing.get_args(f.type) or (f.type,)  # int | None -> (int, NoneType)
+        if value is None or (type(value) in kinds or (float in kinds and type(value) is int)):
+            if f.name in sizes and value is not None and value < 1:
+                raise CheckpointError(f"{f.name}={value} in {where} is not a size (at least 1)")
+            continue
+        names = " or ".join(k.__name__ for k in kinds if k is not type(None))
+        raise CheckpointError(f"{f.name}={json.dumps(value)[:40]} in {where} is not of type {names}")
+
+
+def check_size(folder, n_weights, where):
+    """Raise CheckpointError unless the weights file of the folder can hold `n_weights` weights (at
+    least a byte each), which its config.json (`where`) promises: before any memory is allocated."""
+    path = next((os.path.join(folder, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))), None)
+    if path is not None and n_weights > os.path.getsize(path):
+        raise CheckpointError(f"{where} describes a model of {n_weights:,} weights or more, which {path} "
+                              f"({format_size(os.path.getsize(path))}) cannot hold: they do not belong together")
 
 
 def verify(folder):
@@ -183,11 +212,16 @@ def check_readable(folder):
 
 
 def check_keys(expected, found, path, new_ok=()):
-    """Compare parameter shapes (dicts name -> shape); raise a CheckpointError naming the first
-    problem. Keys in `new_ok` may be missing (they keep their fresh initialisation)."""
+    """Compare parameter shapes (dicts name -> shape, or -> tensor: then its dtype must be a floating
+    point one); raise a CheckpointError naming the first problem. Keys in `new_ok` may be missing
+    (they keep their fresh initialisation)."""
     for name, shape in found.items():
         if name not in expected:
             raise CheckpointError(f"unexpected key '{name}' in {path}")
+        if isinstance(shape, torch.Tensor):
+            if not shape.is_floating_point():
+                raise CheckpointError(f"'{name}' in {path} holds {shape.dtype} numbers: expected floating-point weights")
+            shape = shape.shape
         if tuple(expected[name]) != tuple(shape):
             raise CheckpointError(f"shape mismatch for '{name}' in {path}: the file has {tuple(shape)}, "
                                   f"the model built from config.json expects {tuple(expected[name])}")
