@@ -3,9 +3,10 @@ What checksums.sha256 costs (nanowarp/checksums.py): a GPT-2 124M checkpoint (ra
 downloaded) saved without and with it (and the checksums alone, hub.seal), loaded by
 GPT2.from_pretrained without and with the verification (and the verification alone); medians of
 --repeats interleaved rounds, the order of the two saves and of the two loads swapped every round
-(the first round also warms the page cache). Then the cost per RL run of a WARP job, which seals its run's checkpoint once and verifies it
-once (when the merge loads it), as a share of --steps RL steps of --step_s seconds each: by default
-the 124M step bench/rl_step.py measured (7.15 s, 2 CPU cores, 2026-11-30; the README's table).
+(the first round also warms the page cache). Then the cost per WARP iteration of --runs M runs, which
+seals M + 2 checkpoints (the runs, SLERP, LITI) and verifies M + 1 as it reads them (the runs, for
+the merge; θ_init), as a share of its M x --steps RL steps of --step_s seconds each: by default the
+124M step bench/rl_step.py measured (7.15 s, 2 CPU cores, 2026-11-30; the README's table).
 
     python bench/checksums.py                  # GPT-2 124M, 5 rounds
     python bench/checksums.py --layers 2 --width 64 --vocab 1000 --repeats 1   # a quick look
@@ -48,6 +49,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=100, help="RL steps of a run, for the overhead")
     p.add_argument("--step_s", type=float, default=7.15, help="seconds per RL step, for the overhead")
+    p.add_argument("--runs", type=int, default=2, help="M, RL runs per WARP iteration, for the overhead")
     p.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temporary folder)")
     args = p.parse_args()
 
@@ -83,10 +85,10 @@ def main():
         print(f"{with_:18s}{med[with_]:9.3f}{med[with_] / med[without]:11.2f}x")
     print(f"{'checksums alone':18s}{med['checksums']:9.3f}   ({size / med['checksums'] / 1e9:.2f} GB/s, hub.seal)")
     print(f"{'verify alone':18s}{med['verify']:9.3f}   ({size / med['verify'] / 1e9:.2f} GB/s)")
-    per_run = med["checksums"] + med["verify"]
-    run = args.steps * args.step_s
-    print(f"per RL run (sealed once, verified once): {per_run:.3f} s = {100 * per_run / run:.3f}% of "
-          f"{args.steps} steps x {args.step_s:g} s ({run:.0f} s)")
+    m = args.runs  # an iteration seals its M runs, SLERP and LITI, and reads the runs and θ_init back
+    extra, train = (m + 2) * med["checksums"] + (m + 1) * med["verify"], m * args.steps * args.step_s
+    print(f"per WARP iteration of {m} runs ({m + 2} checkpoints sealed, {m + 1} verified): {extra:.2f} s = "
+          f"{100 * extra / train:.2f}% of {m} x {args.steps} steps x {args.step_s:g} s ({train:.0f} s)")
 
 
 if __name__ == "__main__":

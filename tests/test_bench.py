@@ -103,4 +103,5 @@ def test_checksums_bench_prints_save_load_verify_and_the_share_of_a_run(run):
     assert re.search(r"\nsave \+ checksums +[\d.]+ +[\d.]+x\n", out) and re.search(r"\nload \+ verify +[\d.]+ +[\d.]+x", out)
     assert re.search(r"checksums alone +[\d.]+ +\([\d.]+ GB/s, hub.seal\)", out)
     assert re.search(r"verify alone +[\d.]+ +\([\d.]+ GB/s\)", out)
-    assert re.search(r"per RL run \(sealed once, verified once\): [\d.]+ s = [\d.]+% of 100 steps x 7.15 s", out)
+    assert re.search(r"per WARP iteration of 2 runs \(4 checkpoints sealed, 3 verified\): [\d.]+ s = [\d.]+% of "
+                     r"2 x 100 steps x 7.15 s \(1430 s\)", out)
