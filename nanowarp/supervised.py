@@ -133,7 +133,10 @@ def resume_state(path, trained, opt, sched, expected, name, log):
         return 0
     try:
         state = hub.torch_load(path)
-    except hub.CheckpointError as e:
+        keys = {"step", "plan", "params", "optimizer", "scheduler", "torch_rng", "cuda_rng"}
+        if not keys <= state.keys() or state["params"].keys() != trained.keys() or not isinstance(state["plan"], dict):
+            raise hub.CheckpointError(f"{path} is not a training state of this stage")
+    except (hub.CheckpointError, AttributeError) as e:  # AttributeError: not a dict at all
         log(f"{name}: damaged: {e}; moved aside to {move_aside(path)}: the stage starts over")
         return 0
     differing = [f"{k} {state['plan'].get(k)} (now {v})" for k, v in expected.items() if state["plan"].get(k) != v]

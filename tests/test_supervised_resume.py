@@ -82,3 +82,21 @@ def test_a_stopped_or_killed_reward_stage_continues_to_the_same_weights(
         [f"{name.replace('_', ' ')}: resuming at step {t}" for t in (1, 2)]
     assert_same_weights(load_file(tmp_path / "twice" / name / "model.safetensors"), reference)
     assert not (tmp_path / "twice" / name / "state.pt").exists()
+
+
+def test_a_damaged_training_state_is_moved_aside_and_the_stage_starts_over(tiny_reward_dir, prepared_imdb_dir,
+                                                                          tmp_path):
+    cfg = Config(data=prepared_imdb_dir, out_dir=str(tmp_path), reward_base=tiny_reward_dir, epochs=1.0,
+                 train_batch_size=4, train_lr=3e-3, max_length=32, test_limit=2, save_every=1, log_every=100)
+    state = tmp_path / "reward_model" / "state.pt"
+    for content in (b"cut short", None):  # unreadable; readable, but not a state of this stage
+        os.makedirs(state.parent, exist_ok=True)
+        if content is None:
+            torch.save({"step": 2}, state)
+        else:
+            state.write_bytes(content)
+        lines = []
+        supervised.train_reward_model(cfg, torch.device("cpu"), lines.append)
+        assert any("reward model: damaged: " in line and f"moved aside to {state}.damaged" in line and
+                   "the stage starts over" in line for line in lines), lines
+        assert not state.exists() and not any("resuming" in line for line in lines)
