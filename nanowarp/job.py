@@ -258,6 +258,9 @@ def missing_runs(cfg, iteration):
 
 # ---- one run of the job -----------------------------------------------------------------------
 
+STATE_KEYS = {"step", "lora", "anchor", "optimizer", "scheduler", "generator", "order", "queue", "torch_rng",
+              "cuda_rng", "metrics"}  # rl.training_state's, and the run's metric rows
+
 def train_run(cfg, resources, iteration, run, theta_init, log=print, save=True):
     """One RL run of the job (rl.rl_run), saved to OUT/iter_{i}/run_{m} when `save`; returns (θ_m,
     its metric rows). A state.pt left there by --save_every is continued from."""
@@ -268,6 +271,8 @@ def train_run(cfg, resources, iteration, run, theta_init, log=print, save=True):
     if save and os.path.isfile(state_path):
         try:
             resume = hub.torch_load(state_path)
+            if not STATE_KEYS <= resume.keys():
+                raise hub.CheckpointError(f"{state_path} is not the training state of a run")
             rows = resume.pop("metrics")
             log(f"iter {i} run {m + 1}: resuming at step {resume['step']} from {state_path}")
         except Exception as e:  # anything that keeps it from being read (or a changed byte): the run starts over

@@ -100,3 +100,18 @@ def test_a_damaged_training_state_is_moved_aside_and_the_stage_starts_over(tiny_
         assert any("reward model: damaged: " in line and f"moved aside to {state}.damaged" in line and
                    "the stage starts over" in line for line in lines), lines
         assert not state.exists() and not any("resuming" in line for line in lines)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_reproduce_py_stops_a_stage_at_a_step_end_and_exits_with_128_plus_the_signal(signum, capsys):
+    import reproduce
+    from nanowarp.parallel import check_stop
+
+    def stage():  # a step that gets the signal, then the check at its end
+        os.kill(os.getpid(), signum)
+        check_stop(step=1)
+    with pytest.raises(SystemExit) as e:
+        reproduce.stoppable("the judge", stage)
+    assert e.value.code == 128 + signum
+    assert f"reproduce.py: stopped by {signal.Signals(signum).name}: run the same command again to resume the judge" \
+        in capsys.readouterr().err
