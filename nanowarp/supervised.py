@@ -125,7 +125,7 @@ def plan(model, steps, cfg, grad_clip):
                 weight_decay=cfg.weight_decay, warmup=warmup_steps(cfg, len(steps)), grad_clip=grad_clip)
 
 
-def resume_state(path, trained, opt, sched, expected, name, log):
+def resume_state(path, trained, opt, sched, expected, name, log, device):
     """Load the training state at `path` into the trained parameters, AdamW and its schedule and the
     random generators; returns the steps it had done (0 without a state). A state saved with other
     settings is refused; one that cannot be read (or whose bytes changed) is moved aside."""
@@ -149,8 +149,8 @@ def resume_state(path, trained, opt, sched, expected, name, log):
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])  # dropout
-    if state["cuda_rng"] is not None:
-        torch.cuda.set_rng_state(state["cuda_rng"])
+    if state["cuda_rng"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
     log(f"{name}: resuming at step {state['step']} from {path}")
     return state["step"]
 
@@ -167,8 +167,11 @@ def fit(model, params, steps, loss_fn, cfg, device, name, log, grad_clip=None, o
     parallel.Interrupted at the end of the step, unless that was the last one."""
     opt, sched = adamw(params, cfg.train_lr, cfg.weight_decay, warmup_steps(cfg, len(steps)), len(steps))
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    path, expected = out and os.path.join(out, "state.pt"), plan(model, steps, cfg, grad_clip)
-    done = resume_state(path, trained, opt, sched, expected, name, log) if out else 0
+    path = out and os.path.join(out, "state.pt")
+    done, expected = 0, None
+    if out and (cfg.save_every or os.path.isfile(path)):  # a state to save, or to continue from
+        expected = plan(model, steps, cfg, grad_clip)
+        done = resume_state(path, trained, opt, sched, expected, name, log, device)
     start = time.perf_counter()
     for step, idx in enumerate(progress(steps[done:], name, unit="step"), done + 1):
         model.train()
@@ -190,7 +193,7 @@ def fit(model, params, steps, loss_fn, cfg, device, name, log, grad_clip=None, o
             hub.torch_save(dict(step=step, plan=expected, params={n: p.detach() for n, p in trained.items()},
                                 optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                                 torch_rng=torch.get_rng_state(),
-                                cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None), path)
+                                cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None), path)
         if stop:
             log(f"{name}: stopped after step {step}/{len(steps)}; " + (f"its training state is in {path}" if save
                 else "it will start over (--save_every N would have saved its state)"))
@@ -213,7 +216,7 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
     folder = tokenizer_folder or hub.resolve(cfg.reward_base, weights=model is None)
     base = cfg.reward_base if model is None else "(none: trained from scratch)"
     if model is None:
-        torch.manual_seed(cfg.seed)  # dropout: the stage is a function of its flags (a given `model`: the caller seeds)
+        torch.manual_seed(cfg.seed)  # a new head's initialisation, dropout: the stage is a function of its flags
     model = (model or load_classifier(folder)).to(device)
     model.config.id2label = {0: "NEGATIVE", 1: "POSITIVE"}
     if isinstance(model, GPT2Classifier) and model.config.pad_token_id is None:
@@ -290,7 +293,7 @@ def train_sft(cfg, device, log=print, model=None, tokenizer_folder=None, lora=Tr
     from_base = model is None
     model = (model or GPT2.from_pretrained(folder)).to(device)
     if from_base:
-        torch.manual_seed(cfg.seed)  # LoRA's initialisation and dropout (a given `model`: the caller's seed)
+        torch.manual_seed(cfg.seed)  # LoRA's initialisation and dropout (a given `model`: the caller seeds)
     if lora:
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     tokenizer = load_tokenizer(folder)
