@@ -25,7 +25,7 @@ from nanowarp.card import model_card, write_card
 from nanowarp.data import load_reviews
 from nanowarp.gpt2 import GPT2, GPT2Classifier, save_policy
 from nanowarp.logger import progress
-from nanowarp.logprobs import token_logprobs
+from nanowarp.logprobs import final_softcap, token_logprobs
 from nanowarp.lora import add_lora, effective_state_dict
 from nanowarp.optim import adamw
 from nanowarp.padding import right_pad
@@ -178,7 +178,7 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
 def lm_loss(model, ids, mask):
     """Mean next-token negative log-likelihood over real tokens (right-padded ids, mask)."""
     h = model.hidden_states(ids[:, :-1], mask[:, :-1])
-    logp = token_logprobs(h, model.lm_head.weight, ids[:, 1:])
+    logp = token_logprobs(h, model.lm_head.weight, ids[:, 1:], softcap=final_softcap(model))
     target_mask = mask[:, 1:].float()
     return -(logp * target_mask).sum() / target_mask.sum()
 
