@@ -236,7 +236,7 @@ class Llama(nn.Module):
         return cls(config).load_hf_state_dict(state_dict, where=path)
 
     def save_pretrained(self, folder, state_dict=None):
-        hub.save_checkpoint(folder, self.config.to_hf(), self.hf_state_dict(state_dict))
+        hub.save_weights(folder, self.config.to_hf(), self.hf_state_dict(state_dict))
 
 
 class LlamaClassifier(Llama):

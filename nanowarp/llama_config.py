@@ -16,7 +16,7 @@ Rotary embeddings come as `rope_theta` + `rope_scaling` (transformers 4.x) or `r
 """
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -25,6 +25,7 @@ from nanowarp import hub
 FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gemma2")
 ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2"}
 ROPE_TYPES = ("default", "linear", "llama3")
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclass
@@ -80,6 +81,10 @@ class LlamaConfig:
         if model_type not in FAMILIES:
             raise hub.CheckpointError(f"unknown model_type {model_type!r} in {where}: a Llama-layout decoder is "
                                       f"one of {', '.join(FAMILIES)}")
+        missing = [k for k in REQUIRED if k not in d]
+        if missing:
+            raise hub.CheckpointError(f"{where} has no {missing[0]}: a {model_type} config.json needs "
+                                      f"{', '.join(REQUIRED)}")
         gemma = model_type in ("gemma", "gemma2")
         act = d.get("hidden_activation") or d.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
         if gemma and act == "gelu":  # early Gemma configs; transformers runs them with the tanh form
@@ -100,8 +105,7 @@ class LlamaConfig:
             layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(d["num_hidden_layers"])]
         bias = d.get("attention_bias", False)
         return cls(
-            model_type=model_type, **{k: d[k] for k in (
-                "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")},
+            model_type=model_type, **{k: d[k] for k in REQUIRED},
             num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
             max_position_embeddings=d.get("max_position_embeddings", 2048), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             hidden_act=act, rope_theta=theta, rope_scaling=scaling, qkv_bias=model_type == "qwen2" or bias,
@@ -140,10 +144,6 @@ class LlamaConfig:
             d.update(query_pre_attn_scalar=self.query_pre_attn_scalar, attn_logit_softcapping=self.attn_logit_softcapping,
                      final_logit_softcapping=self.final_logit_softcapping)
         return d
-
-    def architecture(self):
-        """A dict of what defines the architecture, for merge.py's check (not token ids, not `hf`)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("hf", "bos_token_id", "eos_token_id", "pad_token_id")}
 
 
 def rope_from_hf(d, where):
