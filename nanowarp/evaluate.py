@@ -81,7 +81,7 @@ def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_toke
              batch_size=64, seed=0, judge=None, heldout=None, samples=0):
     """KL(π‖π_ref) and reward of `policy` on `prompts` (lists of token ids), one completion each.
 
-    policy, ref: GPT2 models (same vocabulary; in eval mode if they have dropout); reward_model: nanowarp.reward.RewardModel;
+    policy, ref: GPT2 or Llama models (same vocabulary; in eval mode if they have dropout); reward_model: nanowarp.reward.RewardModel;
     tokenizer: the policy's tokenizers.Tokenizer, to decode prompt + completion for the reward.
     judge: an optional second classifier (a RewardModel, e.g. of another architecture) scoring the
     same texts; heldout: optional token-id lists (heldout_sequences) for heldout_nll.
@@ -104,7 +104,8 @@ def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_toke
         ref_tokens = sampled.tokens.to(ref_device)  # on the reference's device
         ref_hidden = completion_hidden(ref, sampled.prompt.to(ref_device), sampled.prompt_mask.to(ref_device),
                                        ref_tokens)
-        ref_logprobs = token_logprobs(ref_hidden, ref.lm_head.weight, ref_tokens, temperature, softcap=final_softcap(ref))
+        ref_logprobs = token_logprobs(ref_hidden, ref.lm_head.weight, ref_tokens, temperature,
+                                      softcap=final_softcap(ref))
         mask = sampled.mask.to(ref_device)
         kls.append(sampled_kl(sampled.logprobs.to(ref_device), ref_logprobs, mask).cpu())
         # Σ_k KL(π(·|…) ‖ π_ref(·|…)) at the same positions, from one forward pass of the policy
@@ -211,8 +212,8 @@ def best_of_n(ref, reward_model, prompts, tokenizer, eos_id, ns, max_new_tokens=
 def liti_sweep(theta_a, theta_b, etas, policy, ref, reward_model, prompts, tokenizer, eos_id, log=None, **kwargs):
     """evaluate() of (1−η)·θ_a + η·θ_b for each η in etas, without writing any checkpoint.
 
-    theta_a, theta_b: dense state dicts in the Hugging Face layout (GPT2.hf_state_dict()).
-    policy: a GPT2 of their architecture whose weights are overwritten for each η (one model in
+    theta_a, theta_b: dense state dicts in the Hugging Face layout (model.hf_state_dict()).
+    policy: a model of their architecture whose weights are overwritten for each η (one model in
     memory, whatever the number of points); not the model theta_a or theta_b are views of.
     kwargs go to evaluate() (judge and heldout included); log(eta, result), if given, is called
     after each point.

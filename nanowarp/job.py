@@ -44,8 +44,8 @@ import torch
 from nanowarp import hub, parallel
 from nanowarp.card import model_card
 from nanowarp.config import RESUME_FREE, changed_flags
-from nanowarp.models import cpu_weights, load_theta, save_policy
 from nanowarp.logger import Logger, append_jsonl
+from nanowarp.models import cpu_weights, load_theta, save_policy
 from nanowarp.rl import rl_run
 
 

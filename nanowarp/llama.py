@@ -224,7 +224,8 @@ class Llama(nn.Module):
         sd = {k: v for k, v in state_dict.items() if not k.endswith(SKIPPED)}
         if self.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
-        hub.check_keys({k: v.shape for k, v in self.hf_state_dict().items()}, {k: v.shape for k, v in sd.items()}, where)
+        expected = {k: v.shape for k, v in self.hf_state_dict().items()}
+        hub.check_keys(expected, {k: v.shape for k, v in sd.items()}, where)
         self.load_state_dict(sd, strict=False)  # strict=False: a tied lm_head.weight comes with embed_tokens
         return self
 

@@ -102,7 +102,8 @@ class LlamaConfig:
         if model_type in ("llama", "gemma"):
             sliding, layer_types = None, None
         if model_type == "gemma2" and layer_types is None:
-            layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(d["num_hidden_layers"])]
+            layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                           for i in range(d["num_hidden_layers"])]
         bias = d.get("attention_bias", False)
         return cls(
             model_type=model_type, **{k: d[k] for k in REQUIRED},
@@ -141,7 +142,8 @@ class LlamaConfig:
         if self.layer_types is not None:
             d["layer_types"] = self.layer_types
         if self.model_type == "gemma2":
-            d.update(query_pre_attn_scalar=self.query_pre_attn_scalar, attn_logit_softcapping=self.attn_logit_softcapping,
+            d.update(query_pre_attn_scalar=self.query_pre_attn_scalar,
+                     attn_logit_softcapping=self.attn_logit_softcapping,
                      final_logit_softcapping=self.final_logit_softcapping)
         return d
 

@@ -5,8 +5,8 @@ r(x, y) = P(positive | x + y) by default (or the raw positive logit), and a fixe
 (−1) for a completion that never emitted EOS within the token budget.
 
 The classifier is a DistilBERT (the reward model of the paper), or a GPT-2 or Llama-layout sequence
-classifier (a judge of another kind, or a reward model such as a Qwen2 or Gemma 2 one), whichever the checkpoint's config.json names; the
-tokenizer is the one its folder holds. Scored without `finished`, the same class is a judge:
+classifier (a judge of another kind, or a reward model such as a Qwen2 or Gemma 2 one), whichever
+the checkpoint's config.json names; the tokenizer is the one its folder holds. Scored without `finished`, the same class is a judge:
 plain P(positive), no −1 rule. Any such classifier works, whatever its classes: `label` names
 the one that is rewarded (by default the one named POSITIVE).
 """

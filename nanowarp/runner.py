@@ -11,12 +11,12 @@ import dataclasses
 
 import torch
 
-from nanowarp import hub, parallel
+from nanowarp import parallel
 from nanowarp.config import resolve_device
-from nanowarp.models import load_config, load_theta, save_policy
 from nanowarp.job import (job_card, job_folder, kill_point, last_rows, load_theta_init, lock_out_dir, missing_runs,
                           policy_folder, save_run, start_job, train_run, write_metrics)
 from nanowarp.logger import Logger
+from nanowarp.models import load_config, load_theta, save_policy
 from nanowarp.rl import load_resources
 
 

@@ -1,5 +1,6 @@
 """
-Sampling completions from GPT-2 with a static KV cache, in the style of gpt-fast's generate.py.
+Sampling completions from GPT-2 or a Llama-layout model with a static KV cache, in the style of
+gpt-fast's generate.py.
 
 References:
 1) gpt-fast (github.com/pytorch-labs/gpt-fast), generate.py: `prefill`, `decode_one_token`,

@@ -4,8 +4,8 @@ The two supervised stages that precede WARP:
 - the reward model: a DistilBERT fine-tuned as a binary sentiment classifier on the labelled
   IMDB reviews (reference settings: batch 32, AdamW lr 1.41e-5 decaying linearly to 0, 16-bit
   mixed precision on GPU, sequences truncated to 512 tokens);
-- optionally the SFT policy: a GPT-2 (or any models.from_pretrained policy) fine-tuned with LoRA on the reviews (each followed by EOS),
-  saved dense.
+- optionally the SFT policy: a GPT-2 (or any policy models.from_pretrained loads) fine-tuned
+  with LoRA on the reviews (each followed by EOS), saved dense.
 
 Both write ordinary Hugging Face checkpoints that train.py, merge.py and eval.py take.
 """

@@ -68,7 +68,8 @@ def qwen2_reward_dir(bpe_dir, tmp_path_factory):
     """A random Qwen2 sequence classifier (NEGATIVE, POSITIVE) over the fixture BPE."""
     eos = eos_of(bpe_dir)
     torch.manual_seed(1)
-    config = LlamaClassifierConfig(model_type="qwen2", vocab_size=len(json.load(open(os.path.join(bpe_dir, "vocab.json")))),
+    vocab = len(json.load(open(os.path.join(bpe_dir, "vocab.json"))))
+    config = LlamaClassifierConfig(model_type="qwen2", vocab_size=vocab,
                                    qkv_bias=True, tie_word_embeddings=True, eos_token_id=eos, pad_token_id=eos,
                                    id2label={0: "NEGATIVE", 1: "POSITIVE"}, **{**ARCH, "num_hidden_layers": 1})
     return checkpoint(str(tmp_path_factory.mktemp("qwen2_rm")), LlamaClassifier(config), bpe_dir)
@@ -113,7 +114,8 @@ def test_sharded_checkpoints_load_and_save(family, tiny_gpt2_dir, llama_dir, tmp
     ref.save_pretrained(str(tmp_path / "hf"), max_shard_size="20KB")  # transformers' own shards
     assert os.path.isfile(tmp_path / "hf" / hub.INDEX)
     with torch.no_grad():
-        torch.testing.assert_close(models.from_pretrained(str(tmp_path / "hf"))(idx), ref(idx).logits, rtol=0, atol=1e-5)
+        ours = models.from_pretrained(str(tmp_path / "hf"))(idx)
+        torch.testing.assert_close(ours, ref(idx).logits, rtol=0, atol=1e-5)
 
 
 def test_lora_targets_pick_layers_by_name(llama_dir):
@@ -165,7 +167,7 @@ def test_gemma2_policy_bf16_job_runs_and_merges(gemma2_dir, tiny_reward_dir, pre
     assert all(v.dtype == torch.float32 for v in theta.values())
     sft = models.load_theta(gemma2_dir)
     moved = {k for k in theta if not torch.equal(theta[k], sft[k])}
-    assert moved and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")) for k in moved)
+    assert moved and all(k.endswith(tuple(f"{n}_proj.weight" for n in "qkvo")) for k in moved)
     assert "lm_head.weight" not in theta  # tied to the embeddings
     merged = str(tmp_path / "merged")
     merge.main(["--init", gemma2_dir, "--policies", *(os.path.join(out, "iter_1", f"run_{m}") for m in range(2)),

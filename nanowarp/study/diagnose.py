@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from nanowarp.study import tiny
 from nanowarp.data import load_prompts, load_reviews
-from nanowarp.models import from_pretrained
 from nanowarp.logprobs import completion_logprobs
 from nanowarp.lora import add_lora
+from nanowarp.models import from_pretrained
 from nanowarp.reward import RewardModel
 from nanowarp.rl import decode, rloo_advantages
 from nanowarp.sampling import sample
