@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from nanowarp import hub, merging
+from nanowarp.chat import chat_prompts
 from nanowarp.config import fail, flag, parse_args as parse_flags, resolve_device
 from nanowarp.data import DataError, load_meta, load_prompt_file, load_prompts
 from nanowarp.evaluate import best_of_n, evaluate, heldout_sequences, liti_sweep
@@ -77,6 +78,8 @@ class Args:
                                    "(else the last)", metavar="NAME")
     prompts: str = flag(None, "prompt file to evaluate on instead of --data's eval prompts: text, one per line, "
                               "or .jsonl {\"prompt\": ...}", metavar="PATH")
+    chat_template: bool = flag(False, "give each prompt as a user turn of --ref's chat template "
+                                      "(tokenizer_config.json; pip install jinja2), as train.py --chat_template does")
     samples: int = flag(0, "store the first K completions of each model (prompt, completion, reward, kl) in --out",
                         type=int, metavar="K")
     report_to: str = flag("none", "also log the results to tensorboard (in --out's folder) or wandb",
@@ -232,6 +235,11 @@ def main(argv=None):
     if args.n_prompts > len(prompts):
         print(f"note: {args.prompts or args.data} has {len(prompts)} eval prompts, fewer than --n_prompts {args.n_prompts}: using all")
     prompts = prompts[:args.n_prompts]
+    if args.chat_template:
+        try:
+            prompts = chat_prompts(prompts, load_tokenizer(args.ref), hub.resolve(args.ref))
+        except (ValueError, hub.CheckpointError) as e:
+            fail("eval.py", str(e))
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     ref = load_policy(args.ref, "--ref").to(device, dtype).eval()

@@ -91,6 +91,8 @@ class Config:
     # other prompt sets and classifiers; logging
     prompts: str = flag(None, "prompt file to train on instead of --data's: text, one per line, or .jsonl "
                               "{\"prompt\": ...}", metavar="PATH")
+    chat_template: bool = flag(False, "give each prompt to the policy as a user turn of its chat template "
+                                      "(tokenizer_config.json; pip install jinja2)")
     reward_label: str = flag(None, "the reward model's label that is rewarded; None: the one named POSITIVE, else "
                                    "the last (index 1 of two)", metavar="NAME")
     report_to: str = flag("none", "also log metrics and completions to tensorboard or wandb (pip install it)",

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from nanowarp import hub
+from nanowarp.chat import chat_prompts
 from nanowarp.config import resolve_device
 from nanowarp.data import load_prompt_file, load_prompts
 from nanowarp.logger import completion_rows
@@ -53,6 +54,8 @@ def load_resources(cfg, device=None):
     model_config = load_config(folder)
     tokenizer = load_tokenizer(folder)
     prompts = load_prompt_file(cfg.prompts, tokenizer) if cfg.prompts else load_prompts(cfg.data, "train")
+    if cfg.chat_template:  # each prompt as the user's turn, the assistant's opened
+        prompts = chat_prompts(prompts, tokenizer, folder)
     reward_model = RewardModel(cfg.reward_model, device, kind=cfg.reward_kind, no_eos_penalty=cfg.no_eos_penalty,
                                label=cfg.reward_label, dtype=getattr(torch, cfg.dtype))
     return Resources(model_config, tokenizer, reward_model, prompts, eos_ids(folder, model_config), device)

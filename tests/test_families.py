@@ -173,3 +173,55 @@ def test_gemma2_policy_bf16_job_runs_and_merges(gemma2_dir, tiny_reward_dir, pre
     merge.main(["--init", gemma2_dir, "--policies", *(os.path.join(out, "iter_1", f"run_{m}") for m in range(2)),
                 "--out", merged, "--eta", "0.5"])  # iteration 1's SLERP and LITI (η = 0.5) again
     assert_same_weights(models.load_theta(merged), models.load_theta(os.path.join(out, "iter_1", "liti")))
+
+
+# ---- --chat_template ---------------------------------------------------------------------------
+# ChatML with a BOS, a check that raises, loop controls: what real templates use
+CHATML = ("{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+          "{{ raise_exception('unknown role') }}{% endif %}{% if loop.index > 8 %}{% break %}{% endif %}"
+          "<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_dir(llama_dir, tmp_path_factory):
+    """The Llama checkpoint with a chat template in its tokenizer_config.json."""
+    folder = str(tmp_path_factory.mktemp("chat"))
+    shutil.copytree(llama_dir, folder, dirs_exist_ok=True)
+    hub.write_json(os.path.join(folder, "tokenizer_config.json"), {"chat_template": CHATML, "bos_token": EOS,
+                                                                   "eos_token": EOS})
+    return folder
+
+
+def test_chat_template_renders_as_transformers_does(chat_dir, tiny_reward_dir, prepared_imdb_dir, tmp_path):
+    from nanowarp.chat import chat_prompts, compile_template, load_template, render
+    from nanowarp.rl import load_resources
+    from nanowarp.tokenizer import load_tokenizer
+    transformers = pytest.importorskip("transformers")
+    folder = str(tmp_path / "tok")  # transformers reads the tokenizer from tokenizer.json
+    shutil.copytree(chat_dir, folder)
+    load_tokenizer(chat_dir).save(os.path.join(folder, "tokenizer.json"))
+    reference = transformers.AutoTokenizer.from_pretrained(folder)
+    template, special = load_template(chat_dir)
+    for text in ("This movie was ", "Émile's “favorite” scene 🎬"):
+        expected = reference.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+        assert render(compile_template(template), special, text) == expected
+    cfg = parse_args(flags(chat_dir, tiny_reward_dir, prepared_imdb_dir, str(tmp_path / "x"), "--chat_template"))
+    resources = load_resources(cfg)
+    tokenizer = load_tokenizer(chat_dir)
+    plain = load_resources(parse_args(flags(chat_dir, tiny_reward_dir, prepared_imdb_dir, str(tmp_path / "x")))).prompts
+    assert resources.prompts == chat_prompts(plain, tokenizer, chat_dir)
+    assert tokenizer.decode(resources.prompts[0]).endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chat_template_without_jinja2_or_without_a_template_is_a_clear_error(chat_dir, llama_dir, tiny_reward_dir,
+                                                                            prepared_imdb_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    import sys
+    out = str(tmp_path / "out")
+    assert train.main(flags(llama_dir, tiny_reward_dir, prepared_imdb_dir, out, "--chat_template")) == 2
+    assert "has no chat template" in capsys.readouterr().err and not os.path.exists(out)
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # as if not installed
+    assert train.main(flags(chat_dir, tiny_reward_dir, prepared_imdb_dir, out, "--chat_template")) == 2
+    assert "pip install jinja2" in capsys.readouterr().err and not os.path.exists(out)
