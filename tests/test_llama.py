@@ -142,6 +142,11 @@ def test_classifier_logits_match_transformers(family, tmp_path):
     idx = idx.masked_fill(mask == 0, 0)  # right padding with the pad id, as transformers finds the last token
     with torch.no_grad():
         torch.testing.assert_close(model(idx, mask), ref(idx, attention_mask=mask).logits, rtol=0, atol=TOL)
+    model.save_pretrained(str(tmp_path / "ours"))  # and back: transformers reads what nanowarp writes
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "ours")).eval()
+    assert type(back).__name__ == type(ref).__name__ and back.config.id2label == ref.config.id2label
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx, attention_mask=mask).logits, model(idx, mask), rtol=0, atol=TOL)
 
 
 def test_round_trip_nanowarp_saves_transformers_loads(tmp_path):
