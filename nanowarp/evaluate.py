@@ -38,7 +38,7 @@ from nanowarp.logger import completion_rows, progress
 from nanowarp.data import load_reviews
 from nanowarp.logprobs import completion_hidden, final_softcap, sampled_kl, sequence_kl, token_logprobs
 from nanowarp.rl import decode
-from nanowarp.sampling import sample
+from nanowarp.sampling import first_eos, sample
 from nanowarp.supervised import fit_review, perplexity, test_subset
 
 
@@ -67,8 +67,9 @@ def heldout_sequences(data, n, tokenizer, n_positions, eos_id):
 
 def heldout_nll(policy, sequences, eos_id, batch_size=32):
     """Mean negative log-likelihood per token (nats) of `policy` on `sequences` (token-id lists, as
-    heldout_sequences gives): each token after the first predicted from those before, EOS included."""
-    return math.log(perplexity(policy, sequences, eos_id, policy.lm_head.weight.device, batch_size))
+    heldout_sequences gives): each token after the first predicted from those before, EOS included.
+    eos_id: an id or a list of them, as `evaluate` takes; the (masked) padding is the first."""
+    return math.log(perplexity(policy, sequences, first_eos(eos_id), policy.lm_head.weight.device, batch_size))
 
 
 def batch_seed(seed, batch):

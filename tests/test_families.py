@@ -129,18 +129,24 @@ def test_lora_targets_pick_layers_by_name(llama_dir):
         named_targets(models.from_pretrained(llama_dir), "c_attn")
 
 
-def test_llama_policy_with_a_qwen2_reward_resumes_and_merges(llama_dir, qwen2_reward_dir, prepared_imdb_dir,
+@pytest.fixture(scope="module")
+def llama_job(llama_dir, qwen2_reward_dir, prepared_imdb_dir, tmp_path_factory):
+    """(job folder, final θ) of a WARP job with the Llama policy and the Qwen2 reward model."""
+    out = str(tmp_path_factory.mktemp("llama_job"))
+    return out, in_process(warp, parse_args(flags(llama_dir, qwen2_reward_dir, prepared_imdb_dir, out)), None,
+                           lambda *a: None)
+
+
+def test_llama_policy_with_a_qwen2_reward_resumes_and_merges(llama_job, llama_dir, qwen2_reward_dir, prepared_imdb_dir,
                                                              tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
-    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-    theta = in_process(warp, parse_args(flags(llama_dir, qwen2_reward_dir, prepared_imdb_dir, whole)), None,
-                       lambda *a: None)
+    whole, theta = llama_job
     sft = models.load_theta(llama_dir)
     assert set(theta) == set(sft) and "lm_head.weight" in theta  # untied: the head is a tensor of its own
     assert any(not torch.equal(theta[k], sft[k]) for k in theta), "the job must move the weights"
     assert os.path.isfile(os.path.join(whole, "iter_2", "liti", "generation_config.json"))
     # killed inside run 1 of iteration 2, resumed from its state: the same weights
     stop_at(monkeypatch, "iter_2/run_1/step_2")
-    cfg = parse_args(flags(llama_dir, qwen2_reward_dir, prepared_imdb_dir, killed, "--save_every", "1"))
+    cfg = parse_args(flags(llama_dir, qwen2_reward_dir, prepared_imdb_dir, str(tmp_path / "killed"), "--save_every", "1"))
     with pytest.raises(Killed):
         in_process(warp, cfg, None, lambda *a: None)
     lines = []
@@ -156,6 +162,29 @@ def test_llama_policy_with_a_qwen2_reward_resumes_and_merges(llama_dir, qwen2_re
         merge.main(["--init", tiny_gpt2_dir, "--policies", os.path.join(whole, "iter_2", "run_0"), "--out", out + "2"])
     assert "a gpt2 one: merge only checkpoints of the same architecture" in capsys.readouterr().err
     assert not os.path.exists(out + "2")
+
+
+def test_eval_and_sample_read_the_llama_job(llama_job, llama_dir, qwen2_reward_dir, prepared_imdb_dir, tmp_path,
+                                            capsys):
+    """eval.py with the stop-id list, a held-out NLL, a LITI sweep and best-of-N; sample.py side by side."""
+    import eval as eval_cli
+    import sample as sample_cli
+    whole, _ = llama_job
+    liti = os.path.join(whole, "iter_2", "liti")
+    out = tmp_path / "results.json"
+    in_process(eval_cli.main, ["--models", liti, "--ref", llama_dir, "--reward_model", qwen2_reward_dir, "--data",
+                               prepared_imdb_dir, "--n_prompts", "2", "--max_new_tokens", "6", "--heldout", "2",
+                               "--sweep", llama_dir, liti, "--etas", "0.5", "--best_of", "2", "--device", "cpu",
+                               "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert len(rows) == 3 and all(r["kl_exact"] >= 0 for r in rows if "kl_exact" in r)
+    assert all(r["heldout_nll"] > 0 for r in rows if "heldout_nll" in r)
+    capsys.readouterr()  # eval.py's lines
+    in_process(sample_cli.main, ["--model", llama_dir, liti, "--prompt", "This movie was", "--num_samples", "2",
+                                 "--max_new_tokens", "6", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    samples = [c for m in result["prompts"][0]["models"] for c in m["samples"]]
+    assert len(samples) == 4 and all(c["finished"] or c["length"] == 6 for c in samples)
 
 
 def test_gemma2_policy_bf16_job_runs_and_merges(gemma2_dir, tiny_reward_dir, prepared_imdb_dir, tmp_path):
