@@ -161,3 +161,29 @@ def test_round_trip_nanowarp_saves_transformers_loads(tmp_path):
             diff = ours(idx, mask) - back(idx, attention_mask=mask, position_ids=positions(mask)).logits
         assert diff[mask.bool()].abs().max() <= TOL, family
         assert os.path.isfile(os.path.join(folder, "config.json"))
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_fused_logprobs_and_kl_with_a_final_softcap(weight_grad):
+    """Gemma 2's c·tanh(z / c) through token_logprobs (both gradient paths, in chunks) and sequence_kl."""
+    from nanowarp.logprobs import sequence_kl, token_logprobs
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    w = (2 * torch.randn(37, 8)).requires_grad_(weight_grad)  # logits of ~6: the cap of 3 bends them
+    targets, g, cap, tau = torch.randint(0, 37, (2, 5)), torch.randn(2, 5), 3.0, 0.7
+
+    def capped(h, w):
+        return torch.tanh(h @ w.t() / cap) * cap / tau
+
+    expected = capped(h, w).log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+    ours = token_logprobs(h, w, targets, tau, chunk_size=3, softcap=cap)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    inputs = [h, w] if weight_grad else [h]
+    for a, b in zip(torch.autograd.grad((ours * g).sum(), inputs), torch.autograd.grad((expected * g).sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        h_ref, w_ref = torch.randn(2, 5, 8), 2 * torch.randn(37, 8)
+        p, q = capped(h, w).log_softmax(-1), capped(h_ref, w_ref).log_softmax(-1)
+        kl = (p.exp() * (p - q)).sum(-1).sum(1)
+        ours_kl = sequence_kl(h, w, h_ref, w_ref, torch.ones(2, 5), tau, chunk_size=3, softcap=cap, ref_softcap=cap)
+    torch.testing.assert_close(ours_kl, kl, rtol=0, atol=1e-5)
