@@ -204,6 +204,26 @@ def test_gemma2_policy_bf16_job_runs_and_merges(gemma2_dir, tiny_reward_dir, pre
     assert_same_weights(models.load_theta(merged), models.load_theta(os.path.join(out, "iter_1", "liti")))
 
 
+
+def test_sft_and_reward_stages_train_llama_layout_models(gemma2_dir, llama_dir, prepared_imdb_dir, tmp_path):
+    """train.py --stage sft on a Gemma 2 (LoRA on the MLP), --stage reward from a Llama language model:
+    checkpoints of their own layout, which the loaders read back."""
+    common = ["--data", prepared_imdb_dir, "--epochs", "0.5", "--train_batch_size", "4", "--max_length", "24",
+              "--test_limit", "2", "--device", "cpu", "--threads", "1"]
+    sft = str(tmp_path / "sft")
+    assert in_process(train.main, ["--stage", "sft", "--policy", gemma2_dir, "--out_dir", sft, "--lora_rank", "2",
+                                   "--lora_targets", "gate_proj,up_proj,down_proj", *common]) == 0
+    before, after = models.load_theta(gemma2_dir), models.load_theta(os.path.join(sft, "sft"))
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")) for k in moved)
+    rm = str(tmp_path / "rm")
+    with pytest.warns(UserWarning, match="no classifier head"):  # a language model: a fresh head
+        assert in_process(train.main, ["--stage", "reward", "--reward_base", llama_dir, "--out_dir", rm, *common]) == 0
+    from nanowarp.reward import RewardModel
+    reward = RewardModel(os.path.join(rm, "reward_model"))
+    assert type(reward.model) is LlamaClassifier and reward.model.config.id2label == {0: "NEGATIVE", 1: "POSITIVE"}
+    assert reward.score(["A great film.", "Dull."]).shape == (2,)
+
 # ---- --chat_template ---------------------------------------------------------------------------
 # ChatML with a BOS, a check that raises, loop controls: what real templates use
 CHATML = ("{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
