@@ -52,6 +52,8 @@ def load_resources(cfg, device=None):
     device = device or resolve_device(cfg.device)
     folder = hub.resolve(cfg.policy)
     model_config = load_config(folder)
+    with torch.device("meta"):  # a model without memory, for its layer names: --lora_targets fails here, not later
+        named_targets(from_config(model_config), cfg.lora_targets)
     tokenizer = load_tokenizer(folder)
     prompts = load_prompt_file(cfg.prompts, tokenizer) if cfg.prompts else load_prompts(cfg.data, "train")
     if cfg.chat_template:  # each prompt as the user's turn, the assistant's opened

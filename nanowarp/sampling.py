@@ -138,7 +138,8 @@ def lm_head(model, hidden, out=None):
     CPU (measured with GPT-2's 50257 x 768 head), and the LM head is a third of a decoding step.
     out: an optional (V, B) buffer to write W·hᵀ into; the result is its transpose.
     A bf16 model's head runs in float32 (model.head_fp32, set by `sample`): GPT-2's logits are
-    around -100, where bf16's step is 0.5, too coarse for the log-probs the KL penalty sums."""
+    around -100, where bf16's step is 0.5, too coarse for the log-probs the KL penalty sums.
+    Gemma 2's logits are soft-capped here, as its forward caps them."""
     if model.head_fp32 is not None:
         logits = torch.mm(model.head_fp32, hidden.float().t(), out=out).t()
     else:

@@ -118,7 +118,7 @@ def test_sharded_checkpoints_load_and_save(family, tiny_gpt2_dir, llama_dir, tmp
         torch.testing.assert_close(ours, ref(idx).logits, rtol=0, atol=1e-5)
 
 
-def test_lora_targets_pick_layers_by_name(llama_dir):
+def test_lora_targets_pick_layers_by_name(llama_dir, tiny_reward_dir, prepared_imdb_dir, tmp_path, capsys):
     model = models.from_pretrained(llama_dir)
     assert len(named_targets(model, "all")) == 2 * 7
     chosen = named_targets(model, "q_proj,v_proj")
@@ -127,6 +127,9 @@ def test_lora_targets_pick_layers_by_name(llama_dir):
     assert [n for n, _ in lora_modules(model)] == chosen
     with pytest.raises(ValueError, match="c_attn.*down_proj"):
         named_targets(models.from_pretrained(llama_dir), "c_attn")
+    out = str(tmp_path / "out")  # train.py refuses it before writing anything
+    assert train.main(flags(llama_dir, tiny_reward_dir, prepared_imdb_dir, out, "--lora_targets", "q_proj,c_fc")) == 2
+    assert "--lora_targets c_fc" in capsys.readouterr().err and not os.path.exists(out)
 
 
 @pytest.fixture(scope="module")
