@@ -159,7 +159,7 @@ def check_readable(folder):
     (a safetensors header that agrees with the file's length); nothing large is read."""
     load_config(folder)
     if os.path.isfile(os.path.join(folder, INDEX)):
-        load_sharded(folder)  # read whole: sharded checkpoints here are the ones nanowarp trains
+        check_sharded(folder)
         return
     path = os.path.join(folder, WEIGHT_FILES[0])
     if not os.path.isfile(path):
@@ -261,19 +261,38 @@ SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 MAX_SHARD_BYTES = 5 * 10**9  # transformers 4.x's default max_shard_size, "5GB"
 
 
-def load_sharded(folder):
-    """The weights of a sharded checkpoint: (state_dict, path of the index)."""
+def read_index(folder):
+    """(path of the index, {tensor name: shard file}) of a sharded checkpoint whose shards are all there."""
     path = os.path.join(folder, INDEX)
     try:
         with open(path) as f:
             weight_map = json.load(f)["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a valid index of shards ({e}); download or save it again") from None
+    for shard in sorted(set(weight_map.values())):
+        if not os.path.isfile(os.path.join(folder, shard)):
+            raise CheckpointError(f"{path} names the shard {shard}, which is not in {folder}: download it again")
+    return path, weight_map
+
+
+def check_sharded(folder):
+    """check_readable for a sharded checkpoint: the index, and each shard's header against its file."""
+    _, weight_map = read_index(folder)
+    for shard in sorted(set(weight_map.values())):
+        try:
+            with safe_open(os.path.join(folder, shard), "pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {os.path.join(folder, shard)}: the file is corrupt or truncated "
+                                  f"({e})") from None
+
+
+def load_sharded(folder):
+    """The weights of a sharded checkpoint: (state_dict, path of the index)."""
+    path, weight_map = read_index(folder)
     state_dict = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = os.path.join(folder, shard)
-        if not os.path.isfile(shard_path):
-            raise CheckpointError(f"{path} names the shard {shard}, which is not in {folder}: download it again")
         try:
             tensors = load_file(shard_path)
         except (SafetensorError, OSError) as e:

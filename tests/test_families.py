@@ -107,6 +107,16 @@ def test_sharded_checkpoints_load_and_save(family, tiny_gpt2_dir, llama_dir, tmp
     with torch.no_grad():
         assert torch.equal(back(idx), model(idx))
     hub.check_readable(folder)
+    shards = [f for f in files if hub.SHARD.fullmatch(f)]
+    broken = str(tmp_path / "broken")
+    shutil.copytree(folder, broken)
+    with open(os.path.join(broken, shards[-1]), "r+b") as f:  # a shard cut short
+        f.truncate(os.path.getsize(os.path.join(folder, shards[-1])) // 2)
+    with pytest.raises(hub.CheckpointError, match=f"cannot read .*{shards[-1]}"):
+        hub.check_readable(broken)
+    os.remove(os.path.join(broken, shards[0]))
+    with pytest.raises(hub.CheckpointError, match=f"names the shard {shards[0]}"):
+        models.from_pretrained(broken)
     models.save_policy(folder, theta, model.config, source)  # one file again: the shards go
     assert hub.weight_files(folder) == ["model.safetensors"]
     transformers = pytest.importorskip("transformers")
