@@ -315,3 +315,9 @@ def test_sound_commands_pass(command, config_file):
 def test_unsound_commands_are_caught(command, problem, config_file):
     [found] = [command_problem(words, config_file) for words in split_shell(command)]
     assert found is not None and problem in found, found
+
+
+def test_the_readme_is_short():
+    # the README is what a newcomer reads in five minutes; the reference lives in docs/
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert len(f.read().splitlines()) <= 250
