@@ -3,6 +3,7 @@
 --max_restarts restarting a job one of whose ranks was killed with SIGKILL inside a run. Each gives
 the weights of the sequential job, bit for bit, and only the rank that keeps the job folder writes."""
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -13,6 +14,10 @@ import pytest
 
 import train
 from conftest import ROOT, Killed, assert_same_weights, final_weights, in_process, leftovers, stop_at
+from nanowarp.config import parse_args
+from nanowarp.data import DataError
+from nanowarp.parallel import Group
+from nanowarp.runner import choose_root
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -93,3 +98,32 @@ def test_a_job_resumes_on_the_machine_that_holds_it_with_three_runs_on_two(job_f
     assert_same_weights(final_weights(str(held)), final_weights(str(expected)))
     assert leftovers(str(held)) == []
     assert not empty.exists()
+
+
+def test_the_ranks_agree_on_the_one_that_holds_the_job_and_refuse_other_flags(job_flags, tmp_path):
+    # what every rank gathers from the others (host, flags, holds a job.json), without a process group
+    cfg = parse_args(job_flags + ["--out_dir", str(tmp_path)])
+    mine = dataclasses.asdict(cfg)
+    local = {**mine, "out_dir": "elsewhere", "threads": 4, "log_every": 10, "save_every": 5}  # each its own
+    group = Group(rank=2, size=3)
+    group.gather_objects = lambda _: [("m0", mine, False), ("m1", local, True), ("m2", local, True)]
+    choose_root(cfg, group)
+    assert group.root == 1 and not group.leader  # the first rank whose --out_dir holds the job
+    group.gather_objects = lambda _: [("m0", mine, False), ("m1", mine, False), ("m2", local, False)]
+    choose_root(cfg, group)
+    assert group.root == 0  # a new job: rank 0's
+    for flag, value in (("steps", 5), ("iterations", 3), ("device", "cuda")):
+        group.gather_objects = lambda _: [("m0", mine, False), ("m1", {**mine, flag: value}, False)]
+        with pytest.raises(ValueError, match=rf"rank 1 \(on m1\) was started with other flags than rank 0 \(on "
+                                             rf"m0\): --{flag} .* \(now {value}\)\. Start every rank with the same"):
+            choose_root(cfg, group)
+
+
+def test_a_failure_on_one_rank_stops_every_rank_with_its_error():
+    # rank 1 could not load the data on its machine: rank 0, which loaded its own, raises that error too
+    group = Group(rank=0, size=2)
+    group.gather_objects = lambda mine: [mine, DataError("no prompts_train.npz in data/ on m1")]
+    with pytest.raises(DataError, match="on m1"):
+        group.everywhere(lambda: "loaded")
+    group.gather_objects = lambda mine: [mine, None]
+    assert group.everywhere(lambda: "loaded") == "loaded"
