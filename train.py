@@ -8,7 +8,7 @@ interpolated towards the initialisation (LITI). Also the two stages before it:
     python train.py --data data/imdb/prepared --out_dir runs/warp --workers 2    # M runs side by side
     torchrun --nproc_per_node=2 train.py --data data/imdb/prepared --out_dir runs/warp   # or over ranks
 
-Running the same command again resumes an interrupted job (README, "Resuming, workers and torchrun").
+Running the same command again resumes an interrupted job (docs/robustness.md#resuming-a-job).
 
 `python train.py --help` lists every hyperparameter with its default (SPEC §2).
 """

@@ -80,7 +80,7 @@ class Config:
     seed: int = flag(0, "base seed; run m of iteration i uses seed + (i-1)*M + m")
     device: str = flag("auto", "cpu, cuda, cuda:N, or auto")
     dtype: str = flag("float32", "bfloat16: frozen weights, EMA anchor's forward copy, reward model and sampler in bf16; "
-                                 "LoRA, AdamW, EMA master, log-probs, KL and merges float32 (README)",
+                                 "LoRA, AdamW, EMA master, log-probs, KL and merges float32 (docs/precision.md)",
                       choices=["float32", "bfloat16"])
     workers: int = flag(0, "processes training runs in parallel; 0 = one per visible CUDA device (1 on a CPU)")
     threads: int = flag(0, "CPU threads per process; 0 = this machine's threads split evenly between the workers")
@@ -122,7 +122,7 @@ PRESETS = {
              "warmup": 6, "lora_rank": 8, "lora_alpha": 8.0, "kl_coef": 0.1, "ema_rate": 1 / 60, "liti_rate": 0.5},
     # reproduce.py --setting sentiment: the tiny models with nothing left to learn but sentiment (60 new
     # tokens: the SFT model ends all its completions) and ten times the completions per run; RLOO k = 4,
-    # a higher lr, and mu * T = 1 again. The README's "Reproducing WARP on a laptop CPU" has the measurements.
+    # a higher lr, and mu * T = 1 again. docs/reproduction.md#the-sentiment-setting has the measurements.
     "tiny_sentiment": {"iterations": 2, "runs": 2, "steps": 600, "batch_size": 64, "max_new_tokens": 60,
                        "rloo_k": 4, "lr": 3e-3, "warmup": 6, "lora_rank": 8, "lora_alpha": 8.0, "kl_coef": 0.1,
                        "ema_rate": 1 / 600, "liti_rate": 0.5},

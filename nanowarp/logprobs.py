@@ -27,7 +27,7 @@ then the gradients themselves plus one tile (an eighth of a chunk; every tile re
 Four matmuls of the size of the logits against naive's three; what naive spends on passes over
 its (N, V) tensors pays for the fourth on a CPU.
 
-Measured on a 2-core CPU for 64 x 148 tokens (bench/logprobs.py; the README has the table):
+Measured on a 2-core CPU for 64 x 148 tokens (bench/logprobs.py; the table is in docs/performance.md#fused-log-prob):
 gradient to hidden, 0.64x naive's time and 3.3% of its extra peak memory; to hidden and weight,
 0.94x and 4.2% (of which 3.2% is the two gradients themselves).
 """

@@ -153,10 +153,10 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
 
     cfg.dtype bfloat16: the policy's frozen weights, the anchor's forward copy and the sampler run
     in bf16; the LoRA factors, AdamW's state, the anchor's master weights (`master`, over the
-    float32 W0 `base`), the log-probs, the KL and the returned weights are float32 (README, "bf16,
-    micro-batches and the device check"). cfg.micro_batch_size: sampling, scoring, the anchor's
-    log-probs and the policy's forward and backward run that many completions at a time; the
-    gradients accumulate."""
+    float32 W0 `base`), the log-probs, the KL and the returned weights are float32
+    (docs/precision.md#which-tensor-is-in-which-dtype). cfg.micro_batch_size: sampling, scoring,
+    the anchor's log-probs and the policy's forward and backward run that many completions at a
+    time; the gradients accumulate."""
     device, k, dtype = resources.device, cfg.rloo_k, getattr(torch, cfg.dtype)
     torch.manual_seed(seed)  # LoRA's A initialisation
     policy = add_lora(build_policy(theta_init, resources.gpt2_config, device, dtype), cfg.lora_rank, cfg.lora_alpha,
