@@ -99,8 +99,9 @@ class Job:
         return self.group.broadcast(theta)
 
 
-# Flags that may differ between the ranks of one job: a resume may change them (RESUME_FREE), but
-# for three that every rank must share to work together: the loop's length, the processes, the backend.
+# Flags that may differ between the ranks of one job: those a resume may change (RESUME_FREE), but
+# three that the ranks must share to work together: --iterations (the same loop), --workers and
+# --device (the same processes and backend).
 RANK_FREE = tuple(f for f in RESUME_FREE if f not in ("iterations", "workers", "device"))
 
 

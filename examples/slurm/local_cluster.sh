@@ -20,6 +20,8 @@ export PYTHON=${PYTHON:-$PWD/.venv/bin/python}
 ports=${SLURM_PORTS:-17000}  # slurmctld's; the slurmd of n1 and n2 listen on the next two
 work=$(mktemp -d /tmp/nanowarp-slurm.XXXXXX)
 export SLURM_CONF=$work/slurm.conf
+echo "jobs and logs in $work" >&2
+exec > >(sed -u "s|$work|\$WORK|g")  # the output names that folder $WORK
 mkdir -p "$work/state" "$work/spool/n1" "$work/spool/n2" "$work/log"
 
 stop() {
@@ -28,7 +30,7 @@ stop() {
     for name in slurmd-n1 slurmd-n2 slurmctld munged; do
         [ -f "$work/$name.pid" ] && kill "$(cat "$work/$name.pid")" 2>/dev/null
     done
-    echo "daemons stopped; logs and jobs in $work"
+    echo "daemons stopped; jobs and logs in $work" >&2
 }
 trap stop EXIT
 
@@ -104,7 +106,8 @@ print(f"{sys.argv[1]}: the final weights of {sys.argv[2]}, bit for bit")
 EOF
 }
 submit() {  # sbatch arguments (the environment first, as in VAR=value); sets $id
-    echo "\$ $*"
+    line="$*"
+    echo "\$ ${line//"$flags"/\$TINY}"
     out=$(env "$@")
     echo "$out"
     id=${out##* }
@@ -112,7 +115,7 @@ submit() {  # sbatch arguments (the environment first, as in VAR=value); sets $i
 
 flags=$("$PYTHON" examples/slurm/tiny_job.py "$work/tiny")
 long="$flags --steps 60 --save_every 10"  # long enough to requeue it while it runs
-echo "tiny job: $flags"
+echo "TINY=\"$flags\""
 "$PYTHON" train.py $flags --out_dir "$work/seq" > "$work/seq.out"
 "$PYTHON" train.py $long --out_dir "$work/seq_long" > "$work/seq_long.out"
 "$PYTHON" train.py $flags --seed 100 --out_dir "$work/seq_seed100" > "$work/seq_seed100.out"
