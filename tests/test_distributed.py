@@ -16,7 +16,7 @@ import train
 from conftest import ROOT, Killed, assert_same_weights, final_weights, in_process, leftovers, stop_at
 from nanowarp.config import parse_args
 from nanowarp.data import DataError
-from nanowarp.parallel import Group
+from nanowarp.parallel import Group, restart_warning
 from nanowarp.runner import choose_root
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -127,3 +127,14 @@ def test_a_failure_on_one_rank_stops_every_rank_with_its_error():
         group.everywhere(lambda: "loaded")
     group.gather_objects = lambda mine: [mine, None]
     assert group.everywhere(lambda: "loaded") == "loaded"
+
+
+def test_torchrun_restarts_through_the_shared_store_are_warned_about(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # torchrun's default in torch 2.13
+    assert "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in restart_warning()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what that variable makes of it
+    assert restart_warning() is None
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # no restart to fail
+    assert restart_warning() is None
