@@ -89,7 +89,8 @@ def test_a_job_resumes_on_the_machine_that_holds_it_with_three_runs_on_two(job_f
         in_process(train.main, flags + ["--out_dir", str(held)])
     shutil.copytree(held, expected)
     assert in_process(train.main, flags + ["--out_dir", str(expected)]) == 0  # the sequential job, resumed
-    # the folder is on the launcher started second (rank 0 or 1, as the rendezvous sorts them)
+    # the folder is on the launcher started second: rank 1, as the rendezvous sorts launchers by host name
+    # then pid (rank 0 if the pids wrapped around in between), so the root sends θ_init from rank 1
     cmd = [os.path.join(ROOT, "train.py"), *flags]
     nodes = torchrun_nodes(tmp_path, [cmd + ["--out_dir", str(empty)], cmd + ["--out_dir", str(held)]])
     for code, log in nodes:
