@@ -44,8 +44,8 @@ import torch
 from nanowarp import hub, parallel
 from nanowarp.card import model_card
 from nanowarp.config import RESUME_FREE, changed_flags
-from nanowarp.gpt2 import cpu_weights, load_theta, save_policy
 from nanowarp.logger import Logger, append_jsonl
+from nanowarp.models import cpu_weights, load_theta, save_policy
 from nanowarp.rl import rl_run
 
 
@@ -81,14 +81,14 @@ def job_card(cfg, name, what, metrics):
                       dataclasses.asdict(cfg), metrics)
 
 
-def save_run(cfg, iteration, run, theta, rows, gpt2_config):
+def save_run(cfg, iteration, run, theta, rows, model_config):
     folder = job_folder(cfg, iteration, f"run_{run}")
     hub.write_text(os.path.join(folder, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     card = job_card(cfg, f"iter_{iteration}/run_{run}", f"Run {run + 1} of {cfg.runs} of WARP iteration {iteration}: "
                     f"{'REINFORCE' if cfg.rloo_k == 1 else f'RLOO (k = {cfg.rloo_k})'} for {cfg.steps} steps from "
                     f"that iteration's θ_init, seed {run_seed(cfg, iteration, run)}, its LoRA folded into dense "
                     f"weights.", rows[-1:])
-    save_policy(folder, theta, gpt2_config, policy_folder(cfg.policy), card)
+    save_policy(folder, theta, model_config, policy_folder(cfg.policy), card)
     if os.path.exists(os.path.join(folder, "state.pt")):
         os.remove(os.path.join(folder, "state.pt"))  # the run is complete: its training state is no use
 
@@ -318,7 +318,7 @@ def train_run(cfg, resources, iteration, run, theta_init, log=print, save=True):
     finally:
         logger.close()
     if save:
-        save_run(cfg, i, m, theta_m, rows, resources.gpt2_config)
+        save_run(cfg, i, m, theta_m, rows, resources.model_config)
         kill_point(f"iter_{i}/run_{m}/saved")
     log(f"iter {i} run {m + 1}: done in {time.perf_counter() - start:.1f}s (seed {seed})")
     return theta_m, rows

@@ -13,12 +13,12 @@ import socket
 
 import torch
 
-from nanowarp import hub, parallel
+from nanowarp import parallel
 from nanowarp.config import RESUME_FREE, changed_flags, resolve_device
-from nanowarp.gpt2 import GPT2Config, load_theta, save_policy
 from nanowarp.job import (job_card, job_folder, kill_point, last_rows, load_theta_init, lock_out_dir, missing_runs,
                           policy_folder, save_run, start_job, train_run, write_metrics)
 from nanowarp.logger import Logger
+from nanowarp.models import load_config, load_theta, save_policy
 from nanowarp.rl import load_resources
 
 
@@ -29,7 +29,7 @@ class Job:
     def __init__(self, cfg, group, resources, pool, log):
         self.cfg, self.group, self.resources, self.pool, self.log = cfg, group, resources, pool, log
         self.leader = group.leader
-        self.gpt2_config = GPT2Config.from_hf(hub.load_config(policy_folder(cfg.policy)))
+        self.model_config = load_config(policy_folder(cfg.policy))
 
     def theta_sft(self):
         """The SFT policy's weights (--policy), where iteration 1 starts: the root's, on every rank."""
@@ -60,7 +60,7 @@ class Job:
             theta_m, rows = train_run(cfg, self.resources, iteration, batch[group.rank], theta_init, self.log,
                                       save=group.leader)
         for m, theta_m, rows in group.gather_runs(batch, theta_m, rows, like=theta_init):  # to the root
-            save_run(cfg, iteration, m, theta_m, rows, self.gpt2_config)
+            save_run(cfg, iteration, m, theta_m, rows, self.model_config)
             if cfg.report_to != "none":  # another rank's run: its metrics, logged now
                 logger = Logger(cfg.report_to, cfg.out_dir, f"iter_{iteration}/run_{m}", dataclasses.asdict(cfg))
                 for row in rows:
@@ -75,7 +75,7 @@ class Job:
         card = job_card(cfg, f"iter_{iteration}/slerp", f"The {cfg.merge.upper()} of the {cfg.runs} runs of WARP "
                         f"iteration {iteration} around its θ_init (λ = 1/{cfg.runs}, per tensor).",
                         last_rows(cfg, iteration))
-        save_policy(job_folder(cfg, iteration, "slerp"), theta, self.gpt2_config, policy_folder(cfg.policy), card)
+        save_policy(job_folder(cfg, iteration, "slerp"), theta, self.model_config, policy_folder(cfg.policy), card)
         kill_point(f"iter_{iteration}/merge")
 
     def save_liti(self, iteration, theta):
@@ -84,7 +84,7 @@ class Job:
         card = job_card(cfg, f"iter_{iteration}/liti", f"θ_init after WARP iteration {iteration} (the policy a job "
                         f"with --iterations {iteration} returns): LITI (1 − η) θ_init + η θ_slerp, η = {cfg.liti_rate}.",
                         last_rows(cfg, iteration))
-        save_policy(folder, theta, self.gpt2_config, policy_folder(cfg.policy), card)
+        save_policy(folder, theta, self.model_config, policy_folder(cfg.policy), card)
         self.log(f"iter {iteration}: merged {cfg.runs} run{'s' * (cfg.runs > 1)} ({cfg.merge}), "
                  f"LITI eta={cfg.liti_rate} -> {folder}")
 
