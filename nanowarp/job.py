@@ -119,8 +119,15 @@ def kill_point(name):
     """A testing aid for crash safety: with NANOWARP_KILL_AT=name in the environment, the process
     kills itself here with a real SIGKILL (no cleanup). Names: iter_{i}/run_{m}/step_{t} (after step
     t is done), iter_{i}/run_{m}/saved (run saved, next one not started), iter_{i}/merge (SLERP
-    saved, LITI not)."""
+    saved, LITI not). With NANOWARP_KILL_ONCE=PATH too, only the first process to get there dies
+    (it creates PATH first): the job that restarts with the same environment (torchrun
+    --max_restarts, a Slurm requeue) goes on."""
     if os.environ.get("NANOWARP_KILL_AT") == name:
+        if os.environ.get("NANOWARP_KILL_ONCE"):
+            try:
+                os.close(os.open(os.environ["NANOWARP_KILL_ONCE"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
         os.kill(os.getpid(), signal.SIGKILL)
 
 
