@@ -42,7 +42,9 @@ def main(argv=None):
             with stop_on_signals(main=int(os.environ.get("WORLD_SIZE", "1")) == 1):
                 warp(cfg)
     except Interrupted as e:
-        saved = "the runs in progress saved their training state, " if cfg.save_every else ""
+        torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # only the root rank writes, its own run's state
+        saved = "" if not cfg.save_every else ("the root rank's run in progress saved its training state, "
+                                               if torchrun else "the runs in progress saved their training state, ")
         print(f"train.py: {e}: the finished runs are on disk, {saved}run the same command again to resume",
               file=sys.stderr)
         return e.exit_code  # 130 (SIGINT) or 143 (SIGTERM)
