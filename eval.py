@@ -41,14 +41,16 @@ from dataclasses import dataclass
 import torch
 
 from nanowarp import hub, merging
+from nanowarp.chat import chat_prompts
 from nanowarp.config import fail, flag, parse_args as parse_flags, resolve_device
 from nanowarp.data import DataError, load_meta, load_prompt_file, load_prompts
 from nanowarp.evaluate import best_of_n, evaluate, heldout_sequences, liti_sweep
-from nanowarp.gpt2 import GPT2
 from nanowarp.logger import Logger, check_report_to
+from nanowarp.models import eos_ids, from_config, from_pretrained
 from nanowarp.plots import plot
 from nanowarp.reward import RewardModel
-from nanowarp.tokenizer import load_tokenizer
+from nanowarp.sampling import first_eos
+from nanowarp.tokenizer import EOS, load_tokenizer
 
 
 @dataclass
@@ -76,6 +78,8 @@ class Args:
                                    "(else the last)", metavar="NAME")
     prompts: str = flag(None, "prompt file to evaluate on instead of --data's eval prompts: text, one per line, "
                               "or .jsonl {\"prompt\": ...}", metavar="PATH")
+    chat_template: bool = flag(False, "give each prompt as a user turn of --ref's chat template "
+                                      "(tokenizer_config.json; pip install jinja2), as train.py --chat_template does")
     samples: int = flag(0, "store the first K completions of each model (prompt, completion, reward, kl) in --out",
                         type=int, metavar="K")
     report_to: str = flag("none", "also log the results to tensorboard (in --out's folder) or wandb",
@@ -149,10 +153,11 @@ def scoring_settings(args, name):
     return values
 
 
-def load_gpt2(name, role, ref=None):
-    """A GPT2 from a folder or Hub id; with ref, check it shares ref's vocabulary."""
+def load_policy(name, role, ref=None):
+    """A policy (any models.from_pretrained architecture) from a folder or Hub id; with ref, check
+    it shares ref's vocabulary."""
     try:
-        model = GPT2.from_pretrained(name)
+        model = from_pretrained(name)
     except hub.CheckpointError as e:
         fail("eval.py", f"{role} {name}: {e}")
     if ref is not None and (model.config.vocab_size, model.config.eos_token_id) != \
@@ -163,12 +168,12 @@ def load_gpt2(name, role, ref=None):
     return model
 
 
-def check_prompts(prompts, args, ref):
+def check_prompts(prompts, args, ref, tokenizer):
     """The prompts fit the reference tokenizer and the context window."""
-    meta_eos = None if args.prompts else load_meta(args.data).get("eos_token_id")
-    if meta_eos is not None and meta_eos != ref.config.eos_token_id:
-        fail("eval.py", f"{args.data} was prepared with a tokenizer whose EOS is {meta_eos}, but --ref's is "
-                        f"{ref.config.eos_token_id}: prepare the data with the policy's tokenizer")
+    meta_eos = None if args.prompts else load_meta(args.data).get("eos_token_id")  # the data tokenizer's EOS
+    if meta_eos is not None and meta_eos != tokenizer.token_to_id(EOS):
+        fail("eval.py", f"{args.data} was prepared with a tokenizer whose {EOS} is {meta_eos}, but --ref's is "
+                        f"{tokenizer.token_to_id(EOS)}: prepare the data with the policy's tokenizer")
     if max(max(p) for p in prompts) >= ref.config.vocab_size:
         fail("eval.py", f"{args.data} holds token ids beyond --ref's vocabulary ({ref.config.vocab_size}): "
                         f"prepare the data with the policy's tokenizer")
@@ -230,16 +235,22 @@ def main(argv=None):
     if args.n_prompts > len(prompts):
         print(f"note: {args.prompts or args.data} has {len(prompts)} eval prompts, fewer than --n_prompts {args.n_prompts}: using all")
     prompts = prompts[:args.n_prompts]
+    if args.chat_template:
+        try:
+            prompts = chat_prompts(prompts, load_tokenizer(args.ref), hub.resolve(args.ref))
+        except (ValueError, hub.CheckpointError) as e:
+            fail("eval.py", str(e))
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
-    ref = load_gpt2(args.ref, "--ref").to(device, dtype).eval()
-    check_prompts(prompts, args, ref)
+    ref = load_policy(args.ref, "--ref").to(device, dtype).eval()
+    eos_id = eos_ids(args.ref, ref.config)  # an id, or generation_config.json's list of them
     try:
         tokenizer = load_tokenizer(args.ref)  # the policy tokenizer, to decode completions
+        check_prompts(prompts, args, ref, tokenizer)
         reward_model = RewardModel(args.reward_model, device, batch_size=args.batch_size, dtype=dtype)
         judge = RewardModel(args.judge, device, batch_size=args.batch_size, dtype=dtype) if args.judge else None
         heldout = heldout_sequences(args.data, args.heldout, tokenizer, ref.config.n_positions,
-                                    ref.config.eos_token_id) if args.heldout else None
+                                    first_eos(eos_id)) if args.heldout else None
     except (DataError, hub.CheckpointError) as e:
         fail("eval.py", str(e))
     logger = Logger(args.report_to, os.path.dirname(os.path.abspath(args.out)), "eval", dataclasses.asdict(args))
@@ -255,7 +266,6 @@ def main(argv=None):
         return scoring, dict(max_new_tokens=args.max_new_tokens, temperature=scoring["temperature"],
                              batch_size=args.batch_size, seed=args.seed, samples=args.samples,
                              judge=judge, heldout=heldout)
-    eos_id = ref.config.eos_token_id
     print(f"evaluating on {len(prompts)} prompts of {args.prompts or args.data}, KL to {args.ref}, reward {args.reward_model}, "
           f"device {device}")
 
@@ -296,12 +306,12 @@ def main(argv=None):
         if name in done:
             keep(done[name])
             continue
-        policy = load_gpt2(name, "--models", ref).to(device, dtype).eval()
+        policy = load_policy(name, "--models", ref).to(device, dtype).eval()
         scoring, kwargs = settings(name)
         record(name, evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, **kwargs), scoring)
         del policy  # before loading the next one
 
-    # 3. the LITI sweep (1 − η) A + η B, one GPT2 in memory whose weights change with η
+    # 3. the LITI sweep (1 − η) A + η B, one model in memory whose weights change with η
     a, b = args.sweep or (None, None)
 
     def point(eta):
@@ -312,14 +322,14 @@ def main(argv=None):
             keep(done[point(eta)])
     etas = [eta for eta in args.etas if point(eta) not in done]
     if args.sweep and etas:
-        model_a, model_b = load_gpt2(a, "--sweep", ref), load_gpt2(b, "--sweep", ref)
+        model_a, model_b = load_policy(a, "--sweep", ref), load_policy(b, "--sweep", ref)
         theta_a, theta_b = model_a.hf_state_dict(), model_b.hf_state_dict()
         try:
             merging.check_compatible([theta_a, theta_b], [f"--sweep {a}", f"--sweep {b}"],
                                      [model_a.config, model_b.config])
         except ValueError as e:
             fail("eval.py", str(e))
-        policy = GPT2(model_a.config).to(device, dtype).eval()  # a third model: theta_a shares model_a's storage
+        policy = from_config(model_a.config).to(device, dtype).eval()  # a third model: theta_a shares model_a's storage
         scoring, kwargs = settings(b)  # scored as B's job was trained
         liti_sweep(theta_a, theta_b, etas, policy, ref, reward_model, prompts, tokenizer, eos_id,
                    log=lambda eta, result: record(point(eta), result, scoring, eta=eta, sweep=f"liti({a},{b})"),

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from nanowarp import checksums, hub, merging
 from nanowarp.card import model_card
 from nanowarp.config import fail, flag, parse_args as parse_flags
-from nanowarp.gpt2 import GPT2, save_policy
+from nanowarp.models import from_pretrained, save_policy
 
 
 @dataclass
@@ -65,10 +65,10 @@ def parse_etas(etas):
 
 
 def load(name, role):
-    """(HF-layout state dict, GPT2Config, local folder) of a checkpoint, or a clear error."""
+    """(HF-layout state dict, model config, local folder) of a checkpoint of any architecture, or a clear error."""
     try:
         folder = hub.resolve(name)
-        model = GPT2.from_pretrained(folder)
+        model = from_pretrained(folder)
     except hub.CheckpointError as e:
         fail("merge.py", f"{role} {name}: {e}")
     return model.hf_state_dict(), model.config, folder

@@ -3,8 +3,8 @@ WARP on real IMDB reviews, on a laptop CPU, offline, in one command: tiny policy
 independent judge trained from scratch, a diagnosis of what RL can learn, WARP with REINFORCE and
 RLOO, the evaluation, the tables, the plots, and the paper's claims checked, every stage timed.
 
-    python reproduce.py --source ../shared/data/imdb/aclImdb_labeled.tar.gz                 # one seed
-    python reproduce.py --source ../shared/data/imdb/aclImdb_labeled.tar.gz --seeds 0 1 2    # three
+    python reproduce.py --source aclImdb_v1.tar.gz                 # one seed
+    python reproduce.py --source aclImdb_v1.tar.gz --seeds 0 1 2    # three
     python reproduce.py --setting sentiment --source ... --seeds 0 1 2    # what WARP does to sentiment
 
 Two settings (nanowarp/study/tiny.py SETTINGS): `fast` (the default, ~17 minutes a seed) runs the whole

@@ -31,7 +31,7 @@ from nanowarp import hub  # noqa: E402
 from nanowarp.config import fail, flag, parse_args as parse_flags, resolve_device  # noqa: E402
 from nanowarp.data import DataError, encode_prompts, load_prompt_file  # noqa: E402
 from nanowarp.evaluate import batch_seed  # noqa: E402
-from nanowarp.gpt2 import GPT2  # noqa: E402
+from nanowarp.models import eos_ids, from_pretrained  # noqa: E402
 from nanowarp.reward import RewardModel  # noqa: E402
 from nanowarp.rl import decode  # noqa: E402
 from nanowarp.sampling import sample  # noqa: E402
@@ -73,9 +73,10 @@ def validate(args):
 
 
 def load_policy(name, first=None):
-    """A GPT2 from a folder or Hub id; with `first` (a GPT2Config), check it shares that vocabulary."""
+    """A policy (any models.from_pretrained architecture) from a folder or Hub id; with `first` (its
+    config), check it shares that vocabulary."""
     try:
-        model = GPT2.from_pretrained(name)
+        model = from_pretrained(name)
     except hub.CheckpointError as e:
         fail("sample.py", f"--model {name}: {e}")
     if first is not None and (model.config.vocab_size, model.config.eos_token_id) != \
@@ -87,10 +88,11 @@ def load_policy(name, first=None):
 
 
 @torch.no_grad()
-def sample_model(model, prompts, tokenizer, args, reward_model=None, judge=None):
-    """For each prompt (token-id lists), args.num_samples completions of `model`: one list of dicts
-    (completion, finished, length, and reward / judge when those classifiers are given) per prompt."""
-    device, eos_id, K = model.lm_head.weight.device, model.config.eos_token_id, args.num_samples
+def sample_model(model, eos_id, prompts, tokenizer, args, reward_model=None, judge=None):
+    """For each prompt (token-id lists), args.num_samples completions of `model`, each ending at
+    eos_id (or any of a list): one list of dicts (completion, finished, length, and reward / judge
+    when those classifiers are given) per prompt."""
+    device, K = model.lm_head.weight.device, args.num_samples
     out = []
     for i, prompt in enumerate(prompts):
         generator = torch.Generator(device).manual_seed(batch_seed(args.seed, i))  # the same for every model
@@ -162,7 +164,8 @@ def main(argv=None):
         if max(max(p) for p in prompts) >= model.config.vocab_size:
             fail("sample.py", f"the first --model's tokenizer gives token ids beyond the vocabulary of --model {name} "
                               f"({model.config.vocab_size})")
-        per_model.append(sample_model(model, prompts, tokenizer, args, reward_model, judge))
+        per_model.append(sample_model(model, eos_ids(name, model.config), prompts, tokenizer, args, reward_model,
+                                      judge))
         del model  # before loading the next one
 
     # 3. per prompt, every model's completions

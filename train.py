@@ -8,7 +8,7 @@ interpolated towards the initialisation (LITI). Also the two stages before it:
     python train.py --data data/imdb/prepared --out_dir runs/warp --workers 2    # M runs side by side
     torchrun --nproc_per_node=2 train.py --data data/imdb/prepared --out_dir runs/warp   # or over ranks
 
-Running the same command again resumes an interrupted job (README, "Resuming, workers and torchrun").
+Running the same command again resumes an interrupted job (docs/robustness.md#resuming-a-job).
 
 `python train.py --help` lists every hyperparameter with its default (SPEC §2).
 """
@@ -43,7 +43,9 @@ def main(argv=None):
                 warp(cfg)
     except Interrupted as e:
         if cfg.stage == "warp":
-            saved = "the runs in progress saved their training state, " if cfg.save_every else ""
+            torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # only the root rank writes, its own run's state
+            saved = "" if not cfg.save_every else ("the root rank's run in progress saved its training state, "
+                                                   if torchrun else "the runs in progress saved their training state, ")
             done = f"the finished runs are on disk, {saved}"
         else:
             done = "its training state is saved, " if cfg.save_every else "nothing is saved (--save_every N saves it), "

@@ -41,7 +41,7 @@ def timed(fn, *args):
     return time.perf_counter() - start
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--width", type=int, default=768)
@@ -51,7 +51,11 @@ def main():
     p.add_argument("--step_s", type=float, default=7.15, help="seconds per RL step, for the overhead")
     p.add_argument("--runs", type=int, default=2, help="M, RL runs per WARP iteration, for the overhead")
     p.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temporary folder)")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main():
+    args = parse_args()
 
     torch.manual_seed(0)
     model = GPT2(GPT2Config(vocab_size=args.vocab, n_layer=args.layers, n_embd=args.width,

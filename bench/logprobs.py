@@ -54,8 +54,8 @@ class Args:
     case: str = flag("hidden", argparse.SUPPRESS)  # internal: the worker's case
 
 
-def parse_args():
-    return parse_flags(None, Args, presets=None, description=__doc__, dashes=True)
+def parse_args(argv=None):
+    return parse_flags(argv, Args, presets=None, description=__doc__, dashes=True)
 
 
 def naive(hidden, weight, targets):

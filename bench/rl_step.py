@@ -152,8 +152,8 @@ class ReferenceWay:
         from peft import get_peft_model
         torch.manual_seed(seed)
         self.res, self.shape, self.seed = res, shape, seed
-        self.policy = get_peft_model(hf_gpt2(theta, res.gpt2_config), lora_config())
-        self.anchor = hf_gpt2(theta, res.gpt2_config).eval().requires_grad_(False)
+        self.policy = get_peft_model(hf_gpt2(theta, res.model_config), lora_config())
+        self.anchor = hf_gpt2(theta, res.model_config).eval().requires_grad_(False)
         self.opt = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=LR)
 
     def logprobs(self, model, ids, mask, n_prompt):
@@ -259,7 +259,7 @@ class TRL:
             def on_step_end(self, *a, **kw):
                 stamps["end"] = time.perf_counter()
 
-        self.trainer = trl.RLOOTrainer(model=hf_gpt2(theta, res.gpt2_config), reward_funcs=reward, args=args,
+        self.trainer = trl.RLOOTrainer(model=hf_gpt2(theta, res.model_config), reward_funcs=reward, args=args,
                                        train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config(),
                                        callbacks=[Clock()])
 

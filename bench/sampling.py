@@ -69,8 +69,8 @@ class Args:
     seed: int = flag(0, "weights, prompts, sampling")
 
 
-def parse_args():
-    return parse_flags(None, Args, presets=None, description=__doc__, dashes=True)
+def parse_args(argv=None):
+    return parse_flags(argv, Args, presets=None, description=__doc__, dashes=True)
 
 
 @torch.no_grad()

@@ -24,8 +24,8 @@ def profile_update(theta, res, shape, cfg, k, seed, phase_names, repeats=3):
     from torch.profiler import profile
     B, device = shape["batch"], torch.device("cpu")
     torch.manual_seed(seed)
-    policy = add_lora(build_policy(theta, res.gpt2_config, device), cfg.lora_rank, cfg.lora_alpha)
-    anchor = build_policy(theta, res.gpt2_config, device).eval().requires_grad_(False)
+    policy = add_lora(build_policy(theta, res.model_config, device), cfg.lora_rank, cfg.lora_alpha)
+    anchor = build_policy(theta, res.model_config, device).eval().requires_grad_(False)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     prompts = [res.prompts[i] for i in range(B // k) for _ in range(k)]
@@ -59,7 +59,7 @@ def profile_update(theta, res, shape, cfg, k, seed, phase_names, repeats=3):
         update()
     print("  its top operators by self CPU time (one update)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    floor = update_floor(res.gpt2_config, B, P, N)
+    floor = update_floor(res.model_config, B, P, N)
     print(f"  so the update is at {floor / (med['anchor'] + med['policy']):.0%} of its matmul floor "
           f"(anchor + policy: {med['anchor'] + med['policy']:.3f} s)")
 

@@ -16,7 +16,7 @@ def model_card(title, what, base_model, flags=None, metrics=None):
     if hub._is_hub_id(base_model) and not os.path.exists(base_model):
         meta.append(f"base_model: {base_model}")  # the Hub links it; a local path means nothing there
     lines = meta + ["---", "", f"# {title}", "", what, "", f"Base model: `{base_model}`.", "",
-                    "A checkpoint in the Hugging Face layout: `nanowarp.gpt2.GPT2.from_pretrained(folder)` or "
+                    "A checkpoint in the Hugging Face layout: `nanowarp.models.from_pretrained(folder)` or "
                     "`transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it."]
     if metrics:
         rows = metrics if isinstance(metrics, list) else [metrics]

@@ -55,9 +55,12 @@ class Config:
     warmup: int = flag(20, "linear warm-up steps, then linear decay to 0")
     weight_decay: float = flag(0.0, "AdamW weight decay")
     grad_clip: float = flag(0.0, "clip the gradient norm to this value; 0 = no clipping")
-    lora_rank: int = flag(32, "LoRA rank on every attention and MLP linear")
+    lora_rank: int = flag(32, "LoRA rank on each --lora_targets linear")
     lora_alpha: float = flag(32.0, "LoRA alpha; scale = alpha / rank")
     lora_dropout: float = flag(0.0, "LoRA dropout")
+    lora_targets: str = flag("all", "linear layers that get LoRA: all (those of the blocks), or names joined by commas "
+                                    "from q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama layout), "
+                                    "c_attn,c_proj,c_fc (GPT-2)", metavar="NAMES")
     reward_kind: str = flag("prob", "reward: prob = P(positive), logit = raw positive logit", choices=["prob", "logit"])
     no_eos_penalty: float = flag(-1.0, "reward of a completion that emitted no EOS within max_new_tokens")
     micro_batch_size: int = flag(0, "completions sampled, scored and back-propagated at a time, gradients accumulated "
@@ -80,7 +83,7 @@ class Config:
     seed: int = flag(0, "base seed; run m of iteration i uses seed + (i-1)*M + m")
     device: str = flag("auto", "cpu, cuda, cuda:N, or auto")
     dtype: str = flag("float32", "bfloat16: frozen weights, EMA anchor's forward copy, reward model and sampler in bf16; "
-                                 "LoRA, AdamW, EMA master, log-probs, KL and merges float32 (README)",
+                                 "LoRA, AdamW, EMA master, log-probs, KL and merges float32 (docs/precision.md)",
                       choices=["float32", "bfloat16"])
     workers: int = flag(0, "processes training runs in parallel; 0 = one per visible CUDA device (1 on a CPU)")
     threads: int = flag(0, "CPU threads per process; 0 = this machine's threads split evenly between the workers")
@@ -88,6 +91,8 @@ class Config:
     # other prompt sets and classifiers; logging
     prompts: str = flag(None, "prompt file to train on instead of --data's: text, one per line, or .jsonl "
                               "{\"prompt\": ...}", metavar="PATH")
+    chat_template: bool = flag(False, "give each prompt to the policy as a user turn of its chat template "
+                                      "(tokenizer_config.json; pip install jinja2)")
     reward_label: str = flag(None, "the reward model's label that is rewarded; None: the one named POSITIVE, else "
                                    "the last (index 1 of two)", metavar="NAME")
     report_to: str = flag("none", "also log metrics and completions to tensorboard or wandb (pip install it)",
@@ -123,7 +128,7 @@ PRESETS = {
              "warmup": 6, "lora_rank": 8, "lora_alpha": 8.0, "kl_coef": 0.1, "ema_rate": 1 / 60, "liti_rate": 0.5},
     # reproduce.py --setting sentiment: the tiny models with nothing left to learn but sentiment (60 new
     # tokens: the SFT model ends all its completions) and ten times the completions per run; RLOO k = 4,
-    # a higher lr, and mu * T = 1 again. The README's "Reproducing WARP on a laptop CPU" has the measurements.
+    # a higher lr, and mu * T = 1 again. docs/reproduction.md#the-sentiment-setting has the measurements.
     "tiny_sentiment": {"iterations": 2, "runs": 2, "steps": 600, "batch_size": 64, "max_new_tokens": 60,
                        "rloo_k": 4, "lr": 3e-3, "warmup": 6, "lora_rank": 8, "lora_alpha": 8.0, "kl_coef": 0.1,
                        "ema_rate": 1 / 600, "liti_rate": 0.5},

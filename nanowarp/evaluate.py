@@ -36,9 +36,9 @@ import torch
 from nanowarp import merging
 from nanowarp.logger import completion_rows, progress
 from nanowarp.data import load_reviews
-from nanowarp.logprobs import completion_hidden, sampled_kl, sequence_kl, token_logprobs
+from nanowarp.logprobs import completion_hidden, final_softcap, sampled_kl, sequence_kl, token_logprobs
 from nanowarp.rl import decode
-from nanowarp.sampling import sample
+from nanowarp.sampling import first_eos, sample
 from nanowarp.supervised import fit_review, perplexity, test_subset
 
 
@@ -67,8 +67,9 @@ def heldout_sequences(data, n, tokenizer, n_positions, eos_id):
 
 def heldout_nll(policy, sequences, eos_id, batch_size=32):
     """Mean negative log-likelihood per token (nats) of `policy` on `sequences` (token-id lists, as
-    heldout_sequences gives): each token after the first predicted from those before, EOS included."""
-    return math.log(perplexity(policy, sequences, eos_id, policy.lm_head.weight.device, batch_size))
+    heldout_sequences gives): each token after the first predicted from those before, EOS included.
+    eos_id: an id or a list of them, as `evaluate` takes; the (masked) padding is the first."""
+    return math.log(perplexity(policy, sequences, first_eos(eos_id), policy.lm_head.weight.device, batch_size))
 
 
 def batch_seed(seed, batch):
@@ -81,7 +82,7 @@ def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_toke
              batch_size=64, seed=0, judge=None, heldout=None, samples=0):
     """KL(π‖π_ref) and reward of `policy` on `prompts` (lists of token ids), one completion each.
 
-    policy, ref: GPT2 models (same vocabulary; in eval mode if they have dropout); reward_model: nanowarp.reward.RewardModel;
+    policy, ref: GPT2 or Llama models (same vocabulary; in eval mode if they have dropout); reward_model: nanowarp.reward.RewardModel;
     tokenizer: the policy's tokenizers.Tokenizer, to decode prompt + completion for the reward.
     judge: an optional second classifier (a RewardModel, e.g. of another architecture) scoring the
     same texts; heldout: optional token-id lists (heldout_sequences) for heldout_nll.
@@ -104,13 +105,15 @@ def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_toke
         ref_tokens = sampled.tokens.to(ref_device)  # on the reference's device
         ref_hidden = completion_hidden(ref, sampled.prompt.to(ref_device), sampled.prompt_mask.to(ref_device),
                                        ref_tokens)
-        ref_logprobs = token_logprobs(ref_hidden, ref.lm_head.weight, ref_tokens, temperature)
+        ref_logprobs = token_logprobs(ref_hidden, ref.lm_head.weight, ref_tokens, temperature,
+                                      softcap=final_softcap(ref))
         mask = sampled.mask.to(ref_device)
         kls.append(sampled_kl(sampled.logprobs.to(ref_device), ref_logprobs, mask).cpu())
         # Σ_k KL(π(·|…) ‖ π_ref(·|…)) at the same positions, from one forward pass of the policy
         hidden = completion_hidden(policy, sampled.prompt, sampled.prompt_mask, sampled.tokens).to(ref_device)
         kls_exact.append(sequence_kl(hidden, policy.lm_head.weight.to(ref_device), ref_hidden, ref.lm_head.weight,
-                                     mask, temperature).cpu())
+                                     mask, temperature, softcap=final_softcap(policy),
+                                     ref_softcap=final_softcap(ref)).cpu())
         n_tokens = sampled.mask.sum(1)
         texts = decode(tokenizer, batch, sampled.tokens, n_tokens)
         rewards.append(reward_model.score(texts, sampled.finished))
@@ -210,8 +213,8 @@ def best_of_n(ref, reward_model, prompts, tokenizer, eos_id, ns, max_new_tokens=
 def liti_sweep(theta_a, theta_b, etas, policy, ref, reward_model, prompts, tokenizer, eos_id, log=None, **kwargs):
     """evaluate() of (1−η)·θ_a + η·θ_b for each η in etas, without writing any checkpoint.
 
-    theta_a, theta_b: dense state dicts in the Hugging Face layout (GPT2.hf_state_dict()).
-    policy: a GPT2 of their architecture whose weights are overwritten for each η (one model in
+    theta_a, theta_b: dense state dicts in the Hugging Face layout (model.hf_state_dict()).
+    policy: a model of their architecture whose weights are overwritten for each η (one model in
     memory, whatever the number of points); not the model theta_a or theta_b are views of.
     kwargs go to evaluate() (judge and heldout included); log(eta, result), if given, is called
     after each point.

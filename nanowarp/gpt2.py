@@ -21,7 +21,6 @@ the DistilBERT reward model).
 
 import math
 import os
-import shutil
 import warnings
 from dataclasses import asdict, dataclass, fields
 
@@ -360,27 +359,3 @@ def to_hf_state_dict(state_dict):
     return {k: v.t().contiguous() if k.endswith(CONV1D) else v
             for k, v in state_dict.items() if k != "lm_head.weight"}
 
-
-# ---- policy checkpoints: dense weights θ in the Hugging Face layout, what WARP merges ----------
-
-def load_theta(folder):
-    """The dense weights θ of a GPT-2 checkpoint in the Hugging Face layout, as cpu_weights gives them."""
-    return cpu_weights(GPT2.from_pretrained(folder).hf_state_dict())
-
-
-def cpu_weights(theta):
-    """θ as detached, contiguous CPU tensors in its own key order: one form, whether the weights
-    come from a file or from training."""
-    return {k: v.detach().cpu().contiguous() for k, v in theta.items()}
-
-
-def save_policy(folder, theta, gpt2_config, tokenizer_folder, card=None):
-    """A complete Hugging Face checkpoint: weights, config, the policy's tokenizer files, and the
-    model card `card` (the text of README.md), if given."""
-    if card is not None:
-        hub.write_text(os.path.join(folder, "README.md"), card)
-    for name in hub.TOKENIZER_FILES:
-        src = os.path.join(tokenizer_folder, name)
-        if os.path.isfile(src):
-            hub.atomic_write(os.path.join(folder, name), lambda tmp: shutil.copyfile(src, tmp), os.path.getsize(src))
-    hub.save_checkpoint(folder, gpt2_config.to_hf(), theta)  # config.json last: the folder is complete

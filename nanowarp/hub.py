@@ -14,7 +14,6 @@ written here ends with a checksums.sha256 (nanowarp/checksums.py), and one that 
 
 import dataclasses
 import errno
-import io
 import json
 import os
 import re
@@ -95,7 +94,7 @@ def _download(repo_id, weights, revision):
                               f"Hugging Face Hub ({type(e).__name__}): {hint}") from None
 
     config = cached("config.json")
-    has_weights = not weights or any(cached(f) for f in WEIGHT_FILES)
+    has_weights = not weights or any(cached(f) for f in WEIGHT_FILES + (INDEX,))
     has_tokenizer = any(cached(f) for f in ("tokenizer.json", "vocab.json", "vocab.txt"))
     if config and has_weights and has_tokenizer:
         return os.path.dirname(config)
@@ -115,10 +114,12 @@ def _download(repo_id, weights, revision):
     wanted = ["config.json"]
     if weights:
         present = [f for f in WEIGHT_FILES if f in files]
+        if not present and INDEX in files:  # sharded: the index and every shard
+            present = [INDEX] + sorted(f for f in files if SHARD.fullmatch(f))
         if not present:
-            raise CheckpointError(f"'{repo_id}' on the Hub has none of {', '.join(WEIGHT_FILES)}")
-        wanted.append(present[0])
-    wanted += [f for f in TOKENIZER_FILES if f in files]  # whichever the repo ships
+            raise CheckpointError(f"'{repo_id}' on the Hub has none of {', '.join(WEIGHT_FILES + (INDEX,))}")
+        wanted += present if present[0] == INDEX else present[:1]
+    wanted += [f for f in TOKENIZER_FILES + ("generation_config.json",) if f in files]  # whichever the repo ships
     try:
         paths = [cached(f) or hf_hub_download(repo_id, f, revision=revision) for f in wanted]
     except (OfflineModeIsEnabled, HfHubHTTPError, OSError, ValueError) as e:
@@ -158,10 +159,12 @@ def check_config(cls, d, where, sizes):
 def check_size(folder, n_weights, where):
     """Raise CheckpointError unless the weights file of the folder can hold `n_weights` weights (at
     least a byte each), which its config.json (`where`) promises: before any memory is allocated."""
-    path = next((os.path.join(folder, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))), None)
-    if path is not None and n_weights > os.path.getsize(path):
-        raise CheckpointError(f"{where} describes a model of {n_weights:,} weights or more, which {path} "
-                              f"({format_size(os.path.getsize(path))}) cannot hold: they do not belong together")
+    files = [os.path.join(folder, f) for f in weight_files(folder)]  # one file, or an index and its shards
+    size = sum(os.path.getsize(f) for f in files)
+    if files and n_weights > size:
+        held = files[0] if len(files) == 1 else f"the weight files of {folder}"
+        raise CheckpointError(f"{where} describes a model of {n_weights:,} weights or more, which {held} "
+                                  f"({format_size(size)}) cannot hold: they do not belong together")
 
 
 def verify(folder):
@@ -179,6 +182,8 @@ def seal(folder):
 def load_state_dict(folder):
     """Read the weights of a checkpoint folder: (state_dict, path of the file read)."""
     verify(folder)
+    if os.path.isfile(os.path.join(folder, INDEX)):
+        return load_sharded(folder)
     for filename in WEIGHT_FILES:
         path = os.path.join(folder, filename)
         if os.path.isfile(path):
@@ -200,6 +205,9 @@ def check_readable(folder):
     (a safetensors header that agrees with the file's length), and every file matches its checksums.sha256."""
     verify(folder)
     load_config(folder)
+    if os.path.isfile(os.path.join(folder, INDEX)):
+        check_sharded(folder)
+        return
     path = os.path.join(folder, WEIGHT_FILES[0])
     if not os.path.isfile(path):
         load_state_dict(folder)  # a .bin, read whole, or none
@@ -271,30 +279,6 @@ def write_bytes(path, data):
     atomic_write(path, write, size=len(data))
 
 
-def torch_save(obj, path):
-    """torch.save(obj, path), atomically, then its SHA-256 beside it in path.sha256 (sha256sum's format:
-    torch.load checks no checksum of its own, and a changed byte of a tensor would load unnoticed)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    if os.path.exists(path + ".sha256"):
-        os.remove(path + ".sha256")  # a crash before the new one is written: unverified, not wrong
-    write_bytes(path, buffer.getbuffer())
-    write_text(path + ".sha256", checksums.listing(os.path.dirname(path), [os.path.basename(path)]))
-
-
-def torch_load(path):
-    """What torch_save wrote to path (tensors on the CPU, no pickled code run), verified against
-    path.sha256 when there is one; a file that cannot be read raises CheckpointError, naming it."""
-    problem = checksums.problem(os.path.dirname(path), os.path.basename(path) + ".sha256")
-    if problem:
-        raise CheckpointError(problem)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged zip or pickle raises whatever its reader meets first
-        raise CheckpointError(f"cannot read {path}: the file is corrupt or truncated ({type(e).__name__}: "
-                              f"{str(e)[:300]})") from None
-
-
 def write_text(path, text):
     """Write text (UTF-8, "\n" line ends) to path atomically."""
     def write(tmp):
@@ -312,5 +296,99 @@ def save_checkpoint(folder, config, state_dict):
     """Write model.safetensors, config.json (both atomically), then checksums.sha256 of the folder."""
     state_dict = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     write_bytes(os.path.join(folder, "model.safetensors"), save(state_dict, metadata={"format": "pt"}))
+    write_json(os.path.join(folder, "config.json"), config, sort_keys=True)
+    seal(folder)
+
+
+# ---- sharded checkpoints: model.safetensors.index.json and the shards it names -----------------
+# (what transformers writes for large models: model-00001-of-00003.safetensors, ... and an index
+# {"metadata": {"total_size": bytes}, "weight_map": {tensor name: shard file}})
+
+INDEX = "model.safetensors.index.json"
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+MAX_SHARD_BYTES = 5 * 10**9  # transformers 4.x's default max_shard_size, "5GB"
+
+
+def read_index(folder):
+    """(path of the index, {tensor name: shard file}) of a sharded checkpoint whose shards are all there."""
+    path = os.path.join(folder, INDEX)
+    try:
+        with open(path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid index of shards ({e}); download or save it again") from None
+    for shard in sorted(set(weight_map.values())):
+        if not os.path.isfile(os.path.join(folder, shard)):
+            raise CheckpointError(f"{path} names the shard {shard}, which is not in {folder}: download it again")
+    return path, weight_map
+
+
+def check_sharded(folder):
+    """check_readable for a sharded checkpoint: the index, and each shard's header against its file."""
+    _, weight_map = read_index(folder)
+    for shard in sorted(set(weight_map.values())):
+        try:
+            with safe_open(os.path.join(folder, shard), "pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {os.path.join(folder, shard)}: the file is corrupt or truncated "
+                                  f"({e})") from None
+
+
+def load_sharded(folder):
+    """The weights of a sharded checkpoint: (state_dict, path of the index)."""
+    path, weight_map = read_index(folder)
+    state_dict = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = os.path.join(folder, shard)
+        try:
+            tensors = load_file(shard_path)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {shard_path}: the file is corrupt or truncated ({e}); "
+                                  f"download or save it again") from None
+        state_dict.update({k: v for k, v in tensors.items() if weight_map.get(k) == shard})
+    missing = [k for k in weight_map if k not in state_dict]
+    if missing:
+        raise CheckpointError(f"{path} names '{missing[0]}' in {weight_map[missing[0]]}, which does not hold it")
+    return state_dict, path
+
+
+def weight_files(folder):
+    """The weight files in a checkpoint folder: single-file, pickled, or an index and its shards."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if f in WEIGHT_FILES or f == INDEX or SHARD.fullmatch(f))
+
+
+def save_weights(folder, config, state_dict, max_shard_bytes=MAX_SHARD_BYTES):
+    """save_checkpoint, or above max_shard_bytes of weights, shards of at most that size (a larger
+    tensor alone in its shard) and their index, then config.json. Weight files of another layout
+    left in the folder by an earlier save are removed, so that loading never mixes the two; checksums.sha256
+    last."""
+    state_dict = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if os.path.exists(os.path.join(folder, checksums.NAME)):  # the files change, and some may go: unverified
+        os.remove(os.path.join(folder, checksums.NAME))       # until sealed again
+    total = sum(v.numel() * v.element_size() for v in state_dict.values())
+    if total <= max_shard_bytes:
+        written = ["model.safetensors"]
+        write_bytes(os.path.join(folder, "model.safetensors"), save(state_dict, metadata={"format": "pt"}))
+    else:
+        shards, size = [{}], 0
+        for k, v in state_dict.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        written, weight_map = [INDEX], {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            write_bytes(os.path.join(folder, name), save(shard, metadata={"format": "pt"}))
+            written.append(name)
+            weight_map.update({k: name for k in shard})
+        write_json(os.path.join(folder, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    for stale in set(weight_files(folder)) - set(written):
+        os.remove(os.path.join(folder, stale))
     write_json(os.path.join(folder, "config.json"), config, sort_keys=True)
     seal(folder)

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import io
 import json
 import os
 import shutil
@@ -40,11 +41,13 @@ import socket
 import sys
 import time
 
-from nanowarp import hub, parallel
+import torch
+
+from nanowarp import checksums, hub, parallel
 from nanowarp.card import model_card
 from nanowarp.config import RESUME_FREE, changed_flags
-from nanowarp.gpt2 import cpu_weights, load_theta, save_policy
 from nanowarp.logger import Logger, append_jsonl
+from nanowarp.models import cpu_weights, load_theta, save_policy
 from nanowarp.rl import rl_run
 
 
@@ -80,14 +83,14 @@ def job_card(cfg, name, what, metrics):
                       dataclasses.asdict(cfg), metrics)
 
 
-def save_run(cfg, iteration, run, theta, rows, gpt2_config):
+def save_run(cfg, iteration, run, theta, rows, model_config):
     folder = job_folder(cfg, iteration, f"run_{run}")
     hub.write_text(os.path.join(folder, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     card = job_card(cfg, f"iter_{iteration}/run_{run}", f"Run {run + 1} of {cfg.runs} of WARP iteration {iteration}: "
                     f"{'REINFORCE' if cfg.rloo_k == 1 else f'RLOO (k = {cfg.rloo_k})'} for {cfg.steps} steps from "
                     f"that iteration's θ_init, seed {run_seed(cfg, iteration, run)}, its LoRA folded into dense "
                     f"weights.", rows[-1:])
-    save_policy(folder, theta, gpt2_config, policy_folder(cfg.policy), card)
+    save_policy(folder, theta, model_config, policy_folder(cfg.policy), card)
     for name in ("state.pt", "state.pt.sha256"):  # the run is complete: its training state is no use
         if os.path.exists(os.path.join(folder, name)):
             os.remove(os.path.join(folder, name))
@@ -119,9 +122,42 @@ def kill_point(name):
     """A testing aid for crash safety: with NANOWARP_KILL_AT=name in the environment, the process
     kills itself here with a real SIGKILL (no cleanup). Names: iter_{i}/run_{m}/step_{t} (after step
     t is done), iter_{i}/run_{m}/saved (run saved, next one not started), iter_{i}/merge (SLERP
-    saved, LITI not)."""
+    saved, LITI not). With NANOWARP_KILL_ONCE=PATH too, only the first process to get there dies
+    (it creates PATH first): the job that restarts with the same environment (torchrun
+    --max_restarts, a Slurm requeue) goes on."""
     if os.environ.get("NANOWARP_KILL_AT") == name:
+        if os.environ.get("NANOWARP_KILL_ONCE"):
+            try:
+                os.close(os.open(os.environ["NANOWARP_KILL_ONCE"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- training states: state.pt and its checksum ------------------------------------------
+
+def write_state(obj, path):
+    """torch.save(obj, path), atomically, then its SHA-256 beside it in path.sha256 (sha256sum's format:
+    torch.load checks no checksum of its own, and a changed byte of a tensor would load unnoticed)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    if os.path.exists(path + ".sha256"):
+        os.remove(path + ".sha256")  # a crash before the new one is written: unverified, not wrong
+    hub.write_bytes(path, buffer.getbuffer())
+    hub.write_text(path + ".sha256", checksums.listing(os.path.dirname(path), [os.path.basename(path)]))
+
+
+def read_state(path):
+    """What write_state wrote to path (tensors on the CPU, no pickled code run), verified against
+    path.sha256 when there is one; a file that cannot be read raises CheckpointError, naming it."""
+    problem = checksums.problem(os.path.dirname(path), os.path.basename(path) + ".sha256")
+    if problem:
+        raise hub.CheckpointError(problem)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged zip or pickle raises whatever its reader meets first
+        raise hub.CheckpointError(f"cannot read {path}: the file is corrupt or truncated ({type(e).__name__}: "
+                                  f"{str(e)[:300]})") from None
 
 
 # ---- one job per folder; starting, resuming, and what a crash left behind ---------------------
@@ -270,7 +306,7 @@ def train_run(cfg, resources, iteration, run, theta_init, log=print, save=True):
     resume, rows = None, []
     if save and os.path.isfile(state_path):
         try:
-            resume = hub.torch_load(state_path)
+            resume = read_state(state_path)
             if not STATE_KEYS <= resume.keys():
                 raise hub.CheckpointError(f"{state_path} is not the training state of a run")
             rows = resume.pop("metrics")
@@ -300,7 +336,7 @@ def train_run(cfg, resources, iteration, run, theta_init, log=print, save=True):
         kill_point(f"iter_{i}/run_{m}/step_{row['step']}")
 
     def save_state(state):
-        hub.torch_save({**state, "metrics": rows}, state_path)
+        write_state({**state, "metrics": rows}, state_path)
 
     start, seed = time.perf_counter(), run_seed(cfg, i, m)
     try:
@@ -316,7 +352,7 @@ def train_run(cfg, resources, iteration, run, theta_init, log=print, save=True):
     finally:
         logger.close()
     if save:
-        save_run(cfg, i, m, theta_m, rows, resources.gpt2_config)
+        save_run(cfg, i, m, theta_m, rows, resources.model_config)
         kill_point(f"iter_{i}/run_{m}/saved")
     log(f"iter {i} run {m + 1}: done in {time.perf_counter() - start:.1f}s (seed {seed})")
     return theta_m, rows

@@ -63,8 +63,25 @@ class LoRALinear(nn.Linear):
 
 
 def default_targets(model):
-    """Every linear layer inside the transformer blocks (attention and MLP); not the LM head."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".h." in f".{name}"]
+    """Every linear layer inside the transformer blocks (attention and MLP; GPT-2's `transformer.h`,
+    the Llama layout's `model.layers`); not the LM head."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (".h." in f".{name}" or ".layers." in f".{name}")]
+
+
+def named_targets(model, names):
+    """The linear layers of the blocks whose own name is in `names`, comma-separated ("q_proj,v_proj",
+    "c_attn"), in the model's order; "all": every one of them (default_targets)."""
+    layers = default_targets(model)
+    if names == "all":
+        return layers
+    names = names.split(",")
+    known = sorted({layer.rpartition(".")[2] for layer in layers})
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--lora_targets {unknown[0]}: the model has no such layer in its blocks; it has "
+                         f"{', '.join(known)} (or give all)")
+    return [layer for layer in layers if layer.rpartition(".")[2] in names]
 
 
 def add_lora(model, rank, alpha=None, dropout=0.0, targets=None, dtype=None):

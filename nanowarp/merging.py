@@ -30,12 +30,18 @@ SIN_EPS = 1e-4
 
 def check_compatible(dicts, names=None, configs=None):
     """Raise ValueError unless all state dicts have the same keys and the same shapes, and (given
-    their model configs, dataclasses such as GPT2Config) the same architecture; the message names
-    the first difference."""
+    their model configs, dataclasses such as GPT2Config or LlamaConfig) the same architecture: the
+    same class and fields (those marked compare=False aside); the message names the first difference."""
     names = names or [f"checkpoint {i}" for i in range(len(dicts))]
     ref, ref_name = dicts[0], names[0]
     for i, (d, name) in enumerate(zip(dicts[1:], names[1:]), 1):
+        if configs and type(configs[i]) is not type(configs[0]):
+            raise ValueError(f"{name} is a {getattr(configs[i], 'model_type', 'gpt2')} model but {ref_name} a "
+                             f"{getattr(configs[0], 'model_type', 'gpt2')} one: merge only checkpoints of the same "
+                             f"architecture")
         for f in dataclasses.fields(configs[0]) if configs else ():
+            if not f.compare:  # LlamaConfig.hf: config.json as read, with its transformers_version
+                continue
             a, b = getattr(configs[0], f.name), getattr(configs[i], f.name)
             if a != b:
                 raise ValueError(f"{name} has {f.name}={b} but {ref_name} has {f.name}={a}: "

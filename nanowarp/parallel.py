@@ -5,9 +5,11 @@ Training the M runs of a WARP iteration side by side, as the paper does. Two way
   visible CUDA device, worker w on cuda:w. Each worker loads the job's resources once, then takes
   (iteration, run) tasks from a queue: it reads θ_init from disk, trains the run and saves it
   (atomically) itself. Runs wait in the queue when M exceeds the workers. The parent only merges.
-- `Group`: the ranks of `torchrun --nproc_per_node=K train.py ...`. Rank r trains runs r, r + K, ...;
-  the finished weights reach rank 0 through torch.distributed (gloo on CPU, NCCL on GPU); rank 0
-  saves them, merges, and broadcasts the new θ_init to every rank. Only rank 0 writes files and logs.
+- `Group`: the ranks of `torchrun --nproc_per_node=K train.py ...`, on one machine or several. Rank r
+  trains runs r, r + K, ...; the finished weights reach the root (the rank that holds the job folder,
+  rank 0 unless another rank's --out_dir holds the job) through torch.distributed (gloo on CPU, NCCL
+  on GPU); the root saves them, merges, and broadcasts the new θ_init to every rank. Only the root
+  reads and writes files and logs: the other machines need no --out_dir.
 
 Either way a run computes what it computes in the sequential loop: it depends only on θ_init, its
 seed and the config (bit for bit on a CPU, given the same number of threads, --threads).
@@ -248,12 +250,29 @@ class WorkerPool:
         self.terminate()
 
 
+def restart_warning():
+    """Why torchrun --max_restarts may fail to restart this group, or None. Its c10d rendezvous shares
+    one TCPStore with the ranks by default; a restarted group finds the last attempt's addresses there
+    and cannot connect (torch 2.13, pytorch/pytorch#135712), unless torchrun does not share it."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and \
+            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ("warning: torchrun --max_restarts: a restarted group may fail to connect through the store "
+                "torchrun shares with it; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment")
+    return None
+
+
 class Group:
-    """The processes of this job: the ranks of torchrun, or this process alone (rank 0 of 1)."""
+    """The processes of this job: the ranks of torchrun, or this process alone (rank 0 of 1). One of
+    them, `root` (rank 0 unless open_job chooses another), holds the job folder: it alone reads and
+    writes it, and the others send it their runs and receive θ_init from it."""
 
     def __init__(self, rank=0, size=1, device=torch.device("cpu")):
         self.rank, self.size, self.device = rank, size, device
-        self.leader = rank == 0
+        self.root = 0
+
+    @property
+    def leader(self):
+        return self.rank == self.root
 
     @classmethod
     def from_env(cls, device):
@@ -275,8 +294,28 @@ class Group:
             dist.barrier()
             dist.destroy_process_group()
 
+    def gather_objects(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects)."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def everywhere(self, fn):
+        """fn() on every rank; if it raised anywhere, every rank raises: its own exception, or the first
+        rank's (rather than one rank stopping while the others wait for it in the next collective)."""
+        try:
+            result, error = fn(), None
+        except Exception as e:
+            result, error = None, e
+        errors = [e for e in self.gather_objects(error if error is None else _portable(error)) if e is not None]
+        if errors:
+            raise errors[0] if error is None else error
+        return result
+
     def on_leader(self, fn):
-        """fn() computed on rank 0 and returned on every rank; an exception is raised on every rank."""
+        """fn() computed on the root and returned on every rank; an exception is raised on every rank."""
         if self.size == 1:
             return fn()
         box = [None, None]  # result, exception
@@ -285,27 +324,29 @@ class Group:
                 box[0] = fn()
             except Exception as e:
                 box[1] = _portable(e)
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=self.root)
         if box[1] is not None:
             raise box[1]
         return box[0]
 
     def broadcast(self, theta):
-        """Rank 0's state dict on every rank (the others pass one with the same keys and shapes)."""
+        """The root's state dict on every rank (the others pass one with the same keys and shapes)."""
         if self.size == 1:
             return theta
         out = {}
         for k in sorted(theta):  # the same order on every rank
             t = theta[k].to(self.device, copy=True).contiguous()
-            dist.broadcast(t, src=0)
+            dist.broadcast(t, src=self.root)
             out[k] = t.cpu()
         return out
 
     def gather_runs(self, runs, theta, rows, like):
-        """After rank r has trained runs[r] (its weights `theta`, its metric rows `rows`): rank 0
-        receives ranks 1.. 's runs and returns [(run, theta, rows)]; the other ranks return []."""
+        """After rank r has trained runs[r] (its weights `theta`, its metric rows `rows`): the root
+        receives the other ranks' runs and returns [(run, theta, rows)]; the other ranks return []."""
         received = []
-        for src, run in enumerate(runs[1:], start=1):
+        for src, run in enumerate(runs):
+            if src == self.root:
+                continue
             if self.leader:
                 got = {}
                 for k in sorted(like):
@@ -317,6 +358,6 @@ class Group:
                 received.append((run, {k: got[k] for k in like}, box[0]))
             elif self.rank == src:
                 for k in sorted(like):
-                    dist.send(theta[k].to(self.device).contiguous(), dst=0)
-                dist.send_object_list([rows], dst=0)
+                    dist.send(theta[k].to(self.device).contiguous(), dst=self.root)
+                dist.send_object_list([rows], dst=self.root)
         return received

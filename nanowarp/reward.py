@@ -4,9 +4,9 @@ The reward: a sentiment classifier's opinion of the decoded text (prompt + compl
 r(x, y) = P(positive | x + y) by default (or the raw positive logit), and a fixed penalty
 (−1) for a completion that never emitted EOS within the token budget.
 
-The classifier is a DistilBERT (the reward model of the paper) or a GPT-2 sequence classifier
-(an independent judge of another kind), whichever the checkpoint's config.json names; the
-tokenizer is the one its folder holds. Scored without `finished`, the same class is a judge:
+The classifier is a DistilBERT (the reward model of the paper), or a GPT-2 or Llama-layout sequence
+classifier (a judge of another kind, or a reward model such as a Qwen2 or Gemma 2 one), whichever
+the checkpoint's config.json names; the tokenizer is the one its folder holds. Scored without `finished`, the same class is a judge:
 plain P(positive), no −1 rule. Any such classifier works, whatever its classes: `label` names
 the one that is rewarded (by default the one named POSITIVE).
 """
@@ -17,8 +17,8 @@ import torch
 
 from nanowarp import hub
 from nanowarp.distilbert import DistilBertClassifier
-from nanowarp.gpt2 import GPT2Classifier
 from nanowarp.hub import CheckpointError
+from nanowarp.models import CLASSIFIERS as DECODER_CLASSIFIERS
 from nanowarp.padding import right_pad
 from nanowarp.tokenizer import load_tokenizer
 
@@ -33,11 +33,12 @@ def positive_index(id2label):
     return len(id2label) - 1
 
 
-CLASSIFIERS = {"distilbert": DistilBertClassifier, "gpt2": GPT2Classifier}  # by config.json's model_type
+# by config.json's model_type: DistilBERT, GPT-2 and the Llama layout (llama, qwen2, mistral, gemma, gemma2)
+CLASSIFIERS = {"distilbert": DistilBertClassifier, **DECODER_CLASSIFIERS}
 
 
 def load_classifier(name_or_path):
-    """A DistilBertClassifier or GPT2Classifier, by the model_type of the checkpoint's config.json."""
+    """A DistilBertClassifier, GPT2Classifier or LlamaClassifier, by the model_type of the checkpoint's config.json."""
     folder = hub.resolve(name_or_path)
     model_type = hub.load_config(folder).get("model_type")
     if model_type not in CLASSIFIERS:
@@ -81,7 +82,7 @@ class RewardModel:
         out = []
         for start in range(0, len(texts), self.batch_size):
             enc = self.tokenizer.encode_batch(texts[start:start + self.batch_size])
-            # right padding: DistilBERT's head reads token 0, GPT-2's the last real token
+            # right padding: DistilBERT's head reads token 0, a decoder's the last real token
             ids, mask = right_pad([e.ids for e in enc], self.pad_id, self.device)
             logits = self.model(ids, mask).float()
             out.append(logits.softmax(-1)[:, self.positive] if self.kind == "prob" else logits[:, self.positive])

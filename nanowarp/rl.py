@@ -10,7 +10,7 @@ policy, rewarded by a classifier and regularised by a KL penalty against an EMA 
 
 The KL term is a single-sample, sequence-level estimate on the sampled tokens; it is part of
 the reward, so no gradient flows through it. The anchor is the EMA of the policy's *effective*
-weights W0 + s·B·A, kept as a plain dense GPT-2.
+weights W0 + s·B·A, kept as a plain dense model (GPT-2 or Llama layout).
 """
 
 import math
@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from nanowarp import hub
+from nanowarp.chat import chat_prompts
 from nanowarp.config import resolve_device
 from nanowarp.data import load_prompt_file, load_prompts
-from nanowarp.gpt2 import GPT2, GPT2Config
 from nanowarp.logger import completion_rows
 from nanowarp.logprobs import completion_logprobs, sampled_kl
-from nanowarp.lora import add_lora, effective_state_dict, folded, lora_modules
+from nanowarp.lora import add_lora, effective_state_dict, folded, lora_modules, named_targets
+from nanowarp.models import eos_ids, from_config, load_config
 from nanowarp.optim import adamw
 from nanowarp.parallel import Interrupted, stop_requested
 from nanowarp.reward import RewardModel
@@ -37,11 +38,11 @@ from nanowarp.tokenizer import load_tokenizer
 @dataclass
 class Resources:
     """What every run of a job shares: loaded once per process."""
-    gpt2_config: object  # GPT2Config of the policy
+    model_config: object  # GPT2Config or LlamaConfig of the policy
     tokenizer: object  # the policy's tokenizers.Tokenizer
     reward_model: object  # nanowarp.reward.RewardModel
     prompts: list  # training prompts, lists of token ids
-    eos_id: int
+    eos_id: object  # the id that ends a completion, or a list of them (models.eos_ids)
     device: torch.device
 
 
@@ -50,12 +51,16 @@ def load_resources(cfg, device=None):
     tokenizer, the reward model, and the training prompts (--prompts, or --data's)."""
     device = device or resolve_device(cfg.device)
     folder = hub.resolve(cfg.policy)
-    gpt2_config = GPT2Config.from_hf(hub.load_config(folder), where=folder)
+    model_config = load_config(folder)
+    with torch.device("meta"):  # a model without memory, for its layer names: --lora_targets fails here, not later
+        named_targets(from_config(model_config), cfg.lora_targets)
     tokenizer = load_tokenizer(folder)
     prompts = load_prompt_file(cfg.prompts, tokenizer) if cfg.prompts else load_prompts(cfg.data, "train")
+    if cfg.chat_template:  # each prompt as the user's turn, the assistant's opened
+        prompts = chat_prompts(prompts, tokenizer, folder)
     reward_model = RewardModel(cfg.reward_model, device, kind=cfg.reward_kind, no_eos_penalty=cfg.no_eos_penalty,
                                label=cfg.reward_label, dtype=getattr(torch, cfg.dtype))
-    return Resources(gpt2_config, tokenizer, reward_model, prompts, gpt2_config.eos_token_id, device)
+    return Resources(model_config, tokenizer, reward_model, prompts, eos_ids(folder, model_config), device)
 
 
 def rloo_advantages(rewards, k):
@@ -97,9 +102,9 @@ def check_finite(step, **values):
                                      f"(lower --lr, or set --grad_clip)")
 
 
-def build_policy(theta, gpt2_config, device, dtype=torch.float32):
-    """A plain GPT-2 holding the dense weights theta (Hugging Face layout)."""
-    return GPT2(gpt2_config).load_hf_state_dict(theta).to(device, dtype)
+def build_policy(theta, model_config, device, dtype=torch.float32):
+    """A plain model (GPT-2 or Llama layout) holding the dense weights theta (Hugging Face layout)."""
+    return from_config(model_config).load_hf_state_dict(theta).to(device, dtype)
 
 
 def micro_batches(batch_size, micro_batch_size):
@@ -153,18 +158,19 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
 
     cfg.dtype bfloat16: the policy's frozen weights, the anchor's forward copy and the sampler run
     in bf16; the LoRA factors, AdamW's state, the anchor's master weights (`master`, over the
-    float32 W0 `base`), the log-probs, the KL and the returned weights are float32 (README, "bf16,
-    micro-batches and the device check"). cfg.micro_batch_size: sampling, scoring, the anchor's
-    log-probs and the policy's forward and backward run that many completions at a time; the
-    gradients accumulate."""
+    float32 W0 `base`), the log-probs, the KL and the returned weights are float32
+    (docs/precision.md#which-tensor-is-in-which-dtype). cfg.micro_batch_size: sampling, scoring,
+    the anchor's log-probs and the policy's forward and backward run that many completions at a
+    time; the gradients accumulate."""
     device, k, dtype = resources.device, cfg.rloo_k, getattr(torch, cfg.dtype)
     torch.manual_seed(seed)  # LoRA's A initialisation
-    policy = add_lora(build_policy(theta_init, resources.gpt2_config, device, dtype), cfg.lora_rank, cfg.lora_alpha,
-                      cfg.lora_dropout, dtype=torch.float32)
-    anchor = build_policy(theta_init, resources.gpt2_config, device, dtype).eval().requires_grad_(False)
+    policy = build_policy(theta_init, resources.model_config, device, dtype)
+    policy = add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, named_targets(policy, cfg.lora_targets),
+                      dtype=torch.float32)
+    anchor = build_policy(theta_init, resources.model_config, device, dtype).eval().requires_grad_(False)
     dense32 = base = master = None
     if dtype != torch.float32:  # float32 copies of θ_init, of its adapted matrices W0, and of the anchor's
-        dense32 = build_policy(theta_init, resources.gpt2_config, device).requires_grad_(False)
+        dense32 = build_policy(theta_init, resources.model_config, device).requires_grad_(False)
         base = {name: dense32.get_submodule(name).weight for name, _ in lora_modules(policy)}
         master = {name: w.clone() for name, w in base.items()}
     params = [p for p in policy.parameters() if p.requires_grad]

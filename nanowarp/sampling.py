@@ -1,5 +1,6 @@
 """
-Sampling completions from GPT-2 with a static KV cache, in the style of gpt-fast's generate.py.
+Sampling completions from GPT-2 or a Llama-layout model with a static KV cache, in the style of
+gpt-fast's generate.py.
 
 References:
 1) gpt-fast (github.com/pytorch-labs/gpt-fast), generate.py: `prefill`, `decode_one_token`,
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanowarp.logprobs import final_softcap
 from nanowarp.padding import left_pad
 
 # A check "have all rows finished?" reads a value back from the device: on a GPU that is a sync
@@ -136,10 +138,21 @@ def lm_head(model, hidden, out=None):
     CPU (measured with GPT-2's 50257 x 768 head), and the LM head is a third of a decoding step.
     out: an optional (V, B) buffer to write W·hᵀ into; the result is its transpose.
     A bf16 model's head runs in float32 (model.head_fp32, set by `sample`): GPT-2's logits are
-    around -100, where bf16's step is 0.5, too coarse for the log-probs the KL penalty sums."""
+    around -100, where bf16's step is 0.5, too coarse for the log-probs the KL penalty sums.
+    Gemma 2's logits are soft-capped here, as its forward caps them."""
     if model.head_fp32 is not None:
-        return torch.mm(model.head_fp32, hidden.float().t(), out=out).t()
-    return torch.mm(model.lm_head.weight, hidden.t(), out=out).t()
+        logits = torch.mm(model.head_fp32, hidden.float().t(), out=out).t()
+    else:
+        logits = torch.mm(model.lm_head.weight, hidden.t(), out=out).t()
+    cap = final_softcap(model)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def first_eos(eos_token_id):
+    """The pad id of a sampled batch: the EOS id, the first of several, or 0 without one."""
+    if eos_token_id is None:
+        return 0
+    return eos_token_id[0] if isinstance(eos_token_id, (list, tuple)) else eos_token_id
 
 
 def prefill(model, idx, attention_mask):
@@ -174,12 +187,14 @@ def decode_n_tokens(model, logits, attention_mask, max_new_tokens, eos_token_id,
     probs_buffer = torch.empty((B, V), dtype=torch.float32, device=device)
     logits_buffer = None if static_shapes else torch.empty((V, B), dtype=logits.dtype, device=device)
     check_every = 1 if device.type == "cpu" else GPU_STOP_CHECK_EVERY
+    eos_ids = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id or 0],
+                           device=device)
     for i in range(max_new_tokens):
         token, logprob = sample_next(logits, probs_out=probs_buffer, **sampling)
         token = token.masked_fill(finished, pad_id)  # finished rows emit padding from now on
         tokens[:, i], logprobs[:, i], mask[:, i] = token, logprob.masked_fill(finished, 0.0), ~finished
         if eos_token_id is not None:
-            finished |= token == eos_token_id
+            finished |= torch.isin(token, eos_ids)  # any of the stop ids (generation_config.json's list)
             if (i + 1) % check_every == 0 and finished.all():  # device sync
                 break
         if i + 1 < max_new_tokens:
@@ -197,12 +212,13 @@ _compiled_decode = None
 
 def sample(model, prompts, max_new_tokens, eos_token_id=None, temperature=1.0, top_k=0, top_p=1.0,
            generator=None, compile=False, rows=None):
-    """Sample completions of a batch of prompts from a GPT2 model.
+    """Sample completions of a batch of prompts from a GPT2 or Llama model.
 
     prompts: list of lists of token ids, any lengths. Up to max_new_tokens tokens per row; a row
-    stops at its first eos_token_id (None: exactly max_new_tokens tokens per row), and the loop
-    stops once every row has. temperature > 0; top_k = 0 and top_p = 1 mean no truncation (see
-    the module docstring: the returned log-probs ignore the truncation). generator: a
+    stops at its first eos_token_id, or at any of a list of them (None: exactly max_new_tokens
+    tokens per row), and the loop stops once every row has. temperature > 0; top_k = 0 and
+    top_p = 1 mean no truncation (see the module docstring: the returned log-probs ignore the
+    truncation). generator: a
     torch.Generator on the model's device, for reproducible samples. compile: torch.compile the
     decoding step, for a GPU (fused kernels; no CUDA graphs, since the caches are new tensors
     at every call); each new (batch, prompt + new tokens) shape compiles again. On a 2-core CPU
@@ -239,7 +255,7 @@ def sample(model, prompts, max_new_tokens, eos_token_id=None, temperature=1.0, t
     decode = _compiled_decode if compile else decode_one_token
 
     device = model.lm_head.weight.device
-    pad_id = eos_token_id if eos_token_id is not None else 0
+    pad_id = first_eos(eos_token_id)
     prompt, prompt_mask = left_pad(prompts, pad_id, device)
     prompt_mask = prompt_mask.bool()
     B = len(prompts)
@@ -285,7 +301,7 @@ def sample_micro_batches(model, prompts, max_new_tokens, micro_batch_size, gener
         if s.tokens.size(1) > longest:
             longest, end_state = s.tokens.size(1), generator.get_state()
     generator.set_state(end_state)
-    pad_id = 0 if kwargs.get("eos_token_id") is None else kwargs["eos_token_id"]  # as `sample` pads
+    pad_id = first_eos(kwargs.get("eos_token_id"))  # as `sample` pads
     P = max(s.prompt.size(1) for s in pieces)
 
     def right(t, value):  # completions: pad to `longest` columns on the right

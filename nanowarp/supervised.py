@@ -4,8 +4,8 @@ The two supervised stages that precede WARP:
 - the reward model: a DistilBERT fine-tuned as a binary sentiment classifier on the labelled
   IMDB reviews (reference settings: batch 32, AdamW lr 1.41e-5 decaying linearly to 0, 16-bit
   mixed precision on GPU, sequences truncated to 512 tokens);
-- optionally the SFT policy: a GPT-2 fine-tuned with LoRA on the reviews (each followed by EOS),
-  saved dense.
+- optionally the SFT policy: a GPT-2 (or any policy models.from_pretrained loads) fine-tuned
+  with LoRA on the reviews (each followed by EOS), saved dense.
 
 Both write ordinary Hugging Face checkpoints that train.py, merge.py and eval.py take. Like the RL
 runs, both stop at the end of a step on SIGINT / SIGTERM and, with --save_every N, save their
@@ -27,15 +27,17 @@ import torch.nn.functional as F
 from nanowarp import hub
 from nanowarp.card import model_card, write_card
 from nanowarp.data import load_reviews
-from nanowarp.gpt2 import GPT2, GPT2Classifier, save_policy
-from nanowarp.job import kill_point, move_aside
+from nanowarp.distilbert import DistilBertClassifier
+from nanowarp.job import kill_point, move_aside, read_state, write_state
 from nanowarp.logger import progress
-from nanowarp.logprobs import token_logprobs
-from nanowarp.lora import add_lora, effective_state_dict
+from nanowarp.logprobs import final_softcap, token_logprobs
+from nanowarp.lora import add_lora, effective_state_dict, named_targets
+from nanowarp.models import eos_ids, from_pretrained, save_policy
 from nanowarp.optim import adamw
 from nanowarp.padding import right_pad
 from nanowarp.parallel import Interrupted, stop_requested
 from nanowarp.reward import load_classifier
+from nanowarp.sampling import first_eos
 from nanowarp.tokenizer import load_tokenizer
 
 
@@ -132,7 +134,7 @@ def resume_state(path, trained, opt, sched, expected, name, log, device):
     if not os.path.isfile(path):
         return 0
     try:
-        state = hub.torch_load(path)
+        state = read_state(path)
         keys = {"step", "plan", "params", "optimizer", "scheduler", "torch_rng", "cuda_rng"}
         if not keys <= state.keys() or state["params"].keys() != trained.keys() or not isinstance(state["plan"], dict):
             raise hub.CheckpointError(f"{path} is not a training state of this stage")
@@ -190,7 +192,7 @@ def fit(model, params, steps, loss_fn, cfg, device, name, log, grad_clip=None, o
         stop = stop_requested() if step < len(steps) else 0  # SIGINT / SIGTERM: stop after this step
         save = out and cfg.save_every and step < len(steps) and (step % cfg.save_every == 0 or stop)
         if save:
-            hub.torch_save(dict(step=step, plan=expected, params={n: p.detach() for n, p in trained.items()},
+            write_state(dict(step=step, plan=expected, params={n: p.detach() for n, p in trained.items()},
                                 optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                                 torch_rng=torch.get_rng_state(),
                                 cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None), path)
@@ -211,7 +213,7 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
                        name="reward_model"):
     """Fine-tune a sentiment classifier; writes OUT/`name` and returns its test accuracy
     (on every test review, or on `test_limit` of them, evenly spaced). `model` (a
-    DistilBertClassifier or a GPT2Classifier, e.g. a fresh one to train from scratch) and
+    DistilBertClassifier, GPT2Classifier or LlamaClassifier, e.g. a fresh one to train from scratch) and
     `tokenizer_folder` replace cfg.reward_base when given."""
     folder = tokenizer_folder or hub.resolve(cfg.reward_base, weights=model is None)
     base = cfg.reward_base if model is None else "(none: trained from scratch)"
@@ -219,9 +221,9 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
         torch.manual_seed(cfg.seed)  # a new head's initialisation, dropout: the stage is a function of its flags
     model = (model or load_classifier(folder)).to(device)
     model.config.id2label = {0: "NEGATIVE", 1: "POSITIVE"}
-    if isinstance(model, GPT2Classifier) and model.config.pad_token_id is None:
-        # training masks padding whatever its id; transformers finds a GPT-2's last token by this id
-        model.config.pad_token_id = model.config.eos_token_id
+    if not isinstance(model, DistilBertClassifier) and model.config.pad_token_id is None:
+        # training masks padding whatever its id; transformers finds a decoder's last token by this id
+        model.config.pad_token_id = first_eos(model.config.eos_token_id)
     tokenizer = load_tokenizer(folder)
     tokenizer.no_padding()
     tokenizer.enable_truncation(min(cfg.max_length, model.config.max_position_embeddings))
@@ -264,7 +266,7 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
 def lm_loss(model, ids, mask):
     """Mean next-token negative log-likelihood over real tokens (right-padded ids, mask)."""
     h = model.hidden_states(ids[:, :-1], mask[:, :-1])
-    logp = token_logprobs(h, model.lm_head.weight, ids[:, 1:])
+    logp = token_logprobs(h, model.lm_head.weight, ids[:, 1:], softcap=final_softcap(model))
     target_mask = mask[:, 1:].float()
     return -(logp * target_mask).sum() / target_mask.sum()
 
@@ -291,13 +293,13 @@ def train_sft(cfg, device, log=print, model=None, tokenizer_folder=None, lora=Tr
     trains (e.g. a fresh `model`, from scratch)."""
     folder = tokenizer_folder or hub.resolve(cfg.policy)
     from_base = model is None
-    model = (model or GPT2.from_pretrained(folder)).to(device)
+    model = (model or from_pretrained(folder)).to(device)
     if from_base:
         torch.manual_seed(cfg.seed)  # LoRA's initialisation and dropout (a given `model`: the caller seeds)
     if lora:
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, named_targets(model, cfg.lora_targets))
     tokenizer = load_tokenizer(folder)
-    eos = model.config.eos_token_id
+    eos = first_eos(eos_ids(folder, model.config))  # the one that ends each review
     max_len = min(cfg.max_length, model.config.n_positions)
 
     def encode(texts):

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from nanowarp.config import parse_args
-from nanowarp.gpt2 import GPT2, GPT2Classifier, GPT2ClassifierConfig, GPT2Config, save_policy
+from nanowarp.gpt2 import GPT2, GPT2Classifier, GPT2ClassifierConfig, GPT2Config
+from nanowarp.models import save_policy
 from nanowarp.tokenizer import EOS
 from nanowarp.study import tiny
 

@@ -16,7 +16,9 @@ import sample as sample_cli
 import train
 from conftest import assert_same_weights, final_weights, in_process, perturbed_copy
 from nanowarp import checksums, hub
-from nanowarp.gpt2 import GPT2, save_policy
+from nanowarp.job import read_state, write_state
+from nanowarp.gpt2 import GPT2
+from nanowarp.models import save_policy
 from safetensors.torch import load_file
 
 
@@ -146,12 +148,12 @@ def test_a_job_moves_a_checkpoint_with_a_changed_byte_aside_and_computes_it_agai
 
 def test_a_training_state_carries_its_checksum_and_a_changed_byte_is_named(tmp_path):
     path = str(tmp_path / "state.pt")
-    hub.torch_save({"step": 3, "w": torch.arange(1000.0)}, path)
-    assert hub.torch_load(path)["step"] == 3 and checksums.read(str(tmp_path), "state.pt.sha256").keys() == {"state.pt"}
+    write_state({"step": 3, "w": torch.arange(1000.0)}, path)
+    assert read_state(path)["step"] == 3 and checksums.read(str(tmp_path), "state.pt.sha256").keys() == {"state.pt"}
     with open(path, "r+b") as f:  # torch.load alone would not notice: the zip's CRCs are not checked
         f.seek(os.path.getsize(path) // 2)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(hub.CheckpointError, match=f"{path} is damaged: its bytes differ"):
-        hub.torch_load(path)
+        read_state(path)

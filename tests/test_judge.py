@@ -26,8 +26,8 @@ def test_load_classifier_picks_the_kind_from_config_json(judge_dir, tiny_reward_
     assert isinstance(load_classifier(tiny_reward_dir), DistilBertClassifier)
     shutil.copytree(judge_dir, tmp_path / "other")
     config = json.load(open(tmp_path / "other" / "config.json"))
-    json.dump({**config, "model_type": "llama"}, open(tmp_path / "other" / "config.json", "w"))
-    with pytest.raises(CheckpointError, match=r"unknown model_type 'llama' in .*config\.json.*distilbert, gpt2"):
+    json.dump({**config, "model_type": "t5"}, open(tmp_path / "other" / "config.json", "w"))
+    with pytest.raises(CheckpointError, match=r"unknown model_type 't5' in .*config\.json.*distilbert, gpt2, llama"):
         load_classifier(str(tmp_path / "other"))
 
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from nanowarp.study import tiny
 from nanowarp.data import load_prompts, load_reviews
-from nanowarp.gpt2 import GPT2
 from nanowarp.logprobs import completion_logprobs
 from nanowarp.lora import add_lora
+from nanowarp.models import from_pretrained
 from nanowarp.reward import RewardModel
 from nanowarp.rl import decode, rloo_advantages
 from nanowarp.sampling import sample
@@ -59,7 +59,7 @@ def diagnose(out_dir, max_new_tokens, n_reviews=2000, n_prompts=512):
         whole, short = model.score(texts), model.score(windows)
         found[f"{name}: accuracy on whole test reviews / on 32-word windows of them"] = \
             f"{((whole > 0.5).long() == truth).float().mean():.3f} / {((short > 0.5).long() == truth).float().mean():.3f}"
-    sft = GPT2.from_pretrained(os.path.join(out_dir, "sft")).eval()
+    sft = from_pretrained(os.path.join(out_dir, "sft")).eval()
     tokenizer, eos = load_tokenizer(os.path.join(out_dir, "sft")), sft.config.eos_token_id
     prompts = load_prompts(data, "eval")[:n_prompts]
     completions, full = [], []
@@ -96,7 +96,7 @@ def gradient_signal(out_dir, max_new_tokens, n_batches=6, n_prompts=32, k=4):
     RL reward (with −1 without EOS), and the judge's P(positive)."""
     torch.manual_seed(0)
     sft_dir, cfg = os.path.join(out_dir, "sft"), tiny.WARP
-    policy = add_lora(GPT2.from_pretrained(sft_dir), cfg["lora_rank"], cfg["lora_alpha"])
+    policy = add_lora(from_pretrained(sft_dir), cfg["lora_rank"], cfg["lora_alpha"])
     params = [p for p in policy.parameters() if p.requires_grad]
     tokenizer, eos = load_tokenizer(sft_dir), policy.config.eos_token_id
     reward_model, judge = (RewardModel(os.path.join(out_dir, name)) for name in ("reward_model", "judge"))

@@ -16,7 +16,7 @@ from nanowarp import merging
 from nanowarp.config import resolve_device
 from nanowarp.data import load_prompts
 from nanowarp.evaluate import best_of_n, evaluate, heldout_sequences
-from nanowarp.gpt2 import GPT2, load_theta
+from nanowarp.models import from_config, from_pretrained, load_theta
 from nanowarp.reward import RewardModel
 from nanowarp.study.report import table_models
 from nanowarp.study.tiny import job_settings, jobs, main_job
@@ -75,11 +75,11 @@ def _eval_setup(args, seed, threads):
     torch.set_num_threads(threads or 1)
     device = resolve_device(args.device)
     sft_dir, data = os.path.join(args.out_dir, "sft"), os.path.join(args.out_dir, "data")
-    ref = GPT2.from_pretrained(sft_dir).to(device).eval()
+    ref = from_pretrained(sft_dir).to(device).eval()
     tokenizer, eos = load_tokenizer(sft_dir), ref.config.eos_token_id
     prompts = load_prompts(data, "eval")
     _EVAL.update(
-        ref=ref, tokenizer=tokenizer, eos=eos, policy=GPT2(ref.config).to(device).eval(), prompts=prompts,
+        ref=ref, tokenizer=tokenizer, eos=eos, policy=from_config(ref.config).to(device).eval(), prompts=prompts,
         # as eval.py's defaults: `eval.py --seed S` gives the same completions, hence the same numbers
         settings=dict(max_new_tokens=args.max_new_tokens, temperature=1.0, batch_size=64, seed=seed,
                       judge=RewardModel(os.path.join(args.out_dir, "judge"), device, batch_size=64),

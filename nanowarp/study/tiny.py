@@ -44,7 +44,7 @@ DISTILBERT_ARCH = dict(n_layers=1, dim=64, n_heads=2, hidden_dim=256, max_positi
 SFT = dict(epochs=1.0, train_batch_size=64, train_lr=2e-3, train_warmup=50, weight_decay=0.01, max_length=64)
 
 # Config overrides of `train.py --stage reward`: big batches (faster per review on one thread, as
-# measured in the README's "Reproducing WARP on a laptop CPU"), a learning rate for training from
+# measured in docs/reproduction.md#what-it-runs), a learning rate for training from
 # scratch. Half a of the labelled reviews (the judge learns from half b), and two windows of 5-60
 # words of each: the reward model scores texts of 10-80 tokens, and one trained on whole reviews
 # alone is nearly binary on them. Weight decay 0.01, asked for (the stage's default is none): without it
@@ -53,7 +53,7 @@ SFT = dict(epochs=1.0, train_batch_size=64, train_lr=2e-3, train_warmup=50, weig
 REWARD = dict(epochs=2.0, train_batch_size=128, train_lr=3e-3, train_warmup=20, weight_decay=0.01, max_length=256, train_split="a", windows=2)
 
 # The judge: the SFT model's GPT-2 body with a classifier head read at the last token (one trained
-# from scratch learns less in the same time: the README), the policy's tokenizer, half b of the
+# from scratch learns less in the same time: docs/reproduction.md#what-it-runs), the policy's tokenizer, half b of the
 # labelled reviews and two windows of each
 JUDGE = dict(epochs=1.0, train_batch_size=128, train_lr=1e-3, train_warmup=20, max_length=80, train_split="b", windows=2)
 
