@@ -100,10 +100,11 @@ def best_of_table(evals):
 
 def headline_markdown(head):
     """The headline: what WARP did to sentiment, in the judge's terms (lines)."""
-    fraction = f"{head['bon_fraction']:.2f}" if head["bon_fraction"] is not None else "n/a (its KL is outside best-of-N's range)"
+    fraction = ("n/a (no best-of-N rows, or its KL beyond theirs)" if head["bon_fraction"] is None else
+                f"{head['bon_fraction']:.2f} (its judge gain ÷ best-of-N's at the same KL)")
     return [f"**Headline** ({head['model']}, {head['seeds']} seed(s)): judge gain over the SFT model "
             f"{head['judge_gain']:+.3f} ± {head['judge_gain_se']:.3f} (standard error over seeds and prompts) at KL "
-            f"{head['kl']:.3f}; best-of-N fraction {fraction} (its judge gain ÷ best-of-N's at the same KL).", ""]
+            f"{head['kl']:.3f}; best-of-N fraction {fraction}.", ""]
 
 
 def best_of_markdown(table):
