@@ -7,8 +7,8 @@ against --init, then LITI towards a base:
 
 One η writes a checkpoint to --out; several write --out/eta_{E}/ for each E as typed, e.g.
 `--eta 0 0.5 1` gives eta_0/, eta_0.5/, eta_1/ (a LITI sweep, ready for eval.py). Every output is
-a complete checkpoint: config.json, model.safetensors, the tokenizer files of --init and a
-model card (README.md).
+a complete checkpoint: config.json, model.safetensors, the tokenizer files of --init, a
+model card (README.md) and checksums.sha256. An input folder with a checksums.sha256 is verified first.
 Everything is checked before anything is written: a mismatched checkpoint or a bad η writes nothing.
 Each output is written to a temporary folder beside it and moved in only once complete, so --out is
 never half-written: a failed merge (a full disk, a kill) leaves what was there before.
@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-from nanowarp import hub, merging
+from nanowarp import checksums, hub, merging
 from nanowarp.card import model_card
 from nanowarp.config import fail, flag, parse_args as parse_flags
 from nanowarp.models import from_pretrained, save_policy
@@ -77,7 +77,8 @@ def load(name, role):
 def write_checkpoint(folder, theta, config, tokenizer_folder, card=None):
     """save_policy into a temporary folder beside `folder`, then move it in by renames, which need
     no space; into an existing folder, file by file, its config.json (which marks a checkpoint
-    complete) removed first and written last. Files of `folder` that merge.py does not write stay."""
+    complete) and checksums.sha256 removed first and written last. Files of `folder` that merge.py does
+    not write stay."""
     folder = os.path.abspath(folder)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".tmp-", suffix="-" + os.path.basename(folder))
@@ -89,10 +90,11 @@ def write_checkpoint(folder, theta, config, tokenizer_folder, card=None):
         if not os.path.exists(folder):
             os.rename(tmp, folder)
             return
-        if os.path.exists(os.path.join(folder, "config.json")):
-            os.remove(os.path.join(folder, "config.json"))
-        for name in sorted(os.listdir(tmp), key=lambda name: name == "config.json"):
-            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+        for name in (checksums.NAME, "config.json"):
+            if os.path.exists(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+        for name in sorted(os.listdir(tmp), key=lambda name: (name == checksums.NAME, name == "config.json")):
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))  # config.json, then checksums, last
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

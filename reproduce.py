@@ -112,6 +112,8 @@ class Args:
                        "(as eval.py --etas)", nargs="+", type=float)
     ppl_reviews: int = flag(2500, "SFT perplexity on this many test reviews, evenly spaced; 0 = all")
     accuracy_reviews: int = flag(0, "reward-model accuracy on this many test reviews, evenly spaced; 0 = all 25,000")
+    save_every: int = flag(0, "the judge stage saves its training state every N steps, to resume inside it after "
+                              "Ctrl-C / SIGTERM or a crash (as train.py --save_every); 0 = off")
 
 
 def parse_args(argv=None):
@@ -124,7 +126,7 @@ def parse_args(argv=None):
 
 
 # flags that change no result: a resumed reproduction may change them
-RESUME_FREE = ("source", "out_dir", "seeds", "device", "threads", "workers")
+RESUME_FREE = ("source", "out_dir", "seeds", "device", "threads", "workers", "save_every")
 
 
 def check_settings(args):
@@ -156,7 +158,18 @@ def train_tokenizers(args, folder):
 def stage_config(args, overrides):
     """A Config for train.py's --stage sft / reward."""
     return Config(data=os.path.join(args.out_dir, "data"), out_dir=args.out_dir, device=args.device, seed=0,
-                  log_every=25, **overrides)
+                  log_every=25, save_every=args.save_every, **overrides)
+
+
+def stoppable(what, fn, *fn_args):
+    """fn(*fn_args), which Ctrl-C / SIGTERM stop at the end of a step: then exit 130 / 143, saying
+    that the same command resumes `what`."""
+    try:
+        with stop_on_signals():
+            return fn(*fn_args)
+    except Interrupted as e:
+        print(f"reproduce.py: {e}: run the same command again to resume {what}", file=sys.stderr)
+        sys.exit(e.exit_code)  # 130 (SIGINT) or 143 (SIGTERM)
 
 
 def sft_stage(args, tokenizer_folder):
@@ -187,8 +200,11 @@ def judge_stage(args, tokenizer_folder):
     torch.manual_seed(0)
     model = tiny.gpt2_classifier_from(GPT2.from_pretrained(os.path.join(args.out_dir, "sft")))
     cfg = stage_config(args, {**tiny.JUDGE, "epochs": args.judge_epochs})
-    accuracy = train_reward_model(cfg, resolve_device(args.device), model=model, tokenizer_folder=tokenizer_folder,
-                                  test_limit=args.accuracy_reviews or None, name="judge")
+    where = f"the judge (from its training state, {os.path.join(args.out_dir, 'judge', 'state.pt')})" \
+        if args.save_every else "the judge (from its start: --save_every N saves its state)"
+    accuracy = stoppable(where, lambda: train_reward_model(
+        cfg, resolve_device(args.device), model=model, tokenizer_folder=tokenizer_folder,
+        test_limit=args.accuracy_reviews or None, name="judge"))
     return dict(test_accuracy=accuracy, test_reviews=args.accuracy_reviews or 25000, weights=n_weights(model))
 
 
@@ -219,11 +235,7 @@ def warp_job(args, seed, job, fresh=False):
                  **job_settings(args, job))
     print("$ " + command_line(cfg, "train.py"), flush=True)  # the same job, from the command line
     try:
-        with stop_on_signals():  # Ctrl-C / SIGTERM: the runs stop at the end of a step
-            warp(cfg)
-    except Interrupted as e:
-        print(f"reproduce.py: {e}: run the same command again to resume the WARP job in {out}", file=sys.stderr)
-        sys.exit(e.exit_code)  # 130 (SIGINT) or 143 (SIGTERM)
+        stoppable(f"the WARP job in {out}", warp, cfg)  # Ctrl-C / SIGTERM: the runs stop at the end of a step
     except (ValueError, hub.CheckpointError, DataError, FloatingPointError, WorkerError, hub.DiskFullError) as e:
         fail("reproduce.py", f"the WARP job in {out}: {e}; run the command again to resume it")
     return dict(metrics=read_metrics(out))

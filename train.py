@@ -31,22 +31,25 @@ def main(argv=None):
     cfg = parse_args(argv, description=__doc__.strip())
     try:
         validate(cfg)
-        if cfg.stage == "reward":
-            with lock_out_dir(cfg.out_dir):
-                train_reward_model(cfg, resolve_device(cfg.device))
-        elif cfg.stage == "sft":
-            with lock_out_dir(cfg.out_dir):
-                train_sft(cfg, resolve_device(cfg.device))
-        else:
-            # Ctrl-C / SIGTERM: stop at the end of a step; a torchrun rank gets the signal from torchrun
-            with stop_on_signals(main=int(os.environ.get("WORLD_SIZE", "1")) == 1):
+        # Ctrl-C / SIGTERM: stop at the end of a step; a torchrun rank gets the signal from torchrun
+        with stop_on_signals(main=int(os.environ.get("WORLD_SIZE", "1")) == 1):
+            if cfg.stage == "reward":
+                with lock_out_dir(cfg.out_dir):
+                    train_reward_model(cfg, resolve_device(cfg.device))
+            elif cfg.stage == "sft":
+                with lock_out_dir(cfg.out_dir):
+                    train_sft(cfg, resolve_device(cfg.device))
+            else:
                 warp(cfg)
     except Interrupted as e:
-        torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # only the root rank writes, its own run's state
-        saved = "" if not cfg.save_every else ("the root rank's run in progress saved its training state, "
-                                               if torchrun else "the runs in progress saved their training state, ")
-        print(f"train.py: {e}: the finished runs are on disk, {saved}run the same command again to resume",
-              file=sys.stderr)
+        if cfg.stage == "warp":
+            torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # only the root rank writes, its own run's state
+            saved = "" if not cfg.save_every else ("the root rank's run in progress saved its training state, "
+                                                   if torchrun else "the runs in progress saved their training state, ")
+            done = f"the finished runs are on disk, {saved}"
+        else:
+            done = "its training state is saved, " if cfg.save_every else "nothing is saved (--save_every N saves it), "
+        print(f"train.py: {e}: {done}run the same command again to resume", file=sys.stderr)
         return e.exit_code  # 130 (SIGINT) or 143 (SIGTERM)
     except (ValueError, CheckpointError, DataError, FloatingPointError, WorkerError, DiskFullError) as e:
         return user_error("train.py", e)  # 2

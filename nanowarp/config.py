@@ -101,7 +101,8 @@ class Config:
                                    "OUT/completions.jsonl; 0 = off", metavar="N")
     test_limit: int = flag(0, "--stage reward/sft: score N test reviews, evenly spaced; 0 = all", metavar="N")
     # crash safety
-    save_every: int = flag(0, "also save a run's training state every N steps, to resume inside a run; 0 = off")
+    save_every: int = flag(0, "also save a run's (or --stage reward/sft's) training state every N steps, to resume "
+                              "inside it; 0 = off")
     fresh: bool = flag(False, "delete the earlier job's results in --out_dir and start over, instead of resuming it")
 
 

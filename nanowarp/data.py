@@ -294,8 +294,11 @@ def load_prompt_file(path, tokenizer):
                         f"({{\"prompt\": ...}} per line)")
     texts = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
+        try:
+            lines = f.read().split("\n")  # universal newlines: \r\n and \r read as \n
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text ({e}): save it as UTF-8") from None
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             if path.endswith(".jsonl"):

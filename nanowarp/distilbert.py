@@ -58,8 +58,10 @@ class DistilBertConfig:
         return {label: i for i, label in self.id2label.items()}
 
     @classmethod
-    def from_hf(cls, d: dict):
+    def from_hf(cls, d: dict, where="config.json"):
         """Build from the dict of a Hugging Face config.json (missing fields take HF's defaults)."""
+        hub.check_config(cls, d, where, sizes=("vocab_size", "max_position_embeddings", "dim", "n_layers", "n_heads",
+                                               "hidden_dim"))
         if d.get("activation", "gelu") not in ACTIVATIONS:
             raise CheckpointError(f"activation {d['activation']!r} in config.json is not supported "
                                   f"(supported: {', '.join(ACTIVATIONS)})")
@@ -67,6 +69,11 @@ class DistilBertConfig:
         kwargs = {name: d[name] for name in cls.__dataclass_fields__ if name in d and name != "id2label"}
         kwargs["num_labels"] = len(id2label) if id2label else d.get("num_labels", 2)
         return cls(**kwargs, id2label=id2label)
+
+    def n_weights(self):
+        """A lower bound on the model's number of weights (its embeddings and matrices)."""
+        d = self.dim
+        return (self.vocab_size + self.max_position_embeddings) * d + self.n_layers * (4 * d * d + 2 * d * self.hidden_dim)
 
     def to_hf(self) -> dict:
         """The config.json that transformers' DistilBertForSequenceClassification reads."""
@@ -181,7 +188,13 @@ class DistilBertClassifier(nn.Module):
         if d.get("model_type") != "distilbert":
             raise CheckpointError(f"unknown model_type {d.get('model_type')!r} in "
                                   f"{os.path.join(folder, 'config.json')}: expected 'distilbert'")
-        model = cls(DistilBertConfig.from_hf(d))
+        where = os.path.join(folder, "config.json")
+        try:
+            config = DistilBertConfig.from_hf(d, where)
+        except (TypeError, ValueError, AssertionError, AttributeError) as e:  # what check_config cannot see
+            raise CheckpointError(f"{where} holds values no model can be built from ({e})") from None
+        hub.check_size(folder, config.n_weights(), where)
+        model = cls(config)
         state_dict, path = hub.load_state_dict(folder)
         model.load_hf_state_dict(state_dict, path)
         return model
@@ -196,8 +209,7 @@ class DistilBertClassifier(nn.Module):
         head = [k for k in expected if k.startswith(HEAD)]
         # only a checkpoint with no head at all is a base model; a partial head is a broken file
         new = head if not any(k in found for k in head) else []
-        hub.check_keys({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in found.items()},
-                       path, new_ok=new)
+        hub.check_keys({k: v.shape for k, v in expected.items()}, found, path, new_ok=new)
         self.load_state_dict(found, strict=False)
         if new or ignored:  # one line, not a UserWarning with a quoted source line
             modules = lambda keys: ", ".join(sorted({k.rsplit(".", 1)[0] for k in keys}))  # noqa: E731

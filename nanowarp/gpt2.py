@@ -20,6 +20,7 @@ the DistilBERT reward model).
 """
 
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass, fields
 
@@ -53,6 +54,9 @@ class GPT2Config:
         if d.get("model_type") != "gpt2":
             raise hub.CheckpointError(f"unknown model_type {d.get('model_type')!r} in {where}: "
                                       f"this is not a GPT-2 checkpoint (expected model_type 'gpt2')")
+        hub.check_config(cls, d, where, sizes=("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"))
+        if (d.get("n_embd") or cls.n_embd) % (d.get("n_head") or cls.n_head):
+            raise hub.CheckpointError(f"n_head={d.get('n_head')} in {where} does not divide n_embd={d.get('n_embd')}")
         if d.get("activation_function", "gelu_new") not in ACTIVATIONS:
             raise hub.CheckpointError(f"unsupported activation_function {d['activation_function']!r} "
                                       f"in {where}; supported: {', '.join(ACTIVATIONS)}")
@@ -61,6 +65,11 @@ class GPT2Config:
             if d.get(flag, default) != default:
                 raise hub.CheckpointError(f"{flag}={d[flag]} in {where} is not supported")
         return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+
+    def n_weights(self):
+        """A lower bound on the model's number of weights (its embeddings and matrices)."""
+        d = self.n_embd
+        return (self.vocab_size + self.n_positions) * d + self.n_layer * (4 * d * d + 2 * d * (self.n_inner or 4 * d))
 
     def to_hf(self):
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_ctx": self.n_positions,
@@ -259,7 +268,7 @@ class GPT2(nn.Module):
             sd[k] = v
         expected = {k.removeprefix("transformer."): v.shape for k, v in self.hf_state_dict().items()
                     if k.startswith("transformer.")}  # a head other than the tied lm_head loads apart
-        hub.check_keys(expected, {k: v.shape for k, v in sd.items()}, where)
+        hub.check_keys(expected, sd, where)
         sd = {"transformer." + k: v.t() if k.endswith(CONV1D) else v for k, v in sd.items()}
         self.load_state_dict(sd, strict=False)  # strict=False: lm_head.weight comes with wte
         return self
@@ -267,7 +276,12 @@ class GPT2(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path):
         folder = hub.resolve(name_or_path)
-        config = cls.config_class.from_hf(hub.load_config(folder), where=folder)
+        where = os.path.join(folder, "config.json")
+        try:
+            config = cls.config_class.from_hf(hub.load_config(folder), where=where)
+        except (TypeError, ValueError, AssertionError) as e:  # what check_config cannot see (id2label's keys, ...)
+            raise hub.CheckpointError(f"{where} holds values no model can be built from ({e})") from None
+        hub.check_size(folder, config.n_weights(), where)
         state_dict, path = hub.load_state_dict(folder)
         return cls(config).load_hf_state_dict(state_dict, where=path)
 
@@ -334,7 +348,7 @@ class GPT2Classifier(GPT2):
             warnings.warn(f"{where} has no classifier head: new, randomly initialised score.weight. "
                           f"Fine-tune the model before using its outputs.", stacklevel=3)
         else:
-            hub.check_keys({"score.weight": self.score.weight.shape}, {"score.weight": score.shape}, where)
+            hub.check_keys({"score.weight": self.score.weight.shape}, {"score.weight": score}, where)
             with torch.no_grad():
                 self.score.weight.copy_(score)
         return self

@@ -8,19 +8,23 @@ folder or a Hub id ("lvwerra/gpt2-imdb"); Hub ids go through `huggingface_hub`, 
 
 Every error a user can cause (wrong path, offline, corrupt file) is a `CheckpointError` whose
 message says what was wrong and what to do. Every write is atomic (a temporary file renamed), and a
-full disk is a `DiskFullError` that says where and how much space the file needs.
+full disk is a `DiskFullError` that says where and how much space the file needs. A checkpoint folder
+written here ends with a checksums.sha256 (nanowarp/checksums.py), and one that has it is verified on load.
 """
 
+import dataclasses
 import errno
-import io
 import json
 import os
 import re
 import tempfile
+import typing
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
+
+from nanowarp import checksums
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -128,14 +132,56 @@ def load_config(folder):
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder} has no config.json: is it a Hugging Face checkpoint folder?")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return config
+
+
+def check_config(cls, d, where, sizes):
+    """Raise CheckpointError naming `where` (a config.json) unless every field of the dataclass `cls`
+    that the dict `d` sets has a value of the field's type, and the fields `sizes` are at least 1:
+    a damaged config.json must not build a model of another size, or of none."""
+    for f in dataclasses.fields(cls):
+        value = d.get(f.name)
+        kinds = typing.get_args(f.type) or (f.type,)  # int | None -> (int, NoneType)
+        if value is None or (type(value) in kinds or (float in kinds and type(value) is int)):
+            if f.name in sizes and value is not None and value < 1:
+                raise CheckpointError(f"{f.name}={value} in {where} is not a size (at least 1)")
+            continue
+        names = " or ".join(k.__name__ for k in kinds if k is not type(None))
+        raise CheckpointError(f"{f.name}={json.dumps(value)[:40]} in {where} is not of type {names}")
+
+
+def check_size(folder, n_weights, where):
+    """Raise CheckpointError unless the weights file of the folder can hold `n_weights` weights (at
+    least a byte each), which its config.json (`where`) promises: before any memory is allocated."""
+    files = [os.path.join(folder, f) for f in weight_files(folder)]  # one file, or an index and its shards
+    size = sum(os.path.getsize(f) for f in files)
+    if files and n_weights > size:
+        held = files[0] if len(files) == 1 else f"the weight files of {folder}"
+        raise CheckpointError(f"{where} describes a model of {n_weights:,} weights or more, which {held} "
+                                  f"({format_size(size)}) cannot hold: they do not belong together")
+
+
+def verify(folder):
+    """Raise CheckpointError, naming the file, if a file of the folder differs from its checksums.sha256."""
+    problem = checksums.problem(folder)
+    if problem:
+        raise CheckpointError(problem)
+
+
+def seal(folder):
+    """Write the folder's checksums.sha256, once every other file of the checkpoint is written."""
+    write_text(os.path.join(folder, checksums.NAME), checksums.listing(folder))
 
 
 def load_state_dict(folder):
     """Read the weights of a checkpoint folder: (state_dict, path of the file read)."""
+    verify(folder)
     if os.path.isfile(os.path.join(folder, INDEX)):
         return load_sharded(folder)
     for filename in WEIGHT_FILES:
@@ -156,7 +202,8 @@ def load_state_dict(folder):
 
 def check_readable(folder):
     """Raise CheckpointError unless the checkpoint's config.json parses and its weights file is whole
-    (a safetensors header that agrees with the file's length); nothing large is read."""
+    (a safetensors header that agrees with the file's length), and every file matches its checksums.sha256."""
+    verify(folder)
     load_config(folder)
     if os.path.isfile(os.path.join(folder, INDEX)):
         check_sharded(folder)
@@ -173,11 +220,16 @@ def check_readable(folder):
 
 
 def check_keys(expected, found, path, new_ok=()):
-    """Compare parameter shapes (dicts name -> shape); raise a CheckpointError naming the first
-    problem. Keys in `new_ok` may be missing (they keep their fresh initialisation)."""
+    """Compare parameter shapes (dicts name -> shape, or -> tensor: then its dtype must be a floating
+    point one); raise a CheckpointError naming the first problem. Keys in `new_ok` may be missing
+    (they keep their fresh initialisation)."""
     for name, shape in found.items():
         if name not in expected:
             raise CheckpointError(f"unexpected key '{name}' in {path}")
+        if isinstance(shape, torch.Tensor):
+            if not shape.is_floating_point():
+                raise CheckpointError(f"'{name}' in {path} holds {shape.dtype} numbers: expected floating-point weights")
+            shape = shape.shape
         if tuple(expected[name]) != tuple(shape):
             raise CheckpointError(f"shape mismatch for '{name}' in {path}: the file has {tuple(shape)}, "
                                   f"the model built from config.json expects {tuple(expected[name])}")
@@ -195,6 +247,8 @@ def atomic_write(path, write, size=None):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
     os.close(fd)
+    if checksums.lists(folder, os.path.basename(path)):  # a file it vouches for changes: unverified until sealed
+        os.remove(os.path.join(folder, checksums.NAME))
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -225,13 +279,6 @@ def write_bytes(path, data):
     atomic_write(path, write, size=len(data))
 
 
-def torch_save(obj, path):
-    """torch.save(obj, path), atomically."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_bytes(path, buffer.getbuffer())
-
-
 def write_text(path, text):
     """Write text (UTF-8, "\n" line ends) to path atomically."""
     def write(tmp):
@@ -246,10 +293,11 @@ def write_json(path, obj, sort_keys=False):
 
 
 def save_checkpoint(folder, config, state_dict):
-    """Write config.json and model.safetensors (both atomically)."""
+    """Write model.safetensors, config.json (both atomically), then checksums.sha256 of the folder."""
     state_dict = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     write_bytes(os.path.join(folder, "model.safetensors"), save(state_dict, metadata={"format": "pt"}))
     write_json(os.path.join(folder, "config.json"), config, sort_keys=True)
+    seal(folder)
 
 
 # ---- sharded checkpoints: model.safetensors.index.json and the shards it names -----------------
@@ -315,8 +363,11 @@ def weight_files(folder):
 def save_weights(folder, config, state_dict, max_shard_bytes=MAX_SHARD_BYTES):
     """save_checkpoint, or above max_shard_bytes of weights, shards of at most that size (a larger
     tensor alone in its shard) and their index, then config.json. Weight files of another layout
-    left in the folder by an earlier save are removed, so that loading never mixes the two."""
+    left in the folder by an earlier save are removed, so that loading never mixes the two; checksums.sha256
+    last."""
     state_dict = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if os.path.exists(os.path.join(folder, checksums.NAME)):  # the files change, and some may go: unverified
+        os.remove(os.path.join(folder, checksums.NAME))       # until sealed again
     total = sum(v.numel() * v.element_size() for v in state_dict.values())
     if total <= max_shard_bytes:
         written = ["model.safetensors"]
@@ -340,3 +391,4 @@ def save_weights(folder, config, state_dict, max_shard_bytes=MAX_SHARD_BYTES):
     for stale in set(weight_files(folder)) - set(written):
         os.remove(os.path.join(folder, stale))
     write_json(os.path.join(folder, "config.json"), config, sort_keys=True)
+    seal(folder)

@@ -16,21 +16,23 @@ checkpoint with the policy's tokenizer files:
 Every checkpoint folder also holds a model card, README.md (nanowarp/card.py).
 
 Crash safety. Every file is written atomically and a checkpoint's config.json last, so a folder with
-a config.json is complete. Running the same command again resumes the job: a finished iteration
-gives its θ_init back (iter_{i}/liti), finished runs are kept, only the missing runs are trained
-(from their state.pt, if any), and the merge is redone (it is a function of θ_init and the runs,
-which it always reads from disk). The result is the one of an uninterrupted job, bit for bit on a
+a config.json is complete; its checksums.sha256 follows (nanowarp/checksums.py). Running the same
+command again resumes the job: a finished iteration gives its θ_init back (iter_{i}/liti), finished
+runs are kept, only the missing runs are trained (from their state.pt, if any), and the merge is
+redone (it is a function of θ_init and the runs, which it always reads from disk). The result is the one of an uninterrupted job, bit for bit on a
 CPU with the same --threads. The M runs of an iteration can train side by side (nanowarp/parallel.py).
 Other faults: a full disk stops the job with hub.DiskFullError (nothing written is lost); SIGINT /
 SIGTERM stop it at the end of a step (parallel.Interrupted), saving the run's state with --save_every;
 a second job on the same folder is refused (lock_out_dir); a finished checkpoint (or state.pt) that
-cannot be read is moved aside as *.damaged and computed again (start_job, train_run).
+cannot be read, or whose bytes differ from its checksums.sha256 (state.pt.sha256), is moved aside as
+*.damaged and computed again (start_job, train_run).
 """
 
 import contextlib
 import dataclasses
 import fcntl
 import functools
+import io
 import json
 import os
 import shutil
@@ -41,7 +43,7 @@ import time
 
 import torch
 
-from nanowarp import hub, parallel
+from nanowarp import checksums, hub, parallel
 from nanowarp.card import model_card
 from nanowarp.config import RESUME_FREE, changed_flags
 from nanowarp.logger import Logger, append_jsonl
@@ -89,8 +91,9 @@ def save_run(cfg, iteration, run, theta, rows, model_config):
                     f"that iteration's θ_init, seed {run_seed(cfg, iteration, run)}, its LoRA folded into dense "
                     f"weights.", rows[-1:])
     save_policy(folder, theta, model_config, policy_folder(cfg.policy), card)
-    if os.path.exists(os.path.join(folder, "state.pt")):
-        os.remove(os.path.join(folder, "state.pt"))  # the run is complete: its training state is no use
+    for name in ("state.pt", "state.pt.sha256"):  # the run is complete: its training state is no use
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
 
 
 def last_rows(cfg, iteration):
@@ -129,6 +132,32 @@ def kill_point(name):
             except FileExistsError:
                 return
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- training states: state.pt and its checksum ------------------------------------------
+
+def write_state(obj, path):
+    """torch.save(obj, path), atomically, then its SHA-256 beside it in path.sha256 (sha256sum's format:
+    torch.load checks no checksum of its own, and a changed byte of a tensor would load unnoticed)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    if os.path.exists(path + ".sha256"):
+        os.remove(path + ".sha256")  # a crash before the new one is written: unverified, not wrong
+    hub.write_bytes(path, buffer.getbuffer())
+    hub.write_text(path + ".sha256", checksums.listing(os.path.dirname(path), [os.path.basename(path)]))
+
+
+def read_state(path):
+    """What write_state wrote to path (tensors on the CPU, no pickled code run), verified against
+    path.sha256 when there is one; a file that cannot be read raises CheckpointError, naming it."""
+    problem = checksums.problem(os.path.dirname(path), os.path.basename(path) + ".sha256")
+    if problem:
+        raise hub.CheckpointError(problem)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged zip or pickle raises whatever its reader meets first
+        raise hub.CheckpointError(f"cannot read {path}: the file is corrupt or truncated ({type(e).__name__}: "
+                                  f"{str(e)[:300]})") from None
 
 
 # ---- one job per folder; starting, resuming, and what a crash left behind ---------------------
@@ -249,7 +278,7 @@ def start_job(cfg, log=print):
     hub.write_json(path, settings, sort_keys=True)
     for folder, _, files in os.walk(cfg.out_dir):  # what a kill -9 may have left behind
         for name in files:
-            if name.startswith(".tmp-") or (name == "state.pt" and is_complete(folder)):
+            if name.startswith(".tmp-") or (name in ("state.pt", "state.pt.sha256") and is_complete(folder)):
                 os.remove(os.path.join(folder, name))
     set_damaged_aside(cfg, log)
 
@@ -265,6 +294,9 @@ def missing_runs(cfg, iteration):
 
 # ---- one run of the job -----------------------------------------------------------------------
 
+STATE_KEYS = {"step", "lora", "anchor", "optimizer", "scheduler", "generator", "order", "queue", "torch_rng",
+              "cuda_rng", "metrics"}  # rl.training_state's, and the run's metric rows
+
 def train_run(cfg, resources, iteration, run, theta_init, log=print, save=True):
     """One RL run of the job (rl.rl_run), saved to OUT/iter_{i}/run_{m} when `save`; returns (θ_m,
     its metric rows). A state.pt left there by --save_every is continued from."""
@@ -274,10 +306,12 @@ def train_run(cfg, resources, iteration, run, theta_init, log=print, save=True):
     resume, rows = None, []
     if save and os.path.isfile(state_path):
         try:
-            resume = torch.load(state_path, map_location="cpu", weights_only=True)
+            resume = read_state(state_path)
+            if not STATE_KEYS <= resume.keys():
+                raise hub.CheckpointError(f"{state_path} is not the training state of a run")
             rows = resume.pop("metrics")
             log(f"iter {i} run {m + 1}: resuming at step {resume['step']} from {state_path}")
-        except Exception as e:  # anything that keeps it from being read: the run starts over
+        except Exception as e:  # anything that keeps it from being read (or a changed byte): the run starts over
             resume, rows = None, []
             log(f"iter {i} run {m + 1}: damaged: cannot read {state_path} ({type(e).__name__}: {e}); "
                 f"moved aside to {move_aside(state_path)}: the run starts over")
@@ -302,7 +336,7 @@ def train_run(cfg, resources, iteration, run, theta_init, log=print, save=True):
         kill_point(f"iter_{i}/run_{m}/step_{row['step']}")
 
     def save_state(state):
-        hub.torch_save({**state, "metrics": rows}, state_path)
+        write_state({**state, "metrics": rows}, state_path)
 
     start, seed = time.perf_counter(), run_seed(cfg, i, m)
     try:

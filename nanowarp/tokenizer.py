@@ -28,8 +28,14 @@ def _read_json(folder, filename):
     path = os.path.join(folder, filename)
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise hub.CheckpointError(f"cannot read {path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise hub.CheckpointError(f"cannot read {path}: not a JSON object")
+    return d
 
 
 def _special_tokens(folder, defaults):
@@ -97,14 +103,17 @@ def load_tokenizer(name_or_path):
     """A `tokenizers.Tokenizer` for a checkpoint folder or Hub id (see the module docstring)."""
     folder = hub.resolve(name_or_path, weights=False)
     has = lambda *names: all(os.path.isfile(os.path.join(folder, n)) for n in names)
-    try:
-        if has("tokenizer.json"):
-            return Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-        if has("vocab.json", "merges.txt"):
-            return read_bpe(folder)
-        if has("vocab.txt"):
-            return read_wordpiece(folder)
-    except Exception as e:  # the tokenizers library raises plain Exceptions on malformed files
-        raise hub.CheckpointError(f"cannot read the tokenizer files in {folder}: {e}") from None
+    for files, read in ((["tokenizer.json"], lambda: Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))),
+                        (["vocab.json", "merges.txt"], lambda: read_bpe(folder)),
+                        (["vocab.txt"], lambda: read_wordpiece(folder))):
+        if not has(*files):
+            continue
+        try:
+            return read()
+        except hub.CheckpointError:
+            raise
+        except Exception as e:  # the tokenizers library raises plain Exceptions on malformed files
+            paths = " and ".join(os.path.join(folder, n) for n in files)
+            raise hub.CheckpointError(f"cannot read the tokenizer files {paths}: {e}") from None
     raise hub.CheckpointError(f"{folder} has no tokenizer: expected tokenizer.json, or vocab.json + merges.txt, "
                               f"or vocab.txt")

@@ -94,3 +94,14 @@ def test_rl_step_bench_prints_phases_and_ratios_without_trl(run):
     assert "Differences that cannot be aligned" in table
     assert re.search(r"update.s matmuls alone .*: [\d.]+ s \(\d+ GFLOP/s\)", out)
     assert re.search(r"so the update is at \d+% of its matmul floor", out)
+
+
+def test_checksums_bench_prints_save_load_verify_and_the_share_of_a_run(run):
+    out = run("checksums.py", "--layers", "1", "--width", "32", "--vocab", "100", "--repeats", "1")
+    for contender in ("save", "load"):
+        assert re.search(rf"\n{contender} +[\d.]+ *\n", out), (contender, out)
+    assert re.search(r"\nsave \+ checksums +[\d.]+ +[\d.]+x\n", out) and re.search(r"\nload \+ verify +[\d.]+ +[\d.]+x", out)
+    assert re.search(r"checksums alone +[\d.]+ +\([\d.]+ GB/s, hub.seal\)", out)
+    assert re.search(r"verify alone +[\d.]+ +\([\d.]+ GB/s\)", out)
+    assert re.search(r"per WARP iteration of 2 runs \(4 checkpoints sealed, 3 verified\): [\d.]+ s = [\d.]+% of "
+                     r"2 x 100 steps x 7.15 s \(1430 s\)", out)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import merge
 import train
 from conftest import Killed, assert_same_weights, in_process, stop_at
-from nanowarp import hub, models
+from nanowarp import checksums, hub, models
 from nanowarp.config import parse_args
 from nanowarp.gpt2 import GPT2
 from nanowarp.llama import Llama, LlamaClassifier
@@ -108,8 +108,11 @@ def test_sharded_checkpoints_load_and_save(family, tiny_gpt2_dir, llama_dir, tmp
         assert torch.equal(back(idx), model(idx))
     hub.check_readable(folder)
     shards = [f for f in files if hub.SHARD.fullmatch(f)]
+    assert set(files) <= checksums.read(folder).keys()  # the index and every shard
     broken = str(tmp_path / "broken")
     shutil.copytree(folder, broken)
+    os.remove(os.path.join(broken, checksums.NAME))  # as from the Hub: the loaders' own checks (with it, any
+    # changed or missing file is named first: tests/test_checksums.py)
     with open(os.path.join(broken, shards[-1]), "r+b") as f:  # a shard cut short
         f.truncate(os.path.getsize(os.path.join(folder, shards[-1])) // 2)
     with pytest.raises(hub.CheckpointError, match=f"cannot read .*{shards[-1]}"):

@@ -124,7 +124,7 @@ def test_save_pretrained_round_trips_through_transformers(tmp_path):
     ref.save_pretrained(str(tmp_path / "hf"))
     model = GPT2.from_pretrained(str(tmp_path / "hf")).eval()
     model.save_pretrained(str(tmp_path / "ours"))
-    assert sorted(os.listdir(tmp_path / "ours")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "ours")) == ["checksums.sha256", "config.json", "model.safetensors"]
     back = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "ours")).eval()
     idx, mask = left_padded_batch()
     with torch.no_grad():

@@ -120,10 +120,12 @@ MODELS = {"gpt2": (GPT2, "tiny_gpt2_dir", "transformer.h.0.mlp.c_fc.weight", "h.
 
 @pytest.fixture(params=list(MODELS))
 def checkpoint(request, tmp_path):
-    """(model class, a copy of a checkpoint of it in tmp_path, a weight's key in the file, the key in messages)."""
+    """(model class, a copy of a checkpoint of it in tmp_path, a weight's key in the file, the key in messages),
+    without checksums.sha256, as from the Hub: the loaders' own checks (tests/test_checksums.py has the others)."""
     cls, fixture, key, shown = MODELS[request.param]
     folder = tmp_path / "checkpoint"
     shutil.copytree(request.getfixturevalue(fixture), folder)
+    (folder / "checksums.sha256").unlink()
     return cls, folder, key, shown
 
 
