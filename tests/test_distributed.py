@@ -3,9 +3,11 @@
 --max_restarts restarting a job one of whose ranks was killed with SIGKILL inside a run. Each gives
 the weights of the sequential job, bit for bit, and only the rank that keeps the job folder writes."""
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,12 +42,14 @@ def torchrun_nodes(tmp_path, node_args, env=None, timeout=120):
             procs.append(subprocess.Popen(
                 [*TORCHRUN, "--nnodes", str(len(node_args)), "--nproc_per_node", "1", "--rdzv_backend", "c10d",
                  "--rdzv_endpoint", endpoint, "--rdzv_id", "test", *args],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}))
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                start_new_session=True))  # its own process group: its ranks die with it below
     try:
         codes = [p.wait(timeout=timeout) for p in procs]
     finally:
-        for p in procs:
-            p.kill()
+        for p in procs:  # a launcher that timed out or failed takes its ranks along (no orphan ranks)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
     return [(code, log.read_text()) for code, log in zip(codes, logs)]
 
 
