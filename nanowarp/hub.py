@@ -223,20 +223,22 @@ def check_keys(expected, found, path, new_ok=()):
     """Compare parameter shapes (dicts name -> shape, or -> tensor: then its dtype must be a floating
     point one); raise a CheckpointError naming the first problem. Keys in `new_ok` may be missing
     (they keep their fresh initialisation)."""
+    # a config.json that disagrees with the weights shows as their keys or shapes: name it too
+    config = os.path.join(os.path.dirname(str(path)), "config.json")
     for name, shape in found.items():
         if name not in expected:
-            raise CheckpointError(f"unexpected key '{name}' in {path}")
+            raise CheckpointError(f"unexpected key '{name}' in {path}: the model built from {config} has no such weight")
         if isinstance(shape, torch.Tensor):
             if not shape.is_floating_point():
                 raise CheckpointError(f"'{name}' in {path} holds {shape.dtype} numbers: expected floating-point weights")
             shape = shape.shape
         if tuple(expected[name]) != tuple(shape):
             raise CheckpointError(f"shape mismatch for '{name}' in {path}: the file has {tuple(shape)}, "
-                                  f"the model built from config.json expects {tuple(expected[name])}")
+                                  f"the model built from {config} expects {tuple(expected[name])}")
     missing = [name for name in expected if name not in found and name not in new_ok]
     if missing:
-        raise CheckpointError(f"missing key '{missing[0]}' in {path}"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"missing key '{missing[0]}'{more} in {path}, which the model built from {config} has")
 
 
 def atomic_write(path, write, size=None):
