@@ -19,13 +19,14 @@ Rounding follows transformers, so that fp32 logits agree to ~1e-6 and bf16 ones 
 in fp32, rotary angles in fp32, Gemma's sqrt(d) embedding scale rounded to the model's dtype.
 """
 
+import os
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanowarp import hub
+from nanowarp import hub, llama_config
 from nanowarp.gpt2 import KVCache, Linear
 from nanowarp.llama_config import LlamaClassifierConfig, LlamaConfig, inv_freq
 
@@ -232,7 +233,10 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path):
         folder = hub.resolve(name_or_path)
-        config = cls.config_class.from_hf(hub.load_config(folder), where=folder)
+        d, where = hub.load_config(folder), os.path.join(folder, "config.json")
+        llama_config.check(d, where)
+        hub.check_size(folder, llama_config.n_weights(d), where)  # before any memory is allocated
+        config = cls.config_class.from_hf(d, where=where)
         state_dict, path = hub.load_state_dict(folder)
         return cls(config).load_hf_state_dict(state_dict, where=path)
 

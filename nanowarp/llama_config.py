@@ -26,6 +26,8 @@ FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gemma2")
 ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2"}
 ROPE_TYPES = ("default", "linear", "llama3")
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+SIZES = REQUIRED + ("num_key_value_heads", "head_dim", "max_position_embeddings")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 @dataclass
@@ -81,10 +83,7 @@ class LlamaConfig:
         if model_type not in FAMILIES:
             raise hub.CheckpointError(f"unknown model_type {model_type!r} in {where}: a Llama-layout decoder is "
                                       f"one of {', '.join(FAMILIES)}")
-        missing = [k for k in REQUIRED if k not in d]
-        if missing:
-            raise hub.CheckpointError(f"{where} has no {missing[0]}: a {model_type} config.json needs "
-                                      f"{', '.join(REQUIRED)}")
+        check(d, where)
         gemma = model_type in ("gemma", "gemma2")
         act = d.get("hidden_activation") or d.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
         if gemma and act == "gelu":  # early Gemma configs; transformers runs them with the tanh form
@@ -148,6 +147,33 @@ class LlamaConfig:
         return d
 
 
+def check(d, where):
+    """Raise CheckpointError naming `where` unless config.json's sizes and their relations are those
+    of a model: a damaged file must not build a model of another size, loop or divide by zero."""
+    missing = [k for k in REQUIRED if k not in d]
+    if missing:
+        raise hub.CheckpointError(f"{where} has no {missing[0]}: a Llama-layout config.json needs {', '.join(REQUIRED)}")
+    hub.check_config(LlamaConfig, d, where, sizes=SIZES)
+    heads = d["num_attention_heads"]
+    kv = d.get("num_key_value_heads") or heads
+    if heads % kv:
+        raise hub.CheckpointError(f"num_attention_heads={heads} in {where} is not a multiple of num_key_value_heads={kv}")
+    if not d.get("head_dim") and d["hidden_size"] < heads:
+        raise hub.CheckpointError(f"hidden_size={d['hidden_size']} in {where} is smaller than num_attention_heads={heads}")
+    types = d.get("layer_types")
+    if types is not None and (len(types) != d["num_hidden_layers"] or any(t not in LAYER_TYPES for t in types)):
+        raise hub.CheckpointError(f"layer_types in {where} is not one of {', '.join(LAYER_TYPES)} per layer "
+                                  f"(num_hidden_layers={d['num_hidden_layers']})")
+
+
+def n_weights(d):
+    """A lower bound on the number of weights of the model a checked config.json describes."""
+    heads, hidden = d["num_attention_heads"], d["hidden_size"]
+    kv, head_dim = d.get("num_key_value_heads") or heads, d.get("head_dim") or hidden // heads
+    per_layer = 2 * hidden * head_dim * (heads + kv) + 3 * hidden * d["intermediate_size"]
+    return d["vocab_size"] * hidden + d["num_hidden_layers"] * per_layer
+
+
 def rope_from_hf(d, where):
     """(rope_theta, rope_scaling or None) from either form of config.json."""
     params = d.get("rope_parameters")
@@ -208,6 +234,9 @@ class LlamaClassifierConfig(LlamaConfig):
     @classmethod
     def from_hf(cls, d, where="config.json"):
         body = LlamaConfig.from_hf(d, where)
+        labels = d.get("id2label")
+        if labels is not None and not (isinstance(labels, dict) and all(str(i).isdigit() for i in labels)):
+            raise hub.CheckpointError(f"id2label in {where} is not a map from label numbers to names")
         return cls(**{f.name: getattr(body, f.name) for f in fields(LlamaConfig)}, id2label=d.get("id2label"))
 
     def to_hf(self):

@@ -36,7 +36,8 @@ def load_config(name_or_path):
     """The model config (GPT2Config or LlamaConfig) of a checkpoint, by its model_type."""
     folder = hub.resolve(name_or_path, weights=False)
     d = hub.load_config(folder)
-    return LANGUAGE_MODELS[model_type(d, folder)].config_class.from_hf(d, where=folder)
+    where = os.path.join(folder, "config.json")
+    return LANGUAGE_MODELS[model_type(d, where)].config_class.from_hf(d, where=where)
 
 
 def from_config(config):
@@ -47,7 +48,8 @@ def from_config(config):
 def from_pretrained(name_or_path):
     """The language model of a checkpoint (folder or Hub id), of the class its model_type names."""
     folder = hub.resolve(name_or_path)
-    return LANGUAGE_MODELS[model_type(hub.load_config(folder), folder)].from_pretrained(folder)
+    where = os.path.join(folder, "config.json")
+    return LANGUAGE_MODELS[model_type(hub.load_config(folder), where)].from_pretrained(folder)
 
 
 def eos_ids(name_or_path, config):

@@ -17,16 +17,40 @@ import torch
 from conftest import bpe_folder
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from nanowarp import hub
+from nanowarp import hub, models
 from nanowarp.data import DataError, load_prompt_file
 from nanowarp.gpt2 import GPT2
 from nanowarp.job import read_job_file, read_state, write_state
+from nanowarp.llama import LlamaClassifier
+from nanowarp.llama_config import LlamaClassifierConfig
 from nanowarp.reward import load_classifier
 from nanowarp.tokenizer import load_tokenizer
 
 FUZZ = settings(max_examples=30, deadline=2000, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 CLEAR = (hub.CheckpointError, DataError, ValueError, OSError)  # what a user error may raise
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma2_dir(bpe_dir, tmp_path_factory):
+    """A random Gemma 2 (the Llama layout with the most config fields: windows, soft caps, layer types)."""
+    from test_families import GEMMA2, checkpoint, policy
+    return checkpoint(str(tmp_path_factory.mktemp("gemma2_fuzz")), policy(bpe_dir, **GEMMA2), bpe_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_reward_dir(bpe_dir, tmp_path_factory):
+    """A random Qwen2 sequence classifier (NEGATIVE, POSITIVE)."""
+    from test_families import ARCH, checkpoint, eos_of
+    torch.manual_seed(1)
+    vocab = len(json.load(open(os.path.join(bpe_dir, "vocab.json"))))
+    config = LlamaClassifierConfig(model_type="qwen2", vocab_size=vocab, qkv_bias=True, tie_word_embeddings=True,
+                                   pad_token_id=eos_of(bpe_dir), id2label={0: "NEGATIVE", 1: "POSITIVE"}, **ARCH)
+    return checkpoint(str(tmp_path_factory.mktemp("qwen2_fuzz")), LlamaClassifier(config), bpe_dir)
+
+
+LOADERS = [("tiny_gpt2_dir", GPT2.from_pretrained), ("tiny_reward_dir", load_classifier),
+           ("tiny_gemma2_dir", models.from_pretrained), ("tiny_qwen2_reward_dir", load_classifier)]
 
 
 @pytest.fixture(autouse=True)
@@ -99,8 +123,7 @@ def safetensors_damage(data):
             lambda t: values[t[1]].map(lambda v: edit((t[0], t[1], v)))))
 
 
-@pytest.mark.parametrize("fixture, load", [("tiny_gpt2_dir", GPT2.from_pretrained),
-                                           ("tiny_reward_dir", load_classifier)])
+@pytest.mark.parametrize("fixture, load", LOADERS)
 def test_a_damaged_weights_file_loads_or_is_named(request, fixture, load):
     src = request.getfixturevalue(fixture)
 
@@ -129,8 +152,7 @@ def config_damage(data):
             lambda t: json.dumps({**config, t[0]: t[1]}).encode()))
 
 
-@pytest.mark.parametrize("fixture, load", [("tiny_gpt2_dir", GPT2.from_pretrained),
-                                           ("tiny_reward_dir", load_classifier)])
+@pytest.mark.parametrize("fixture, load", LOADERS)
 def test_a_damaged_config_loads_or_is_named(request, fixture, load):
     src = request.getfixturevalue(fixture)
 
