@@ -315,6 +315,15 @@ class GPT2ClassifierConfig(GPT2Config):
                 "id2label": {str(i): label for i, label in self.id2label.items()}, "label2id": self.label2id}
 
 
+def at_last_token(h, attention_mask=None):
+    """h (B, T, d) read at each row's last real token (attention_mask (B, T): 1 = token, 0 = padding)
+    -> (B, d)."""
+    B, T = h.shape[:2]
+    last = torch.full((B,), T - 1, device=h.device) if attention_mask is None else \
+        T - 1 - attention_mask.flip(1).argmax(1)  # the last column holding a real token
+    return h[torch.arange(B, device=h.device), last]
+
+
 class GPT2Classifier(GPT2):
     """A sequence classifier in the layout of transformers' GPT2ForSequenceClassification:
     `transformer.*` plus `score.weight` (num_labels, n_embd). Batches are right-padded (or
@@ -329,14 +338,11 @@ class GPT2Classifier(GPT2):
     def forward(self, input_ids, attention_mask=None):
         """input_ids (B, T), attention_mask (B, T) 1 = token, 0 = padding -> logits (B, num_labels),
         read at each row's last real token."""
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         if T > self.config.n_positions:
             raise ValueError(f"{T} tokens is more than the model's n_positions ({self.config.n_positions}): "
                              f"truncate the inputs")
-        h = self.hidden_states(input_ids, attention_mask)  # (B, T, d)
-        last = torch.full((B,), T - 1, device=input_ids.device) if attention_mask is None else \
-            T - 1 - attention_mask.flip(1).argmax(1)  # the last column holding a real token
-        return self.score(h[torch.arange(B, device=h.device), last])
+        return self.score(at_last_token(self.hidden_states(input_ids, attention_mask), attention_mask))
 
     def load_hf_state_dict(self, state_dict, where="state dict"):
         """The body as GPT2 loads it, then `score.weight`; a GPT-2 language model (no head) gets a

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanowarp import hub, llama_config
-from nanowarp.gpt2 import KVCache, Linear
+from nanowarp.gpt2 import KVCache, Linear, at_last_token
 from nanowarp.llama_config import LlamaClassifierConfig, LlamaConfig, inv_freq
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -257,14 +257,11 @@ class LlamaClassifier(Llama):
 
     def forward(self, input_ids, attention_mask=None):
         """input_ids (B, T), attention_mask (B, T) 1 = token, 0 = padding -> logits (B, num_labels)."""
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         if T > self.config.n_positions:
             raise ValueError(f"{T} tokens is more than the model's max_position_embeddings "
                              f"({self.config.n_positions}): truncate the inputs")
-        h = self.hidden_states(input_ids, attention_mask)  # (B, T, d)
-        last = torch.full((B,), T - 1, device=input_ids.device) if attention_mask is None else \
-            T - 1 - attention_mask.flip(1).argmax(1)  # the last column holding a real token
-        return self.score(h[torch.arange(B, device=h.device), last])
+        return self.score(at_last_token(self.hidden_states(input_ids, attention_mask), attention_mask))
 
     def load_hf_state_dict(self, state_dict, where="state dict"):
         """The body, then `score.weight`; a language model's checkpoint (no head, its lm_head
