@@ -31,7 +31,7 @@ import numpy as np
 
 from nanowarp.hub import atomic_write, write_json, write_text
 from nanowarp.logger import progress
-from nanowarp.tokenizer import EOS, load_tokenizer
+from nanowarp.tokenizer import EOS, leading_special_ids, load_tokenizer
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 KNOWN_MD5 = {IMDB_URL: "7c2ac02c03563afcf9b574c7e56c153a"}
@@ -176,18 +176,19 @@ def clean(text):
 
 
 def make_prompts(texts, tokenizer, min_len=5, max_len=20, seed=0):
-    """The first k tokens of each text, k ~ U{min_len..max_len} drawn per text (seeded)."""
+    """The first k tokens of each text, k ~ U{min_len..max_len} drawn per text (seeded), after the
+    BOS the tokenizer puts first, if any (tokenizer.leading_special_ids)."""
     lengths = np.random.default_rng(seed).integers(min_len, max_len + 1, size=len(texts)).tolist()
     # Only the opening is kept, so encode the first PREFIX_CHARS characters (whole reviews take
     # 10x longer). Cutting a text can change only its last two pre-tokenized words; where a kept
     # token may belong to those, encode the whole text instead. The result is exact either way.
     heads = tokenizer.encode_batch([t[:PREFIX_CHARS] for t in texts], add_special_tokens=False)
-    prompts = []
+    prompts, bos = [], leading_special_ids(tokenizer)
     for text, head, k in zip(texts, heads, lengths):
         words = head.word_ids
         exact = len(text) <= PREFIX_CHARS or (len(words) > k and None not in (words[k - 1], words[-1])
                                               and words[k - 1] < words[-1] - 1)
-        prompts.append((head if exact else tokenizer.encode(text, add_special_tokens=False)).ids[:k])
+        prompts.append(bos + (head if exact else tokenizer.encode(text, add_special_tokens=False)).ids[:k])
     return prompts
 
 
@@ -316,10 +317,12 @@ def load_prompt_file(path, tokenizer):
 
 
 def encode_prompts(texts, tokenizer, source):
-    """Prompt texts as lists of token ids of `tokenizer`, as they are (no special tokens added);
-    a DataError, naming `source` (where they came from), for one that encodes to no tokens."""
-    prompts = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-    empty = [i for i, p in enumerate(prompts) if not p]
+    """Prompt texts as lists of token ids of `tokenizer`, after the BOS it puts first, if any (no
+    other special tokens); a DataError, naming `source` (where they came from), for one that encodes
+    to no tokens."""
+    bos = leading_special_ids(tokenizer)
+    prompts = [bos + e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    empty = [i for i, p in enumerate(prompts) if len(p) == len(bos)]
     if empty:
         raise DataError(f"{source}: prompt {empty[0] + 1} encodes to no tokens")
     return prompts

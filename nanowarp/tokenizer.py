@@ -99,6 +99,16 @@ def read_wordpiece(folder):
     return _register(tok, _special_tokens(folder, BERT_SPECIALS), vocab)
 
 
+def leading_special_ids(tokenizer):
+    """The ids a tokenizer's own post-processor puts before every text: the BOS a model expects
+    (Llama 3's `<|begin_of_text|>`, Gemma's `<bos>`), or [] (GPT-2's). Prompts start
+    with them, as transformers' `tokenizer(text)` starts its encodings."""
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    full = tokenizer.encode("a", add_special_tokens=True).ids
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain]
+    return full[:starts[0]] if plain and starts else []
+
+
 def load_tokenizer(name_or_path):
     """A `tokenizers.Tokenizer` for a checkpoint folder or Hub id (see the module docstring)."""
     folder = hub.resolve(name_or_path, weights=False)

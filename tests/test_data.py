@@ -10,11 +10,13 @@ import tarfile
 
 import numpy as np
 import pytest
+from tokenizers import processors
 
 from conftest import REVIEWS, write_tiny_imdb
 from nanowarp import data
 from nanowarp.data import DataError
-from nanowarp.tokenizer import load_tokenizer
+from nanowarp.tokenizer import EOS, leading_special_ids, load_tokenizer
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = ("meta.json", "prompts_train.npz", "prompts_eval.npz", "reviews_train.jsonl", "reviews_test.jsonl")
@@ -214,3 +216,23 @@ def test_cli_missing_source_is_one_line_and_exit_2(bpe_dir, tmp_path):
     assert "no IMDB data at" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "o")
+
+
+def with_bos(tok):
+    """The fixture tokenizer with a post-processor that puts a BOS first, as Llama 3's and Gemma's do."""
+    bos = tok.token_to_id(EOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{EOS} $A", special_tokens=[(EOS, bos)])
+    return tok, bos
+
+
+def test_prompts_start_with_the_bos_the_tokenizer_puts_first(bpe_dir):
+    plain = load_tokenizer(bpe_dir)
+    assert leading_special_ids(plain) == []  # GPT-2's byte-level BPE puts nothing first
+    tok, bos = with_bos(load_tokenizer(bpe_dir))
+    assert leading_special_ids(tok) == [bos]
+    texts = [" ".join(REVIEWS[i:] + REVIEWS[:i]) for i in range(len(REVIEWS))]
+    for with_, without in zip(data.make_prompts(texts, tok, 5, 20, 0), data.make_prompts(texts, plain, 5, 20, 0)):
+        assert with_ == [bos] + without  # k tokens of the review after the BOS
+    assert data.encode_prompts(["Great movie."], tok, "--prompt") == [[bos] + plain.encode("Great movie.").ids]
+    with pytest.raises(data.DataError, match="--prompt: prompt 1 encodes to no tokens"):
+        data.encode_prompts([""], tok, "--prompt")
