@@ -135,3 +135,10 @@ def test_rl_step_bench_runs_a_llama_policy(run):
     assert re.search(r"smoke \(8 x 6 tokens\) +nanowarp +[\d.]+ +1\.00x( +[\d.]+){6}\n", table), out
     for name in contenders.split(",")[1:] if importlib.util.find_spec("peft") else ():
         assert re.search(rf"smoke \(8 x 6 tokens\) +{name} +[\d.]+ +[\d.]+x( +[\d.]+){{6}}\n", table), (name, out)
+
+
+def test_families_bf16_bench_prints_small_differences(run):
+    out = run("families_bf16.py", "--families", "gemma2")
+    row = re.search(r"\ngemma2 +([\d.]+) +([\d.]+) +([\d.]+)\n", out)
+    assert row, out
+    assert all(0 < float(d) < 0.1 for d in row.groups()), out  # bf16 rounding: a few hundredths, not more
