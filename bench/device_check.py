@@ -43,7 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from nanowarp.config import Config, flag, parse_args as parse_flags  # noqa: E402
 from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig  # noqa: E402
 from nanowarp.gpt2 import GPT2, GPT2Config  # noqa: E402
+from nanowarp.llama_config import LlamaConfig  # noqa: E402
 from nanowarp.logprobs import token_logprobs  # noqa: E402
+from nanowarp.models import from_config  # noqa: E402
 from nanowarp.reward import RewardModel  # noqa: E402
 from nanowarp.rl import Resources, rl_run  # noqa: E402
 from nanowarp.sampling import sample  # noqa: E402
@@ -89,13 +91,15 @@ def word_tokenizer(n):
 
 
 def random_resources(shape, device, dtype, folder, seed=0):
-    """(θ_init, Resources) for rl_run: a random GPT-2 and a random DistilBERT classifier, saved in
-    `folder` (the reward model loads from a folder), whose WordPiece vocabulary holds t0, t1, ...:
-    each sampled token is one word, one reward-model token."""
+    """(θ_init, Resources) for rl_run: a random GPT-2 (or, with shape["llama"], a random Llama of
+    that config.json) and a random DistilBERT classifier, saved in `folder` (the reward model loads
+    from a folder), whose WordPiece vocabulary holds t0, t1, ...: each sampled token is one word,
+    one reward-model token."""
     torch.manual_seed(seed)
-    config = GPT2Config(**shape["gpt2"], bos_token_id=shape["gpt2"]["vocab_size"] - 1,
-                        eos_token_id=shape["gpt2"]["vocab_size"] - 1)
-    theta = GPT2(config).hf_state_dict()
+    arch = shape.get("llama") or shape["gpt2"]
+    ids = dict(bos_token_id=arch["vocab_size"] - 1, eos_token_id=arch["vocab_size"] - 1)
+    config = LlamaConfig.from_hf({**arch, **ids}) if "llama" in shape else GPT2Config(**arch, **ids)
+    theta = from_config(config).hf_state_dict()
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab = special + [f"t{i}" for i in range(shape["distilbert"]["vocab_size"] - len(special))]
     with open(os.path.join(folder, "vocab.txt"), "w") as f:

@@ -3,15 +3,24 @@ One RL step, timed by phase: nanowarp against TRL's `RLOOTrainer` and against th
 reimplementation's way, on the same random models, prompts and settings.
 
 Shapes (random weights, nothing downloaded; tokenizers with one word per token id, as in
-bench/device_check.py):
+bench/device_check.py), by --model:
 
-- tiny: the laptop reproduction's models (nanowarp/study/tiny.py: GPT-2 of 2 layers, width 128,
-  vocabulary 4,096; DistilBERT of 1 layer, width 64), 64 completions x 40 new tokens;
-- gpt2: GPT-2 124M and a DistilBERT-base reward model, 16 completions x 32 new tokens;
-- smoke: a few seconds on a CPU, for the test suite.
+- --model gpt2 (the default), shapes tiny and gpt2 unless --shapes says otherwise:
+  - tiny: the laptop reproduction's models (nanowarp/study/tiny.py: GPT-2 of 2 layers, width 128,
+    vocabulary 4,096; DistilBERT of 1 layer, width 64), 64 completions x 40 new tokens;
+  - gpt2: GPT-2 124M and a DistilBERT-base reward model, 16 completions x 32 new tokens;
+- --model smollm2, shape smollm2 unless --shapes says otherwise:
+  - smollm2: a Llama of SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads, 3 key/value heads,
+    vocabulary 49,152; bench/policies.py says where the numbers come from) and the same
+    DistilBERT-base reward model, 16 completions x 32 new tokens;
+- smoke (either model): a few seconds on a CPU, for the test suite.
+
+transformers' contenders get the same weights (GPT2LMHeadModel or LlamaForCausalLM), checked
+before timing: one forward of each gives nanowarp's logits.
 
 Every contender does RLOO with k = 4 (16 or 4 prompts x 4 completions), LoRA rank 8 (alpha 8)
-on every linear of the blocks (GPT-2's c_attn, c_proj, c_fc), AdamW, KL coefficient 0.1,
+on every linear of the blocks (GPT-2's c_attn, c_proj, c_fc; the Llama's q_proj, k_proj,
+v_proj, o_proj, gate_proj, up_proj, down_proj), AdamW, KL coefficient 0.1,
 temperature 1, no top-k / top-p, fp32. The reward is nanowarp's: the reward model's P(positive)
 of the decoded prompt + completion, -1 without EOS (random weights rarely emit it, so nearly
 every completion has all its tokens).
@@ -30,6 +39,7 @@ contender; its median hides it with 3 rounds or more) and each total's ratio to 
 
     python bench/rl_step.py --shapes tiny --repeats 3
     python bench/rl_step.py --shapes gpt2 --repeats 3       # ~8 minutes on 2 cores
+    python bench/rl_step.py --model smollm2 --repeats 3
     python bench/rl_step.py --shapes tiny --profile          # + nanowarp's update by operator,
                                                              #   and its matmul-only floor
 """
@@ -53,20 +63,31 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from device_check import random_resources  # noqa: E402
 from nanowarp.config import Config, flag, parse_args as parse_flags  # noqa: E402
 from nanowarp.padding import left_pad  # noqa: E402
-from nanowarp.rl import rl_run, rloo_advantages  # noqa: E402
+from nanowarp.rl import build_policy, rl_run, rloo_advantages  # noqa: E402
 from nanowarp.study import tiny  # noqa: E402
+from policies import MODELS, PEFT_TARGETS, SMOLLM2_135M, family, hf_model, parity  # noqa: E402
 from update_profile import profile_update  # noqa: E402
 
-SHAPES = {
-    "tiny": dict(gpt2=dict(vocab_size=tiny.POLICY_VOCAB, **tiny.GPT2_ARCH),
-                 distilbert=dict(vocab_size=tiny.REWARD_VOCAB, **tiny.DISTILBERT_ARCH), batch=64, new_tokens=40),
-    "gpt2": dict(gpt2=dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
-                 distilbert=dict(vocab_size=28996, dim=768, n_layers=6, n_heads=12, hidden_dim=3072),
-                 batch=16, new_tokens=32),
-    "smoke": dict(gpt2=dict(vocab_size=500, n_positions=64, n_embd=32, n_layer=2, n_head=4),
-                  distilbert=dict(vocab_size=600, dim=32, n_layers=1, n_heads=2, hidden_dim=64),
-                  batch=8, new_tokens=6),
+DISTILBERT_BASE = dict(vocab_size=28996, dim=768, n_layers=6, n_heads=12, hidden_dim=3072)
+SMOKE_DISTILBERT = dict(vocab_size=600, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+SHAPES = {  # by --model; "gpt2" holds GPT2Config's fields, "llama" config.json's
+    "gpt2": {
+        "tiny": dict(gpt2=dict(vocab_size=tiny.POLICY_VOCAB, **tiny.GPT2_ARCH),
+                     distilbert=dict(vocab_size=tiny.REWARD_VOCAB, **tiny.DISTILBERT_ARCH), batch=64, new_tokens=40),
+        "gpt2": dict(gpt2=dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
+                     distilbert=DISTILBERT_BASE, batch=16, new_tokens=32),
+        "smoke": dict(gpt2=dict(vocab_size=500, n_positions=64, n_embd=32, n_layer=2, n_head=4),
+                      distilbert=SMOKE_DISTILBERT, batch=8, new_tokens=6),
+    },
+    "smollm2": {
+        "smollm2": dict(llama=SMOLLM2_135M, distilbert=DISTILBERT_BASE, batch=16, new_tokens=32),
+        "smoke": dict(llama=dict(SMOLLM2_135M, vocab_size=500, hidden_size=48, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                 max_position_embeddings=64),  # SmolLM2's 3 query heads per key head
+                      distilbert=SMOKE_DISTILBERT, batch=8, new_tokens=6),
+    },
 }
+DEFAULT_SHAPES = {"gpt2": "tiny,gpt2", "smollm2": "smollm2"}
 RLOO_K, LORA_RANK, LR, KL_COEF, EMA_RATE = 4, 8, 1e-3, 0.1, 1 / 60  # the tiny preset's RL settings
 PHASES = ("sample", "score", "anchor", "policy", "optimizer", "ema")
 PHASE_NAMES = dict(sample="sampling", score="scoring", anchor="anchor log-probs", policy="policy fwd+bwd",
@@ -77,7 +98,7 @@ Differences that cannot be aligned:
   needs them even with one update per batch; nanowarp takes the sampler's log-probs); it is
   counted in its anchor log-probs column, with the reference forward.
 - TRL's reference model is fixed (the base model, its LoRA disabled), not an EMA of the policy:
-  it has no EMA phase. The reference way's EMA runs over all 124M / 0.9M parameters.
+  it has no EMA phase. The reference way's EMA runs over all the anchor's parameters.
 - TRL's log-prob forwards also compute the entropy (its fused LM head), and it logs metrics;
   its "optimizer, rest" column is the rest of Trainer's step (clipping, AdamW, the scheduler,
   zeroing the gradients, the data loader, logging).
@@ -86,7 +107,9 @@ Differences that cannot be aligned:
 
 @dataclass
 class Args:
-    shapes: str = flag("tiny,gpt2", "comma-separated shapes: tiny, gpt2, smoke")
+    model: str = flag("gpt2", f"the policy: {' or '.join(MODELS)} (GPT-2, or a Llama of SmolLM2-135M's shape)")
+    shapes: str = flag("", "comma-separated shapes: tiny, gpt2, smoke with --model gpt2 (default: tiny,gpt2); "
+                           "smollm2, smoke with --model smollm2 (default: smollm2)")
     contenders: str = flag("nanowarp,trl,reference", "comma-separated contenders (trl is skipped when "
                                                      "trl or peft is missing)")
     repeats: int = flag(3, "rounds; each contender runs one step per round, medians are reported")
@@ -105,19 +128,12 @@ def nanowarp_config(shape, seed):
                   seed=seed)
 
 
-def hf_gpt2(theta, config):
-    """transformers' GPT2LMHeadModel holding the dense weights theta (Hugging Face layout)."""
-    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
-    model = GPT2LMHeadModel(HFConfig(**{k: v for k, v in config.to_hf().items() if k != "architectures"}))
-    model.load_state_dict(theta, strict=False)  # strict=False: lm_head is tied to wte
-    model.generation_config.pad_token_id = config.eos_token_id
-    return model
-
-
-def lora_config():
+def lora_config(config):
+    """peft's LoRA on every linear of the blocks, as nanowarp's (lora_targets all)."""
     from peft import LoraConfig
-    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"],
-                      fan_in_fan_out=True)  # GPT-2's Conv1D layers store [in, out]
+    targets, fan_in_fan_out = PEFT_TARGETS[family(config)]
+    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, lora_dropout=0.0, target_modules=targets,
+                      fan_in_fan_out=fan_in_fan_out)
 
 
 def reward_texts(res, prompts, tokens, finished):
@@ -144,7 +160,7 @@ class Nanowarp:
 
 class ReferenceWay:
     """The reference reimplementation's way, written out plainly: a PEFT LoRA policy on
-    transformers' GPT-2, sampling with generate(use_cache=False) (every new token runs the whole
+    transformers' GPT-2 (or Llama), sampling with generate(use_cache=False) (every new token runs the whole
     sequence again), full-vocabulary log_softmax for the policy and the anchor, and an EMA anchor
     updated over all its parameters (the effective weights of the adapted ones)."""
 
@@ -152,8 +168,8 @@ class ReferenceWay:
         from peft import get_peft_model
         torch.manual_seed(seed)
         self.res, self.shape, self.seed = res, shape, seed
-        self.policy = get_peft_model(hf_gpt2(theta, res.model_config), lora_config())
-        self.anchor = hf_gpt2(theta, res.model_config).eval().requires_grad_(False)
+        self.policy = get_peft_model(hf_model(theta, res.model_config), lora_config(res.model_config))
+        self.anchor = hf_model(theta, res.model_config).eval().requires_grad_(False)
         self.opt = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=LR)
 
     def logprobs(self, model, ids, mask, n_prompt):
@@ -259,9 +275,9 @@ class TRL:
             def on_step_end(self, *a, **kw):
                 stamps["end"] = time.perf_counter()
 
-        self.trainer = trl.RLOOTrainer(model=hf_gpt2(theta, res.model_config), reward_funcs=reward, args=args,
-                                       train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config(),
-                                       callbacks=[Clock()])
+        self.trainer = trl.RLOOTrainer(model=hf_model(theta, res.model_config), reward_funcs=reward, args=args,
+                                       train_dataset=dataset, processing_class=tokenizer,
+                                       peft_config=lora_config(res.model_config), callbacks=[Clock()])
 
         def timed(obj, name, phase):
             fn = getattr(obj, name)
@@ -321,22 +337,29 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = args.shapes.split(",")
-    unknown = [s for s in shapes if s not in SHAPES]
+    if args.model not in MODELS:
+        raise SystemExit(f"unknown --model {args.model!r}: choose from {', '.join(MODELS)}")
+    shapes, table = (args.shapes or DEFAULT_SHAPES[args.model]).split(","), SHAPES[args.model]
+    unknown = [s for s in shapes if s not in table]
     if unknown:
-        raise SystemExit(f"unknown shape(s) {', '.join(unknown)}: choose from {', '.join(SHAPES)}")
+        raise SystemExit(f"unknown shape(s) {', '.join(unknown)} for --model {args.model}: "
+                         f"choose from {', '.join(table)}")
     names = available(args.contenders.split(","))
     versions = ", ".join(f"{m} {importlib.metadata.version(m)}" for m in ("transformers", "trl", "peft") if _importable(m))
     print(f"{time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads, {versions}")
-    print(f"RLOO k={RLOO_K}, LoRA rank {LORA_RANK} on c_attn, c_proj, c_fc, AdamW lr {LR}, KL coefficient "
+    targets = ", ".join(PEFT_TARGETS["gpt2" if args.model == "gpt2" else "llama"][0])
+    print(f"--model {args.model}: RLOO k={RLOO_K}, LoRA rank {LORA_RANK} on {targets}, AdamW lr {LR}, KL coefficient "
           f"{KL_COEF}, fp32, random weights")
 
     results = {}
     for shape_name in shapes:
-        shape = dict(SHAPES[shape_name], lora_rank=LORA_RANK)
+        shape = dict(table[shape_name], lora_rank=LORA_RANK)
         with tempfile.TemporaryDirectory() as folder:
             theta, res = random_resources(shape, torch.device("cpu"), torch.float32, folder, seed=args.seed)
+            if set(names) - {"nanowarp"}:  # transformers' copy computes nanowarp's logits
+                with torch.random.fork_rng(devices=[]):  # the contenders draw what they would without it
+                    parity(hf_model(theta, res.model_config).eval(), build_policy(theta, res.model_config, "cpu").eval())
             contenders = {n: build(n, theta, res, shape, args.seed, folder) for n in names}
             times = {n: [] for n in names}
             for r in range(args.repeats):
@@ -353,7 +376,7 @@ def main(argv=None):
     print(f"{'shape':32s} {'contender':10s} {'total':>7s} {'vs nanowarp':>11s}  " +
           " ".join(f"{PHASE_NAMES[p]:>16s}" for p in PHASES))
     for shape_name, times in results.items():
-        shape = SHAPES[shape_name]
+        shape = table[shape_name]
         what = f"{shape_name} ({shape['batch']} x {shape['new_tokens']} tokens)"
         total = {n: statistics.median(sum(ph.values()) for ph in t) for n, t in times.items()}
         for name, t in times.items():

@@ -2,12 +2,17 @@
 Sampling throughput: nanowarp's KV-cache sampler vs Hugging Face `generate` vs a loop without a
 KV cache.
 
-GPT-2 124M shapes with random weights, the same weights in every contender (checked: one forward
-pass of each gives the same logits), fp32, prompts of 16 random tokens, plain sampling
+Random weights of the shape --model names, the same weights in every contender (checked: one
+forward pass of each gives the same logits), fp32, prompts of 16 random tokens, plain sampling
 (temperature 1, no top-k / top-p), no early stop: every row gets exactly `new` tokens.
 
+- --model gpt2 (the default): GPT-2 124M; --model smollm2: a Llama of SmolLM2-135M's shape
+  (hidden 576, 30 layers, 9 heads, 3 key/value heads, vocabulary 49,152; bench/policies.py says
+  where the numbers come from). --layers N keeps the first N layers only, for a quick check.
+
 - nanowarp:  nanowarp.sampling.sample(model, prompts, new, eos_token_id=None)
-- generate:  transformers' GPT2LMHeadModel.generate(do_sample=True, top_k=0), its eos disabled
+- generate:  transformers' GPT2LMHeadModel (LlamaForCausalLM for smollm2)
+             .generate(do_sample=True, top_k=0), its eos disabled
 - no cache:  each step runs the whole sequence through the model again, the LM head on the last
              position only, then nanowarp's sample_next: the KV cache is the only difference
              with nanowarp. It is slow, so it runs `--no-cache-repeats` times (default 1).
@@ -19,6 +24,7 @@ wall time of one call, prompt processing included) and the ratio of each median 
     python bench/sampling.py                      # both shapes, 3 repeats: ~5 minutes on 2 cores
     python bench/sampling.py --shapes 64x32 --repeats 5 --no-cache-repeats 0
     python bench/sampling.py --no-cache-repeats 0 --profile   # + where the time goes
+    python bench/sampling.py --model smollm2 --shapes 64x32 --repeats 3 --no-cache-repeats 0
 
 --profile times nanowarp's phases (prefill, transformer body, LM head, sampling), the matmuls of
 a call on their own (a bound on the tokens/s of any fp32 sampler built on these kernels, and so
@@ -44,15 +50,21 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nanowarp.config import flag, parse_args as parse_flags  # noqa: E402
-from nanowarp.gpt2 import GPT2, GPT2Config, linear  # noqa: E402
+from nanowarp.gpt2 import linear  # noqa: E402
 from nanowarp.lora import add_lora, folded, lora_modules  # noqa: E402
+from nanowarp.models import from_config  # noqa: E402
 from nanowarp.padding import left_pad  # noqa: E402
 from nanowarp.sampling import lm_head, sample, sample_next  # noqa: E402
+from policies import MODELS, block_linears, hf_model, parity, policy_config, width  # noqa: E402
 
 
 @dataclass
 class Args:
+    model: str = flag("gpt2", f"the policy's shape, random weights: {' or '.join(MODELS)} (GPT-2 124M, or a Llama "
+                              "of SmolLM2-135M's shape)")
+    layers: int = flag(0, "keep only the first N layers of --model (a quick check); 0 keeps them all")
     shapes: str = flag("64x32,16x64", "comma-separated BATCHxNEW_TOKENS")
     prompt_len: int = flag(16, "tokens per prompt")
     repeats: int = flag(3, "timed calls per contender and shape; medians are reported")
@@ -89,8 +101,8 @@ def breakdown(model, idx, new_tokens):
     sample() makes, with decode_one_token split into the transformer body and the LM head. Also
     the rate of each part in GFLOP/s, from the matmul FLOPs it must do (2 per weight per token)."""
     c = model.config
-    body_flop = 2 * 12 * c.n_embd**2 * c.n_layer  # per token: c_attn, attn.c_proj, c_fc, mlp.c_proj
-    head_flop = 2 * c.n_embd * c.vocab_size
+    body_flop = 2 * sum(lin.weight.numel() for lin in block_linears(model))  # per token: every block linear
+    head_flop = 2 * width(c) * c.vocab_size
     (B, P), V = idx.shape, c.vocab_size
     prompt, prompt_mask = left_pad(idx.tolist(), 0)
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, new_tokens)], 1)
@@ -128,15 +140,16 @@ def matmul_floor(model, B, P, new_tokens, repeats=5):
     orientations sample() uses (gpt2.linear, sampling.lm_head), on the model's weights and random
     inputs; medians of `repeats`. No attention, norms, GELU, copies or sampling: a lower bound on
     the time of any sampler that does this arithmetic in fp32 with these kernels."""
+    linears = block_linears(model)
+
     def timed(rows):
-        xs = {k: torch.randn(rows, k) for k in (model.config.n_embd, 4 * model.config.n_embd)}
+        xs = {k: torch.randn(rows, k) for k in {lin.in_features for lin in linears} | {width(model.config)}}
         out, runs = torch.empty(model.config.vocab_size, B), []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            for block in model.transformer.h:
-                for lin in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-                    linear(xs[lin.in_features], lin.weight, lin.bias)
-            lm_head(model, xs[model.config.n_embd][:B], out)
+            for lin in linears:
+                linear(xs[lin.in_features], lin.weight, lin.bias)
+            lm_head(model, xs[width(model.config)][:B], out)
             runs.append(time.perf_counter() - t0)
         return statistics.median(runs)
 
@@ -150,7 +163,7 @@ def matmul_floor(model, B, P, new_tokens, repeats=5):
 def lora_sampler(model, rank, seed=0, fold=True):
     """sample() from a copy of model with LoRA of this rank on every block linear (random A and B,
     so the update is not zero), its factors folded as nanowarp.rl.rl_run folds them (fold)."""
-    policy = GPT2(model.config)
+    policy = from_config(model.config)
     policy.load_state_dict(model.state_dict())
     policy = add_lora(policy, rank).eval()
     g = torch.Generator().manual_seed(seed)
@@ -174,20 +187,16 @@ def profile_ops(fn, label, rows=12):
 
 
 def load_hf(model, seed):
-    """transformers' GPT2LMHeadModel with nanowarp's weights, or None without transformers."""
+    """transformers' model (GPT2LMHeadModel, LlamaForCausalLM) with nanowarp's weights, checked to
+    give the same logits, or None without transformers."""
     try:
-        from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+        import transformers  # noqa: F401
     except ImportError:
         print("transformers is not installed: skipping generate")
         return None
-    hf = GPT2LMHeadModel(HFConfig(**{k: v for k, v in model.config.to_hf().items() if k != "architectures"}))
-    hf.load_state_dict(model.hf_state_dict(), strict=False)  # strict=False: lm_head is tied
-    hf.eval()
+    hf = hf_model(model.hf_state_dict(), model.config).eval()
     hf.generation_config.eos_token_id = None  # no early stop
-    hf.generation_config.pad_token_id = model.config.eos_token_id
-    idx = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(idx).logits, model(idx), rtol=1e-4, atol=1e-4)
+    parity(hf, model, seed)
     return hf
 
 
@@ -196,10 +205,12 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = GPT2(GPT2Config()).eval()  # GPT-2 124M, random weights
+    layers = {"n_layer" if args.model == "gpt2" else "num_hidden_layers": args.layers} if args.layers else {}
+    model = from_config(policy_config(args.model, **layers)).eval()  # random weights
     hf = load_hf(model, args.seed) if args.hf else None
     print(f"{time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
+          f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads, --model "
+          f"{args.model}{f' ({args.layers} layers)' if args.layers else ''}"
           + (f", transformers {sys.modules['transformers'].__version__}" if hf is not None else ""))
 
     contenders = {"nanowarp": lambda idx, n, g: sample(model, idx.tolist(), n, generator=g).tokens}

@@ -12,7 +12,7 @@ import torch
 
 from nanowarp.gpt2 import linear
 from nanowarp.logprobs import completion_logprobs
-from nanowarp.lora import add_lora, folded
+from nanowarp.lora import add_lora, default_targets, folded
 from nanowarp.rl import build_policy, ema_update
 from nanowarp.sampling import sample
 
@@ -59,22 +59,23 @@ def profile_update(theta, res, shape, cfg, k, seed, phase_names, repeats=3):
         update()
     print("  its top operators by self CPU time (one update)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    floor = update_floor(res.model_config, B, P, N)
+    floor = update_floor(anchor, B, P, N)
     print(f"  so the update is at {floor / (med['anchor'] + med['policy']):.0%} of its matmul floor "
           f"(anchor + policy: {med['anchor'] + med['policy']:.3f} s)")
 
 
 @torch.no_grad()
-def update_floor(config, B, P, N, repeats=3):
+def update_floor(model, B, P, N, repeats=3):
     """Seconds the matmuls of the update take on their own: the anchor's and the policy's forward
-    through the block linears over B x (P + N - 1) positions and the LM head over the B x N that
-    predict completion tokens, and the policy's backward to the activations through the same
-    matmuls (W0 and the head are frozen: no weight gradients but the LoRA factors', rank-r products
-    left out, as is the low-rank branch of the forward). Random inputs of the same shapes, the
-    orientations gpt2.linear picks; medians of `repeats`."""
-    rows, d, inner = B * (P + N - 1), config.n_embd, 4 * config.n_embd
-    body = [(3 * d, d), (d, d), (inner, d), (d, inner)] * config.n_layer
-    weights = [(torch.randn(o, i) * 0.02, rows) for o, i in body] + [(torch.randn(config.vocab_size, d) * 0.02, B * N)]
+    through the block linears (those of `model`, GPT-2 or Llama layout) over B x (P + N - 1)
+    positions and the LM head over the B x N that predict completion tokens, and the policy's
+    backward to the activations through the same matmuls (W0 and the head are frozen: no weight
+    gradients but the LoRA factors', rank-r products left out, as is the low-rank branch of the
+    forward). Random inputs of the same shapes, the orientations gpt2.linear picks; medians of `repeats`."""
+    rows = B * (P + N - 1)
+    body = [model.get_submodule(name).weight.shape for name in default_targets(model)]
+    head = model.lm_head.weight.shape
+    weights = [(torch.randn(o, i) * 0.02, rows) for o, i in body] + [(torch.randn(*head) * 0.02, B * N)]
     x = {(n, r): torch.randn(r, n) for w, r in weights for n in w.shape}
     runs = []
     for _ in range(repeats):

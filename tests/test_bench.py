@@ -52,6 +52,36 @@ def test_sampling_bench_prints_rates_ratios_and_the_matmul_bound(run):
     assert re.search(r"so at most [\d.]+x generate's median at 4x3", out)
 
 
+def test_sampling_bench_runs_a_llama_of_smollm2s_shape(run):
+    out = run("sampling.py", "--model", "smollm2", "--layers", "2", "--shapes", "4x3", "--prompt-len", "4",
+              "--repeats", "1", "--threads", "1", "--no-cache-repeats", "0", "--lora-ranks", "2", "--profile")
+    assert "--model smollm2 (2 layers)" in out.splitlines()[0]
+    for contender in ("nanowarp", "nanowarp LoRA 2", "generate"):
+        assert re.search(rf"4 x 3 +{contender} +[\d.]+ +[\d.]+x +[\d.]+x +1\n", out), (contender, out)
+    assert re.search(r"matmuls alone, 4x3: .* at most [\d.]+ tokens/s", out)
+
+
+def test_bench_policies_match_transformers_and_the_parity_check_sees_the_rope():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        from policies import hf_model, parity, policy_config
+    finally:
+        sys.path.pop(0)
+    from nanowarp.models import from_config
+    config = policy_config("smollm2", vocab_size=300, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=6, num_key_value_heads=2)
+    assert (config.rope_theta, config.rms_norm_eps, config.tie_word_embeddings) == (100000.0, 1e-5, True)
+    model = from_config(config).eval()
+    with torch.no_grad():  # not all norms 1, so that a wrong eps or norm would show too
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf = hf_model(model.hf_state_dict(), config).eval()
+    parity(hf, model)
+    config.rope_theta = 10000.0  # SmolLM2's is 100,000: transformers' copy no longer agrees
+    with pytest.raises(AssertionError):
+        parity(hf, from_config(config).load_hf_state_dict(model.hf_state_dict()).eval())
+
+
 def test_logprobs_bench_prints_time_and_memory_for_both_cases():
     out = run_alone("logprobs.py", "--batch", "2", "--seq", "5", "--vocab", "300", "--dim", "16", "--repeats", "1",
               "--threads", "1")
@@ -105,3 +135,21 @@ def test_checksums_bench_prints_save_load_verify_and_the_share_of_a_run(run):
     assert re.search(r"verify alone +[\d.]+ +\([\d.]+ GB/s\)", out)
     assert re.search(r"per WARP iteration of 2 runs \(4 checkpoints sealed, 3 verified\): [\d.]+ s = [\d.]+% of "
                      r"2 x 100 steps x 7.15 s \(1430 s\)", out)
+
+
+def test_rl_step_bench_runs_a_llama_policy(run):
+    contenders = "nanowarp,reference,trl" if importlib.util.find_spec("trl") else "nanowarp,reference"
+    out = run("rl_step.py", "--model", "smollm2", "--shapes", "smoke", "--contenders", contenders, "--repeats", "1",
+              "--threads", "1")
+    assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in out
+    table = out[out.index("\nmedians over 1 rounds"):]
+    assert re.search(r"smoke \(8 x 6 tokens\) +nanowarp +[\d.]+ +1\.00x( +[\d.]+){6}\n", table), out
+    for name in contenders.split(",")[1:] if importlib.util.find_spec("peft") else ():
+        assert re.search(rf"smoke \(8 x 6 tokens\) +{name} +[\d.]+ +[\d.]+x( +[\d.]+){{6}}\n", table), (name, out)
+
+
+def test_families_bf16_bench_prints_small_differences(run):
+    out = run("families_bf16.py", "--families", "gemma2")
+    row = re.search(r"\ngemma2 +([\d.]+) +([\d.]+) +([\d.]+)\n", out)
+    assert row, out
+    assert all(0 < float(d) < 0.1 for d in row.groups()), out  # bf16 rounding: a few hundredths, not more
