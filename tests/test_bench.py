@@ -42,8 +42,8 @@ def run_alone(script, *flags):
 
 
 def test_sampling_bench_prints_rates_ratios_and_the_matmul_bound(run):
-    out = run("sampling.py", "--shapes", "4x3", "--prompt-len", "4", "--repeats", "1", "--threads", "1",
-              "--profile", "--lora-ranks", "2", "--lora-unfolded")
+    out = run("sampling.py", "--layers", "2", "--shapes", "4x3", "--prompt-len", "4", "--repeats", "1",
+              "--threads", "1", "--profile", "--lora-ranks", "2", "--lora-unfolded")
     for contender in ("nanowarp", "nanowarp LoRA 2", "LoRA 2 unfolded", "generate", "no cache"):
         assert re.search(rf"4 x 3 +{contender} +[\d.]+ +[\d.]+x +[\d.]+x +1\n", out), (contender, out)
     assert re.search(r"4 x 3 +nanowarp +[\d.]+ +[\d.]+x +1\.00x", out)
