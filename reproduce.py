@@ -281,9 +281,10 @@ def main(argv=None):
         stages("prepare", out("data", "meta.json"),
                lambda: prepare(args.source, out("tokenizers", "policy"), out("data"), n_eval=args.n_eval,
                                cache_dir=out("cache"))["counts"], after=["tokenizers"])
-        stages.side_by_side([("sft", out("sft", "config.json"), sft_stage, args, out("tokenizers", "policy")),
-                             ("reward", out("reward_model", "config.json"), reward_stage, args, out("tokenizers", "reward"))],
-                            args.workers, args.threads, after=["tokenizers", "prepare"])
+        stoppable("the SFT and reward stages", lambda: stages.side_by_side(  # Ctrl-C / SIGTERM: at a step end
+            [("sft", out("sft", "config.json"), sft_stage, args, out("tokenizers", "policy")),
+             ("reward", out("reward_model", "config.json"), reward_stage, args, out("tokenizers", "reward"))],
+            args.workers, args.threads, after=["tokenizers", "prepare"]))
         stages("judge", out("judge", "config.json"), lambda: judge_stage(args, out("tokenizers", "policy")),
                after=["prepare", "sft"])
         stages("diagnose", out("sft", "config.json"), lambda: diagnose_stage(args), after=["sft", "reward", "judge"])

@@ -4,6 +4,8 @@ the weights of a run never stopped, bit for bit; on the tiny fixture models and 
 
 import os
 import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -115,3 +117,43 @@ def test_reproduce_py_stops_a_stage_at_a_step_end_and_exits_with_128_plus_the_si
     assert e.value.code == 128 + signum
     assert f"reproduce.py: stopped by {signal.Signals(signum).name}: run the same command again to resume the judge" \
         in capsys.readouterr().err
+
+
+def quick_stage(ready):
+    """Done as soon as the slow stage runs in the other process (so each stage has its own)."""
+    (ready / "quick").touch()
+    for _ in range(3000):  # a minute at most: never a hang
+        if (ready / "slow").exists():
+            break
+        time.sleep(0.02)
+    (ready / "quick_done").touch()
+    return 2
+
+
+def slow_stage(ready):
+    """Steps of 20 ms, each checking for a stop at its end, for at most a minute."""
+    from nanowarp.parallel import check_stop
+    (ready / "slow").touch()
+    for step in range(3000):
+        time.sleep(0.02)
+        check_stop(step=step + 1)
+    return "not stopped"
+
+
+def test_side_by_side_stages_stop_at_a_step_end_on_a_signal_to_reproduce_py_alone(tmp_path):
+    from nanowarp.study.stages import Stages
+    ready = tmp_path / "ready"
+    ready.mkdir()
+
+    def signal_when_quick_is_done():  # SIGTERM to this process alone, as `kill` or a scheduler sends it
+        while not (ready / "quick_done").exists():
+            time.sleep(0.02)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=signal_when_quick_is_done, daemon=True).start()
+    stages = Stages(str(tmp_path))
+    with stop_on_signals(), pytest.raises(Interrupted) as e:
+        stages.side_by_side([("quick", str(ready), quick_stage, ready), ("slow", str(ready), slow_stage, ready)],
+                            workers=2, threads=1)
+    assert e.value.exit_code == 143 and e.value.step >= 1  # passed on, and the slow stage stopped at a step end
+    assert stages.done["quick"]["result"] == 2 and "slow" not in stages.done  # what finished is kept

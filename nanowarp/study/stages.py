@@ -11,6 +11,7 @@ computed from another one (`after`) is redone when that one was redone since.
 """
 
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import os
@@ -19,6 +20,15 @@ import time
 import torch
 
 from nanowarp.hub import write_json
+from nanowarp.parallel import Interrupted, stop_on_signals, stop_requested
+
+_WORKER = contextlib.ExitStack()  # a side-by-side process's signal handling, held for its life
+
+
+def _start_worker(threads):
+    """A side-by-side stage's process: its threads; SIGINT / SIGTERM stop its stage at the end of a step."""
+    torch.set_num_threads(threads)
+    _WORKER.enter_context(stop_on_signals(main=False))
 
 
 def timed(fn, *fn_args):
@@ -68,7 +78,10 @@ class Stages:
 
     def side_by_side(self, stages, workers, threads, after=()):
         """(name, output, fn, *fn_args) stages in `workers` processes at once (spawned: fn and its
-        arguments are pickled); each stage's own time is recorded, and printed with the wall time."""
+        arguments are pickled); each stage's own time is recorded, and printed with the wall time.
+        Inside parallel.stop_on_signals, a SIGINT / SIGTERM sent to this process alone is passed on to
+        the stages' processes; a stage stopped at the end of a step raises parallel.Interrupted here,
+        once the stages that finished are recorded."""
         todo = [s for s in stages if not self.is_done(*s[:2], after)]
         if workers <= 1 or len(todo) <= 1:
             for name, output, fn, *fn_args in todo:
@@ -79,12 +92,26 @@ class Stages:
         start = time.perf_counter()
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), ctx,
-                                                    initializer=torch.set_num_threads, initargs=(threads or 1,)) as pool:
+                                                    initializer=_start_worker, initargs=(threads or 1,)) as pool:
             futures = [(name, pool.submit(timed, fn, *fn_args)) for name, _, fn, *fn_args in todo]
-            results = [(name, *future.result()) for name, future in futures]
+            passed_on = False
+            while not all(future.done() for _, future in futures):
+                concurrent.futures.wait([future for _, future in futures], timeout=0.2)
+                if stop_requested() and not passed_on:  # a terminal's Ctrl-C reaches them too: a second is ignored
+                    for child in multiprocessing.active_children():
+                        os.kill(child.pid, stop_requested())
+                    passed_on = True
+        results, stopped = [], None
+        for name, future in futures:
+            try:
+                results.append((name, *future.result()))
+            except Interrupted as e:
+                stopped = e
         wall, group = time.perf_counter() - start, " + ".join(s[0] for s in todo)
         for name, seconds, result in results:
             self.record(name, seconds, result, side_by_side=dict(group=group, wall=round(wall, 1)))
+        if stopped:
+            raise stopped
         print(f"=== {group}, side by side: {wall:.1f}s wall time", flush=True)
 
     def wall_time(self, names):
