@@ -7,7 +7,7 @@ RLOO, the evaluation, the tables, the plots, and the paper's claims checked, eve
     python reproduce.py --source aclImdb_v1.tar.gz --seeds 0 1 2    # three
     python reproduce.py --setting sentiment --source ... --seeds 0 1 2    # what WARP does to sentiment
 
-Two settings (nanowarp/study/tiny.py SETTINGS): `fast` (the default, ~17 minutes a seed) runs the whole
+Two settings (nanowarp/study/tiny.py SETTINGS): `fast` (the default, ~12 minutes a seed) runs the whole
 pipeline at 40 new tokens, where what RL learns is to end the review in time; `sentiment` runs at
 60 new tokens, where the SFT model ends every completion and only sentiment is left to learn, with
 ten times the completions per RL run (WARP + RLOO and its fixed-anchor ablation).

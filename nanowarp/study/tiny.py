@@ -64,7 +64,7 @@ WARP = PRESETS["tiny"]
 # overrides on top of the preset), the main job (the WARP whose iterations get LITI sweeps, a LERP and
 # the claims), the best-of-N of the SFT model evaluated beside them, where the output goes, and the judge
 # gain the setting aims at (drawn in the plot).
-#   fast       the whole pipeline in ~17 minutes: 40 new tokens, where RL learns to end in time (reward
+#   fast       the whole pipeline in ~12 minutes: 40 new tokens, where RL learns to end in time (reward
 #              hacking: the independent judge sees no change in sentiment);
 #   sentiment  60 new tokens, where the SFT model ends every completion, so only sentiment is left to
 #              learn, and ten times the completions per run: WARP + RLOO and its fixed-anchor ablation.
