@@ -289,13 +289,11 @@ class GPT2(nn.Module):
         hub.save_checkpoint(folder, self.config.to_hf(), self.hf_state_dict(state_dict))
 
 
-@dataclass
-class GPT2ClassifierConfig(GPT2Config):
-    num_labels: int = 2
-    id2label: dict | None = None  # {0: "NEGATIVE", 1: "POSITIVE"}; LABEL_i when None
-    pad_token_id: int | None = None  # transformers finds each row's last token as the last non-pad id
+class Labels:
+    """The labels of a decoder classifier's config (GPT-2 or Llama layout): `num_labels` and
+    `id2label` ({0: "NEGATIVE", 1: "POSITIVE"}; LABEL_i when None), and label2id."""
 
-    def __post_init__(self):
+    def set_labels(self):
         if self.id2label is None:
             self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
         self.id2label = {int(i): label for i, label in self.id2label.items()}  # config.json's keys are strings
@@ -304,6 +302,16 @@ class GPT2ClassifierConfig(GPT2Config):
     @property
     def label2id(self):
         return {label: i for i, label in self.id2label.items()}
+
+
+@dataclass
+class GPT2ClassifierConfig(Labels, GPT2Config):
+    num_labels: int = 2
+    id2label: dict | None = None  # {0: "NEGATIVE", 1: "POSITIVE"}; LABEL_i when None
+    pad_token_id: int | None = None  # transformers finds each row's last token as the last non-pad id
+
+    def __post_init__(self):
+        self.set_labels()
 
     @property
     def max_position_embeddings(self):  # DistilBertConfig's name: RewardModel truncates to it

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from nanowarp import hub
+from nanowarp.gpt2 import Labels
 
 FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gemma2")
 ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2"}
@@ -215,21 +216,14 @@ def inv_freq(config):
 
 
 @dataclass
-class LlamaClassifierConfig(LlamaConfig):
+class LlamaClassifierConfig(Labels, LlamaConfig):
     """A *ForSequenceClassification's config: the body's, plus its labels."""
     num_labels: int = 2
     id2label: dict | None = None  # {0: "NEGATIVE", 1: "POSITIVE"}; LABEL_i when None
 
     def __post_init__(self):
         super().__post_init__()
-        if self.id2label is None:
-            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
-        self.id2label = {int(i): label for i, label in self.id2label.items()}  # config.json's keys are strings
-        self.num_labels = len(self.id2label)
-
-    @property
-    def label2id(self):
-        return {label: i for i, label in self.id2label.items()}
+        self.set_labels()
 
     @classmethod
     def from_hf(cls, d, where="config.json"):
