@@ -15,7 +15,7 @@ weights W0 + s·B·A, kept as a plain dense model (GPT-2 or Llama layout).
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ class Resources:
     prompts: list  # training prompts, lists of token ids
     eos_id: object  # the id that ends a completion, or a list of them (models.eos_ids)
     device: torch.device
+    columns: dict = field(default_factory=dict)  # the prompt rows' other fields by name, lists aligned with prompts
 
 
 def load_resources(cfg, device=None):
