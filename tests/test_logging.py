@@ -97,7 +97,8 @@ def test_missing_integration_names_the_pip_install(flags, monkeypatch, tmp_path)
 
 
 def test_wandb_offline(flags, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    pytest.importorskip("wandb", reason="wandb is the optional `wandb` extra, not a test dependency (it is large and "
+                                  "network-minded); this test runs where it is installed")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = str(tmp_path / "job")
