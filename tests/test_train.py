@@ -11,6 +11,7 @@ import torch
 
 import train
 from nanowarp.gpt2 import GPT2
+from nanowarp import merging
 from nanowarp.merging import task_vector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,3 +149,61 @@ def test_command_line_gives_back_the_config():
     command = command_line(cfg, "train.py")
     assert command.startswith("python train.py ") and "--fresh" in command and "--runs" not in command  # a default
     assert parse_args(shlex.split(command)[2:]) == cfg
+
+
+# ---- the flags that change the algorithm, each run end to end: a flag that did nothing fails here ----
+
+def test_merge_lerp_averages_the_runs_instead_of_slerp(flags, job, tiny_gpt2_dir, tmp_path):
+    out = str(tmp_path / "lerp")
+    assert train.main(flags + ["--out_dir", out, "--iterations", "1", "--merge", "lerp"]) == 0
+    sft = weights(tiny_gpt2_dir)
+    runs = [weights(os.path.join(out, "iter_1", f"run_{m}")) for m in (0, 1)]
+    for m in (0, 1):  # the same runs as the SLERP job's: only the merge differs
+        same = weights(os.path.join(job, "iter_1", f"run_{m}"))
+        assert all(torch.equal(runs[m][k], same[k]) for k in same)
+    merged = weights(os.path.join(out, "iter_1", "slerp"))
+    lerp, slerp = merging.lerp(sft, runs), merging.slerp(sft, runs)
+    assert all(torch.allclose(merged[k], lerp[k], rtol=0, atol=1e-6) for k in sft)
+    assert any(not torch.allclose(merged[k], slerp[k], rtol=0, atol=1e-6) for k in sft), "lerp must not be SLERP"
+
+
+def test_whiten_changes_the_step_to_the_whitened_advantages(flags, job, tmp_path):
+    # the same run as the job's run 0 of iteration 1 but for --whiten (test_objective pins its formula)
+    out = str(tmp_path / "whiten")
+    assert train.main(flags + ["--out_dir", out, "--iterations", "1", "--runs", "1", "--whiten"]) == 0
+    a, b = weights(os.path.join(job, "iter_1", "run_0")), weights(os.path.join(out, "iter_1", "run_0"))
+    assert any(not torch.equal(a[k], b[k]) for k in a), "--whiten must change the run"
+    first = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][0]
+    reference = [json.loads(line) for line in open(os.path.join(job, "metrics.jsonl"))][0]
+    assert first["reward"] == reference["reward"], "the first step samples and scores the same completions"
+    assert first["loss"] != reference["loss"]
+
+
+@pytest.fixture(scope="module")
+def ending_policy_dir(tiny_gpt2_dir, tmp_path_factory):
+    """The tiny policy with 60 stop ids (generation_config.json): about half its completions end."""
+    import shutil
+    folder = str(tmp_path_factory.mktemp("ending"))
+    shutil.copytree(tiny_gpt2_dir, folder, dirs_exist_ok=True)
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": list(range(60))}, f)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["prob", "logit"])
+def test_reward_kind_rewards_the_probability_or_the_logit(flags, ending_policy_dir, tiny_reward_dir, kind, tmp_path):
+    from nanowarp.distilbert import DistilBertClassifier
+    from nanowarp.tokenizer import load_tokenizer
+    out = str(tmp_path / kind)
+    assert train.main(flags + ["--out_dir", out, "--policy", ending_policy_dir, "--iterations", "1", "--runs", "1",
+                               "--steps", "1", "--batch_size", "8", "--log_completions", "1",
+                               "--no_eos_penalty", "-7", "--reward_kind", kind]) == 0
+    rows = [json.loads(line) for line in open(os.path.join(out, "completions.jsonl"))]
+    finished = [r for r in rows if r["reward"] != -7]
+    assert 0 < len(finished) < len(rows), "the check needs rows that ended and rows that did not"
+    classifier, tokenizer = DistilBertClassifier.from_pretrained(tiny_reward_dir).eval(), load_tokenizer(tiny_reward_dir)
+    for r in finished:  # the classifier read by hand: POSITIVE's logit, or its softmax probability
+        ids = torch.tensor([tokenizer.encode(r["prompt"] + r["completion"]).ids])
+        logits = classifier(ids, torch.ones_like(ids)).double()[0]
+        expected = logits[1] if kind == "logit" else logits.softmax(-1)[1]
+        assert abs(r["reward"] - expected.item()) < 1e-5, (r, logits)
