@@ -1,7 +1,9 @@
 """Tests for nanowarp.merging: SLERP / LERP / LITI on tiny hand-checkable state dicts."""
 
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,3 +254,108 @@ def test_task_vector_stats_measure_the_angles_and_norms():
     assert task_vector_stats(init, runs, slerp(init, runs))["merge_norm_ratio"] == pytest.approx(1.0)  # equal norms
     one = task_vector_stats(init, runs[:1], runs[0])  # one run: no angle to measure
     assert one["cos"] is None and one["cos_per_tensor_mean"] is None and one["merge_norm_ratio"] == pytest.approx(1.0)
+
+
+# ---- every refusal says exactly what differs, naming the checkpoints as the caller does ----------
+
+A, B = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
+SAME = "merge only checkpoints of the same architecture"
+INT = {"count": torch.tensor([1, 2])}, {"count": torch.tensor([1, 3])}
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: task_vector(A, {}), f"theta has no tensor 'w' that init has; {SAME}"),
+    (lambda: task_vector(A, {**B, "v": torch.ones(1)}), f"theta has tensor 'v' that init does not have; {SAME}"),
+    (lambda: liti(A, {"w": torch.ones(3)}, 0.5), f"tensor 'w' has shape (2,) in theta_a but (3,) in theta_b; {SAME}"),
+    (lambda: slerp(A, [B, {}]), f"model 2 has no tensor 'w' that init has; {SAME}"),
+    (lambda: lerp(A, []), "need at least one fine-tuned model to merge"),
+    (lambda: lerp(A, [B, B, B], 0.3), "an explicit lam is only defined for 2 models, got 3; "
+                                      "leave lam unset for uniform weights"),
+    (lambda: slerp(A, [B, B], 1.5), "lam must be in [0, 1], got 1.5"),
+    (lambda: slerp_pair(INT[0]["count"], INT[0]["count"], INT[1]["count"], 0.5),
+     "tensor 'tensor' (torch.int64) differs between checkpoints; integer/boolean buffers cannot be merged"),
+    (lambda: lerp(INT[0], [INT[1]]), "tensor 'count' (torch.int64) differs between checkpoints; "
+                                     "integer/boolean buffers cannot be merged"),
+    (lambda: liti(INT[0], INT[1], 0.5), "tensor 'count' (torch.int64) differs between checkpoints; "
+                                        "integer/boolean buffers cannot be merged"),
+])
+def test_every_refusal_says_exactly_what_differs(call, message):
+    with pytest.raises(ValueError) as error:
+        call()
+    assert str(error.value) == message
+
+
+def test_architectures_are_compared_field_by_field_with_every_checkpoint():
+    from nanowarp.gpt2 import GPT2Config
+    from nanowarp.llama_config import LlamaConfig
+    names = ["init", "model 1", "model 2"]
+    gpt2, llama = GPT2Config(n_layer=2), LlamaConfig(num_hidden_layers=2)
+    with pytest.raises(ValueError) as error:
+        check_compatible([A, A, A], names, [gpt2, gpt2, llama])
+    assert str(error.value) == f"model 2 is a llama model but init a gpt2 one: {SAME}"
+    with pytest.raises(ValueError) as error:
+        check_compatible([A, A], names[:2], [llama, gpt2])
+    assert str(error.value) == f"model 1 is a gpt2 model but init a llama one: {SAME}"
+    with pytest.raises(ValueError) as error:
+        check_compatible([A, A, A], names, [gpt2, gpt2, GPT2Config(n_layer=3)])
+    assert str(error.value) == f"model 2 has n_layer=3 but init has n_layer=2: {SAME}"
+    with pytest.raises(ValueError) as error:
+        check_compatible([A, A], names[:2], [gpt2, GPT2Config(n_layer=2, eos_token_id=7)])  # the last field too
+    assert str(error.value) == f"model 1 has eos_token_id=7 but init has eos_token_id=50256: {SAME}"
+    # config.json as read (transformers_version and the like) is not the architecture
+    check_compatible([A, A], names[:2], [llama, dataclasses.replace(llama, hf={"transformers_version": "4.0"})])
+
+
+# ---- task_vector_stats against a plain float64 computation -------------------------------------
+
+def plain_stats(init, thetas, merged):
+    """The statistics task_vector_stats documents, computed the obvious way (whole flat vectors)."""
+    def flat(d, keys):
+        return torch.cat([d[k].double().flatten() for k in keys])
+
+    def cos(u, v):
+        return (u @ v / (u.norm() * v.norm())).item()
+
+    keys = list(init)
+    deltas = [flat(t, keys) - flat(init, keys) for t in thetas]
+    pairs = [(i, j) for i in range(len(thetas)) for j in range(i + 1, len(thetas))]
+    per_tensor = [cos(thetas[i][k].double().flatten() - init[k].double().flatten(),
+                      thetas[j][k].double().flatten() - init[k].double().flatten())
+                  for k in keys for i, j in pairs
+                  if not torch.equal(thetas[i][k], init[k]) and not torch.equal(thetas[j][k], init[k])]
+    norms = [d.norm().item() for d in deltas]
+    return dict(cos=sum(cos(deltas[i], deltas[j]) for i, j in pairs) / len(pairs),
+                cos_per_tensor_mean=sum(per_tensor) / len(per_tensor),
+                cos_per_tensor_median=float(np.median(per_tensor)), tensors=len(per_tensor),
+                **{f"norm_{m + 1}": n for m, n in enumerate(norms)},
+                merge_norm_ratio=(flat(merged, keys) - flat(init, keys)).norm().item() / (sum(norms) / len(norms)))
+
+
+def test_task_vector_stats_equal_the_plain_computation():
+    # three runs, two tensors, an init away from 0, norms below 1, and a tensor one run left alone
+    torch.manual_seed(0)
+    init = {"a": torch.randn(3, 2, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
+    runs = [{k: v + 0.1 * torch.randn_like(v) for k, v in init.items()} for _ in range(3)]
+    runs[2]["b"] = init["b"].clone()
+    merged = slerp(init, runs)
+    stats, plain = task_vector_stats(init, runs, merged), plain_stats(init, runs, merged)
+    assert stats.keys() == plain.keys() and stats["tensors"] == 3 * 2 - 2
+    for key in plain:
+        assert stats[key] == pytest.approx(plain[key], rel=1e-12), key
+
+
+def test_task_vector_stats_without_anything_to_measure_say_none():
+    init = {"a": torch.ones(2), "b": torch.ones(2)}
+    moved = {"a": torch.tensor([2.0, 1.0]), "b": torch.ones(2)}
+    one_still = task_vector_stats(init, [moved, init], moved)  # a run that did not move: no angle with it
+    assert one_still["cos"] is None and one_still["tensors"] == 0 and one_still["cos_per_tensor_median"] is None
+    assert one_still["merge_norm_ratio"] == pytest.approx(2.0)  # ‖δ_merge‖ = 1 over the mean norm 1/2
+    none_moved = task_vector_stats(init, [init, init], init)
+    assert none_moved["merge_norm_ratio"] is None and none_moved["norm_1"] == 0.0
+
+
+def test_liti_end_points_are_the_bits_of_the_end_point():
+    # the end points are returned as they are, not through float64: a −0.0 keeps its sign
+    a, b = {"w": torch.tensor([-0.0, 1.0])}, {"w": torch.tensor([1.0, 2.0])}
+    assert torch.signbit(liti(a, b, 0)["w"][0]) and torch.equal(liti(a, b, 0)["w"], a["w"])
+    assert torch.signbit(liti(b, a, 1)["w"][0])
