@@ -184,9 +184,10 @@ def _chat_renderer(folder, where, chat):
         except hub.CheckpointError:
             if chat:
                 raise  # --chat_template with a policy that has none: chat.load_template says so
-    raise DataError(f"{where}: a list of messages is rendered with the policy's chat template, and "
-                    f"{folder or 'no policy'} has none (tokenizer_config.json's chat_template or chat_template.jinja): "
-                    f"give prompt strings, or use a chat model's checkpoint")
+    none = f"{folder} has none (tokenizer_config.json's chat_template or chat_template.jinja)" if folder else \
+        "no policy folder was given"
+    raise DataError(f"{where}: a list of messages is rendered with the policy's chat template, and {none}: give "
+                    f"prompt strings, or use a chat model's checkpoint")
 
 
 def load_prompt_file(path, tokenizer):
