@@ -41,13 +41,14 @@ from dataclasses import dataclass
 import torch
 
 from nanowarp import hub, merging
-from nanowarp.chat import chat_prompts
-from nanowarp.config import fail, flag, parse_args as parse_flags, resolve_device
-from nanowarp.data import DataError, load_meta, load_prompt_file, load_prompts
+from nanowarp.config import (fail, flag, parse_args as parse_flags, prompt_key_flag, resolve_device,
+                             truncate_prompts_flag)
+from nanowarp.data import DataError, load_meta, load_prepared_prompts
 from nanowarp.evaluate import best_of_n, evaluate, heldout_sequences, liti_sweep
 from nanowarp.logger import Logger, check_report_to
-from nanowarp.models import eos_ids, from_config, from_pretrained
+from nanowarp.models import eos_ids, from_config, from_pretrained, load_config
 from nanowarp.plots import plot
+from nanowarp.prompts import load_prompt_dataset, max_prompt_tokens
 from nanowarp.reward import RewardModel
 from nanowarp.sampling import first_eos
 from nanowarp.tokenizer import EOS, load_tokenizer
@@ -76,8 +77,11 @@ class Args:
                                  metavar="R")
     reward_label: str = flag(None, "the reward model's rewarded label; None: the job's, else the one named POSITIVE "
                                    "(else the last)", metavar="NAME")
-    prompts: str = flag(None, "prompt file to evaluate on instead of --data's eval prompts: text, one per line, "
-                              "or .jsonl {\"prompt\": ...}", metavar="PATH")
+    prompts: str = flag(None, "prompt dataset to evaluate on instead of --data's eval prompts: text, one per line; "
+                              ".jsonl, .json or .parquet rows, a \"prompt\" string or \"messages\" each "
+                              "(docs/usage.md#prompt-datasets)", metavar="PATH")
+    prompt_key: str = prompt_key_flag()
+    truncate_prompts: str = truncate_prompts_flag("--ref's context")
     chat_template: bool = flag(False, "give each prompt as a user turn of --ref's chat template "
                                       "(tokenizer_config.json; pip install jinja2), as train.py --chat_template does")
     samples: int = flag(0, "store the first K completions of each model (prompt, completion, reward, kl) in --out",
@@ -169,7 +173,7 @@ def load_policy(name, role, ref=None):
 
 
 def check_prompts(prompts, args, ref, tokenizer):
-    """The prompts fit the reference tokenizer and the context window."""
+    """The prompts fit the reference tokenizer (their lengths are checked as they are loaded)."""
     meta_eos = None if args.prompts else load_meta(args.data).get("eos_token_id")  # the data tokenizer's EOS
     if meta_eos is not None and meta_eos != tokenizer.token_to_id(EOS):
         fail("eval.py", f"{args.data} was prepared with a tokenizer whose {EOS} is {meta_eos}, but --ref's is "
@@ -177,10 +181,6 @@ def check_prompts(prompts, args, ref, tokenizer):
     if max(max(p) for p in prompts) >= ref.config.vocab_size:
         fail("eval.py", f"{args.data} holds token ids beyond --ref's vocabulary ({ref.config.vocab_size}): "
                         f"prepare the data with the policy's tokenizer")
-    longest = max(len(p) for p in prompts)
-    if longest + args.max_new_tokens > ref.config.n_positions:
-        fail("eval.py", f"the longest prompt ({longest} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds "
-                        f"the model's context ({ref.config.n_positions}): lower --max_new_tokens")
 
 
 def best_of_name(n, ref):
@@ -219,33 +219,28 @@ def main(argv=None):
     args = parse_args(argv)
     validate(args)
 
-    # 1. inputs: fail on a missing folder or missing data before loading anything large
+    # 1. inputs: fail on a missing folder, missing data or a prompt too long before loading anything large
     try:
-        prompts = None if args.prompts else load_prompts(args.data, "eval")
+        if not args.prompts:
+            load_meta(args.data)
         for name in (*(args.models or ()), *(args.sweep or ()), args.ref, args.reward_model,
                      *([args.judge] if args.judge else [])):
             hub.resolve(name)
-    except (DataError, hub.CheckpointError) as e:
+        folder = hub.resolve(args.ref)  # its tokenizer (it also decodes completions), chat template and context
+        tokenizer = load_tokenizer(folder)
+        fit = dict(template=folder, chat=args.chat_template, truncate=args.truncate_prompts, limit=args.n_prompts,
+                   max_tokens=max_prompt_tokens(load_config(folder).n_positions, args.max_new_tokens))
+        prompts = load_prompt_dataset(args.prompts, tokenizer, args.prompt_key, **fit).ids if args.prompts else \
+            load_prepared_prompts(args.data, "eval", tokenizer, **fit)
+    except (DataError, hub.CheckpointError, ValueError) as e:
         fail("eval.py", str(e))
-    if args.prompts:
-        try:
-            prompts = load_prompt_file(args.prompts, load_tokenizer(args.ref))
-        except (DataError, hub.CheckpointError) as e:
-            fail("eval.py", str(e))
     if args.n_prompts > len(prompts):
         print(f"note: {args.prompts or args.data} has {len(prompts)} eval prompts, fewer than --n_prompts {args.n_prompts}: using all")
-    prompts = prompts[:args.n_prompts]
-    if args.chat_template:
-        try:
-            prompts = chat_prompts(prompts, load_tokenizer(args.ref), hub.resolve(args.ref))
-        except (ValueError, hub.CheckpointError) as e:
-            fail("eval.py", str(e))
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     ref = load_policy(args.ref, "--ref").to(device, dtype).eval()
     eos_id = eos_ids(args.ref, ref.config)  # an id, or generation_config.json's list of them
     try:
-        tokenizer = load_tokenizer(args.ref)  # the policy tokenizer, to decode completions
         check_prompts(prompts, args, ref, tokenizer)
         reward_model = RewardModel(args.reward_model, device, batch_size=args.batch_size, dtype=dtype)
         judge = RewardModel(args.judge, device, batch_size=args.batch_size, dtype=dtype) if args.judge else None

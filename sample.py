@@ -9,7 +9,9 @@ what differs comes from the models rather than from the draw. With --reward_mode
 reward: P(positive) of prompt + completion, or -1 for a completion that did not end (no EOS within
 --max_new_tokens), as in training and eval.py; with --judge, an independent classifier's P(positive)
 (no -1 rule). Prompts are tokenized with the first model's tokenizer, which decodes every model's
-completions: the models must share its vocabulary.
+completions: the models must share its vocabulary; --chat_template makes each the user's turn of that
+model's chat template. Every prompt must fit the smallest context beside --max_new_tokens (or
+--truncate_prompts left), checked before any model is loaded.
 
     python sample.py --model lvwerra/gpt2-imdb runs/warp/iter_2/liti --prompt "This movie was" \\
         --prompt "I went to see it because" --num_samples 3 --max_new_tokens 48 \\
@@ -28,10 +30,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from anywhere without installing
 
 from nanowarp import hub  # noqa: E402
-from nanowarp.config import fail, flag, parse_args as parse_flags, resolve_device  # noqa: E402
-from nanowarp.data import DataError, encode_prompts, load_prompt_file  # noqa: E402
+from nanowarp.config import (fail, flag, parse_args as parse_flags, prompt_key_flag, resolve_device,  # noqa: E402
+                             truncate_prompts_flag)
+from nanowarp.data import DataError  # noqa: E402
 from nanowarp.evaluate import batch_seed  # noqa: E402
-from nanowarp.models import eos_ids, from_pretrained  # noqa: E402
+from nanowarp.models import eos_ids, from_pretrained, load_config  # noqa: E402
+from nanowarp.prompts import load_prompt_dataset, make_prompt_set, max_prompt_tokens  # noqa: E402
 from nanowarp.reward import RewardModel  # noqa: E402
 from nanowarp.rl import decode  # noqa: E402
 from nanowarp.sampling import sample  # noqa: E402
@@ -43,8 +47,13 @@ class Args:
     model: tuple = flag(None, "policies to sample from: checkpoint folders or Hub ids, sharing the first's vocabulary",
                         required=True, nargs="+", metavar="DIR")
     prompt: tuple = flag(None, "a prompt, as it is (repeat the flag for several)", action="append", metavar="TEXT")
-    prompts: str = flag(None, "also the prompts of a file: text, one per line, or .jsonl {\"prompt\": ...}",
+    prompts: str = flag(None, "also the prompts of a dataset: text, one per line; .jsonl, .json or .parquet rows, "
+                              "a \"prompt\" string or \"messages\" each (docs/usage.md#prompt-datasets)",
                         metavar="PATH")
+    prompt_key: str = prompt_key_flag()
+    truncate_prompts: str = truncate_prompts_flag("the smallest --model context")
+    chat_template: bool = flag(False, "give each prompt as a user turn of the first --model's chat template "
+                                      "(tokenizer_config.json; pip install jinja2), as train.py --chat_template does")
     num_samples: int = flag(3, "completions per prompt and model", metavar="K")
     max_new_tokens: int = flag(48, "maximum completion length, in tokens", metavar="N")
     temperature: float = flag(1.0, "sampling temperature", metavar="T")
@@ -54,6 +63,7 @@ class Args:
     judge: str = flag(None, "an independent sentiment classifier: each completion's P(positive)", metavar="DIR")
     json: bool = flag(False, "print JSON (for scripts) instead of tables")
     device: str = flag("auto", "cpu, cuda, cuda:N, or auto")
+    dtype: str = flag("float32", "bfloat16: the models and classifiers run in bf16", choices=["float32", "bfloat16"])
 
 
 def parse_args(argv=None):
@@ -138,29 +148,29 @@ def main(argv=None):
         for name in (*args.model, *([args.reward_model] if args.reward_model else []),
                      *([args.judge] if args.judge else [])):
             hub.resolve(name)
-        tokenizer = load_tokenizer(args.model[0])
-        prompts = encode_prompts(list(args.prompt or ()), tokenizer, "--prompt")
+        folder = hub.resolve(args.model[0])  # its tokenizer and chat template; every model's context
+        tokenizer = load_tokenizer(folder)
+        context = min(load_config(hub.resolve(name)).n_positions for name in args.model)
+        fit = dict(template=folder, chat=args.chat_template, truncate=args.truncate_prompts,
+                   max_tokens=max_prompt_tokens(context, args.max_new_tokens))
+        given = list(args.prompt or ())
+        prompts = make_prompt_set([f"--prompt {i}" for i in range(1, len(given) + 1)], given, {}, tokenizer, **fit).ids
         if args.prompts:
-            prompts += load_prompt_file(args.prompts, tokenizer)
-    except (DataError, hub.CheckpointError) as e:
+            prompts += load_prompt_dataset(args.prompts, tokenizer, args.prompt_key, **fit).ids
+    except (DataError, hub.CheckpointError, ValueError) as e:
         fail("sample.py", str(e))
-    device = resolve_device(args.device)
+    device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
     try:
-        reward_model = RewardModel(args.reward_model, device) if args.reward_model else None
-        judge = RewardModel(args.judge, device) if args.judge else None
+        reward_model = RewardModel(args.reward_model, device, dtype=dtype) if args.reward_model else None
+        judge = RewardModel(args.judge, device, dtype=dtype) if args.judge else None
     except hub.CheckpointError as e:
         fail("sample.py", str(e))
 
     # 2. each model in turn (one in memory): K completions of every prompt
     first, per_model = None, []
     for name in args.model:
-        model = load_policy(name, first).to(device)
+        model = load_policy(name, first).to(device, dtype)
         first = first or model.config
-        longest = max(len(p) for p in prompts)
-        if longest + args.max_new_tokens > model.config.n_positions:
-            fail("sample.py", f"the longest prompt ({longest} tokens) + --max_new_tokens ({args.max_new_tokens}) "
-                              f"exceeds the context of --model {name} ({model.config.n_positions}): lower "
-                              f"--max_new_tokens or shorten the prompt")
         if max(max(p) for p in prompts) >= model.config.vocab_size:
             fail("sample.py", f"the first --model's tokenizer gives token ids beyond the vocabulary of --model {name} "
                               f"({model.config.vocab_size})")

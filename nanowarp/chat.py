@@ -1,7 +1,8 @@
 """
 Prompts for chat models (--chat_template): each prompt becomes the user's turn of a conversation,
 rendered with the chat template the checkpoint ships, and the assistant's turn is opened, so that
-the completion is the model's reply.
+the completion is the model's reply. A prompt dataset's `messages` rows (prompts.load_prompt_dataset)
+are whole conversations, rendered the same way: system and earlier turns as written.
 
 The template is a Jinja2 template in tokenizer_config.json ("chat_template") or chat_template.jinja;
 it is rendered as transformers' apply_chat_template renders it (sandboxed, trim_blocks and
@@ -64,10 +65,26 @@ def render(template, special, text):
     return template.render(messages=[{"role": "user", "content": text}], add_generation_prompt=True, **special)
 
 
+def renderer(folder):
+    """A function: a conversation (a list of {"role", "content"} messages) -> its text in `folder`'s
+    chat template, the assistant's turn opened, as apply_chat_template(messages, add_generation_prompt=True)
+    writes it; a ValueError for one the template refuses (its raise_exception, a wrong message)."""
+    template, special = load_template(folder)
+    compiled = compile_template(template)
+    import jinja2  # compile_template found it
+
+    def render_messages(messages):
+        try:
+            return compiled.render(messages=messages, add_generation_prompt=True, **special)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the chat template of {folder} refuses it ({e})") from None
+    return render_messages
+
+
 def chat_prompts(prompts, tokenizer, folder):
     """Prompts (lists of token ids of `tokenizer`) -> the token ids of each as a user turn of
     `folder`'s chat template, the assistant's turn opened."""
-    template, special = load_template(folder)
-    compiled = compile_template(template)
-    texts = [render(compiled, special, text) for text in tokenizer.decode_batch(prompts, skip_special_tokens=True)]
-    return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    render_messages = renderer(folder)
+    texts = [render_messages([{"role": "user", "content": text}])
+             for text in tokenizer.decode_batch(prompts, skip_special_tokens=True)]
+    return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]  # the template wrote its own

@@ -24,6 +24,17 @@ def flag(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def prompt_key_flag():
+    """--prompt_key, the same in every script that reads prompt datasets."""
+    return flag("prompt", "--prompts: the field of a row that holds its prompt", metavar="NAME")
+
+
+def truncate_prompts_flag(context="the policy's context"):
+    """--truncate_prompts, the same in every script that reads prompts; `context`: whose it is."""
+    return flag("none", f"a prompt longer than {context} leaves beside --max_new_tokens: none = stop at load, "
+                        f"naming its line; left = keep its last tokens", choices=["none", "left"])
+
+
 @dataclass
 class Config:
     # what to run
@@ -89,8 +100,11 @@ class Config:
     threads: int = flag(0, "CPU threads per process; 0 = this machine's threads split evenly between the workers")
     log_every: int = flag(1, "print a progress line every N steps (metrics.jsonl gets every step)")
     # other prompt sets and classifiers; logging
-    prompts: str = flag(None, "prompt file to train on instead of --data's: text, one per line, or .jsonl "
-                              "{\"prompt\": ...}", metavar="PATH")
+    prompts: str = flag(None, "prompt dataset to train on instead of --data's: text, one per line; .jsonl, .json "
+                              "or .parquet rows, a \"prompt\" string or \"messages\" each, other fields columns "
+                              "(docs/usage.md#prompt-datasets)", metavar="PATH")
+    prompt_key: str = prompt_key_flag()
+    truncate_prompts: str = truncate_prompts_flag()
     chat_template: bool = flag(False, "give each prompt to the policy as a user turn of its chat template "
                                       "(tokenizer_config.json; pip install jinja2)")
     reward_label: str = flag(None, "the reward model's label that is rewarded; None: the one named POSITIVE, else "

@@ -29,8 +29,12 @@ import zipfile
 
 import numpy as np
 
+from nanowarp.chat import chat_prompts
 from nanowarp.hub import atomic_write, write_json, write_text
 from nanowarp.logger import progress
+# prompt files of any task, and the error of a dataset that cannot be read: nanowarp/prompts.py, named here too
+from nanowarp.prompts import (DataError, PromptSet, encode_prompts, fit_prompts, load_prompt_dataset,  # noqa: F401
+                              load_prompt_file)
 from nanowarp.tokenizer import EOS, leading_special_ids, load_tokenizer
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
@@ -38,10 +42,6 @@ KNOWN_MD5 = {IMDB_URL: "7c2ac02c03563afcf9b574c7e56c153a"}
 LABELS = {"neg": 0, "pos": 1}  # also the order in which the folders are read
 REVIEW = re.compile(r"aclImdb/(train|test)/(pos|neg)/([^/]+)")
 PREFIX_CHARS = 256  # make_prompts encodes this much of each text (20 GPT-2 tokens are ~100 characters)
-
-
-class DataError(Exception):
-    """A dataset that cannot be found or read, with a message meant for the user."""
 
 
 def download(url, cache_dir):
@@ -278,51 +278,22 @@ def load_prompts(data_dir, split):
     return [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
+def load_prepared_prompts(data_dir, split, tokenizer, template=None, chat=False, max_tokens=None, truncate="none",
+                          limit=None):
+    """load_prompts' prompts (the first `limit`), as load_prompt_dataset treats a file's: with `chat`
+    (--chat_template) each the user's turn of `template`'s chat template, then each fitting
+    max_tokens or named by its number (prompts.fit_prompts)."""
+    prompts = load_prompts(data_dir, split)[:limit]
+    if chat:
+        prompts = chat_prompts(prompts, tokenizer, template)
+    path = os.path.join(data_dir, f"prompts_{split}.npz")
+    return fit_prompts(prompts, max_tokens, truncate, lambda i: f"{path}, prompt {i + 1}",
+                       leading_special_ids(tokenizer))
+
+
 def load_reviews(data_dir, split):
     """The cleaned labelled reviews of split 'train' or 'test': (texts, labels)."""
     assert split in ("train", "test"), split
     with open(_existing(data_dir, f"reviews_{split}.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     return [r["text"] for r in rows], [r["label"] for r in rows]
-
-
-def load_prompt_file(path, tokenizer):
-    """Prompts of any task, as lists of token ids of `tokenizer` (a tokenizers.Tokenizer): a JSONL
-    file (name ending in .jsonl, one {"prompt": "..."} per line) or plain text, one prompt per
-    line. Blank lines are skipped; the text of a prompt is kept as it is (leading spaces count)."""
-    if not os.path.isfile(path):
-        raise DataError(f"no prompt file at {path}: give a text file (one prompt per line) or JSONL "
-                        f"({{\"prompt\": ...}} per line)")
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        try:
-            lines = f.read().split("\n")  # universal newlines: \r\n and \r read as \n
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path} is not UTF-8 text ({e}): save it as UTF-8") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, line {n}: not JSON ({e})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                    raise DataError(f"{path}, line {n}: expected an object with a \"prompt\" string")
-                line = row["prompt"]
-            texts.append(line)
-    if not texts:
-        raise DataError(f"{path} holds no prompts")
-    return encode_prompts(texts, tokenizer, path)
-
-
-def encode_prompts(texts, tokenizer, source):
-    """Prompt texts as lists of token ids of `tokenizer`, after the BOS it puts first, if any (no
-    other special tokens); a DataError, naming `source` (where they came from), for one that encodes
-    to no tokens."""
-    bos = leading_special_ids(tokenizer)
-    prompts = [bos + e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-    empty = [i for i, p in enumerate(prompts) if len(p) == len(bos)]
-    if empty:
-        raise DataError(f"{source}: prompt {empty[0] + 1} encodes to no tokens")
-    return prompts

@@ -21,15 +21,15 @@ import numpy as np
 import torch
 
 from nanowarp import hub
-from nanowarp.chat import chat_prompts
 from nanowarp.config import resolve_device
-from nanowarp.data import load_prompt_file, load_prompts
+from nanowarp.data import load_prepared_prompts
 from nanowarp.logger import completion_rows
 from nanowarp.logprobs import completion_logprobs, sampled_kl
 from nanowarp.lora import add_lora, effective_state_dict, folded, lora_modules, named_targets
 from nanowarp.models import eos_ids, from_config, load_config
 from nanowarp.optim import adamw
 from nanowarp.parallel import Interrupted, stop_requested
+from nanowarp.prompts import load_prompt_dataset, max_prompt_tokens
 from nanowarp.reward import RewardModel
 from nanowarp.sampling import sample_micro_batches
 from nanowarp.tokenizer import load_tokenizer
@@ -49,19 +49,26 @@ class Resources:
 
 def load_resources(cfg, device=None):
     """The Resources of a job's runs on `device` (default: --device): the policy's config and
-    tokenizer, the reward model, and the training prompts (--prompts, or --data's)."""
+    tokenizer, the reward model, and the training prompts (--prompts, or --data's), each checked to fit
+    the context beside --max_new_tokens, with the --prompts rows' other fields as columns."""
     device = device or resolve_device(cfg.device)
     folder = hub.resolve(cfg.policy)
     model_config = load_config(folder)
     with torch.device("meta"):  # a model without memory, for its layer names: --lora_targets fails here, not later
         named_targets(from_config(model_config), cfg.lora_targets)
     tokenizer = load_tokenizer(folder)
-    prompts = load_prompt_file(cfg.prompts, tokenizer) if cfg.prompts else load_prompts(cfg.data, "train")
-    if cfg.chat_template:  # each prompt as the user's turn, the assistant's opened
-        prompts = chat_prompts(prompts, tokenizer, folder)
+    # every prompt checked against the context now, not when it is first drawn, maybe hours in
+    fit = dict(template=folder, chat=cfg.chat_template, truncate=cfg.truncate_prompts,
+               max_tokens=max_prompt_tokens(model_config.n_positions, cfg.max_new_tokens))
+    if cfg.prompts:
+        dataset = load_prompt_dataset(cfg.prompts, tokenizer, cfg.prompt_key, **fit)
+        prompts, columns = dataset.ids, dataset.columns
+    else:
+        prompts, columns = load_prepared_prompts(cfg.data, "train", tokenizer, **fit), {}
     reward_model = RewardModel(cfg.reward_model, device, kind=cfg.reward_kind, no_eos_penalty=cfg.no_eos_penalty,
                                label=cfg.reward_label, dtype=getattr(torch, cfg.dtype))
-    return Resources(model_config, tokenizer, reward_model, prompts, eos_ids(folder, model_config), device)
+    return Resources(model_config, tokenizer, reward_model, prompts, eos_ids(folder, model_config), device,
+                     columns=columns)
 
 
 def rloo_advantages(rewards, k):

@@ -93,6 +93,16 @@ def bpe_folder(folder, layout="vocab"):
     return folder
 
 
+def chat_checkpoint(src, folder, template):
+    """A copy of the checkpoint src whose tokenizer_config.json holds the chat template `template`
+    (EOS is its bos_token and eos_token)."""
+    from nanowarp.hub import write_json
+    shutil.copytree(src, folder, dirs_exist_ok=True)
+    write_json(os.path.join(folder, "tokenizer_config.json"), {"chat_template": template, "bos_token": EOS,
+                                                               "eos_token": EOS})
+    return folder
+
+
 def wordpiece_folder(folder, lowercase=True):
     """The fixture WordPiece (tiny.train_wordpiece on REVIEWS, 300 tokens) as BERT checkpoints ship
     it: vocab.txt + tokenizer_config.json (do_lower_case), no tokenizer.json."""

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import merge
 import train
-from conftest import Killed, assert_same_weights, in_process, stop_at
+from conftest import Killed, assert_same_weights, chat_checkpoint, in_process, stop_at
 from nanowarp import checksums, hub, models
 from nanowarp.config import parse_args
 from nanowarp.gpt2 import GPT2
@@ -251,11 +251,7 @@ CHATML = ("{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system
 @pytest.fixture(scope="module")
 def chat_dir(llama_dir, tmp_path_factory):
     """The Llama checkpoint with a chat template in its tokenizer_config.json."""
-    folder = str(tmp_path_factory.mktemp("chat"))
-    shutil.copytree(llama_dir, folder, dirs_exist_ok=True)
-    hub.write_json(os.path.join(folder, "tokenizer_config.json"), {"chat_template": CHATML, "bos_token": EOS,
-                                                                   "eos_token": EOS})
-    return folder
+    return chat_checkpoint(llama_dir, str(tmp_path_factory.mktemp("chat")), CHATML)
 
 
 def test_chat_template_renders_as_transformers_does(chat_dir, tiny_reward_dir, prepared_imdb_dir, tmp_path):

@@ -69,7 +69,8 @@ def test_reward_label_chooses_the_rewarded_class(emotion_dir):
 
 def test_unknown_label_lists_the_labels(emotion_dir, tiny_gpt2_dir, prompt_files, tmp_path, capsys):
     code = train.main(["--policy", tiny_gpt2_dir, "--reward_model", emotion_dir, "--prompts", prompt_files[0],
-                       "--reward_label", "POSITIVE", "--out_dir", str(tmp_path), "--device", "cpu"])
+                       "--reward_label", "POSITIVE", "--max_new_tokens", "8", "--out_dir", str(tmp_path),
+                       "--device", "cpu"])
     assert code == 2
     assert "has no label 'POSITIVE'; its labels are 'joy', 'anger', 'calm'" in capsys.readouterr().err
 

@@ -104,7 +104,7 @@ def other_vocabulary(tiny_gpt2_dir, tmp_path_factory):
 @pytest.mark.parametrize("flags, message", [
     (["--model", "BASE"], "no prompt: give --prompt"),
     (["--model", "BASE", "--prompt", "Hi", "--num_samples", "0"], "--num_samples must be >= 1"),
-    (["--model", "BASE", "--prompt", "Hi", "--max_new_tokens", "200"], "exceeds the context of --model"),
+    (["--model", "BASE", "--prompt", "Hi", "--max_new_tokens", "200"], "--max_new_tokens 200 leaves no room for"),
     (["--model", "BASE", "MISSING", "--prompt", "Hi"], "no checkpoint folder at"),
     (["--model", "BASE", "OTHER_VOCAB", "--prompt", "Hi"], "but the first --model has vocab_size="),
     (["--model", "BASE", "--prompts", "MISSING"], "no prompt file at"),
