@@ -2,13 +2,17 @@
 the effective weights."""
 
 import copy
+import io
 
+import pytest
 import torch
 
+from nanowarp.config import parse_args
 from nanowarp.gpt2 import GPT2, GPT2Config
 from nanowarp.lora import add_lora, lora_modules
 from nanowarp.optim import lr_factor
-from nanowarp.rl import ema_update, rloo_advantages
+from nanowarp.models import load_theta
+from nanowarp.rl import ema_update, load_resources, rl_run, rloo_advantages
 
 CONFIG = GPT2Config(vocab_size=53, n_positions=32, n_embd=16, n_layer=1, n_head=2)
 
@@ -59,3 +63,28 @@ def test_ema_anchor_is_the_ema_of_effective_weights_not_of_factors():
     assert not torch.allclose(got, W0 + ema_B @ ema_A, atol=1e-3)  # the EMA of the factors differs
     # weights without LoRA stay at θ_init
     assert torch.equal(anchor.transformer.wte.weight, base.transformer.wte.weight)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_run_resumed_from_any_saved_state_ends_where_the_run_never_stopped(job_flags, dtype):
+    # what rl_run saves (training_state, through torch.save as the job writes it) is all it needs:
+    # the LoRA factors, the anchor (its float32 master in bf16), AdamW, the schedule, every random
+    # stream (sampling, prompt order, LoRA dropout) and the prompt queue
+    cfg = parse_args(job_flags + ["--out_dir", "unused", "--steps", "3", "--save_every", "1", "--lora_dropout", "0.1",
+                                  "--rloo_k", "2", "--dtype", dtype])
+    resources, theta = load_resources(cfg), load_theta(cfg.policy)
+    states, logged = [], []
+
+    def save_state(state):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        states.append(buffer.getvalue())
+
+    whole = rl_run(theta, 0, 5, cfg, resources, log=logged.append, save_state=save_state)
+    assert len(states) == 2  # after steps 1 and 2: not after the last
+    for n, saved in enumerate(states, 1):
+        resumed_log = []
+        state = torch.load(io.BytesIO(saved), weights_only=False)
+        resumed = rl_run(theta, 0, 5, cfg, resources, log=resumed_log.append, resume=state)
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole), f"resumed after step {n}"
+        assert [r["loss"] for r in resumed_log] == [r["loss"] for r in logged[n:]]
