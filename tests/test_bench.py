@@ -153,3 +153,18 @@ def test_families_bf16_bench_prints_small_differences(run):
     row = re.search(r"\ngemma2 +([\d.]+) +([\d.]+) +([\d.]+)\n", out)
     assert row, out
     assert all(0 < float(d) < 0.1 for d in row.groups()), out  # bf16 rounding: a few hundredths, not more
+
+
+def test_mutation_bench_configures_one_module_and_refuses_unknown_ones():
+    # the mutation run itself takes minutes a module (docs/testing.md): here its set-up only
+    spec = importlib.util.spec_from_file_location("mutation", os.path.join(ROOT, "bench", "mutation.py"))
+    mutation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutation)
+    for module, tests in mutation.MODULES.items():
+        assert os.path.isfile(os.path.join(ROOT, "nanowarp", f"{module}.py")), module
+        assert all(os.path.isfile(os.path.join(ROOT, t)) for t in tests), (module, tests)
+        config = mutation.mutmut_config(module, tests).splitlines()
+        assert config[1] == "[tool.mutmut]" and f'only_mutate = ["nanowarp/{module}.py"]' in config
+        assert "pytest_add_cli_args_test_selection = [" + ", ".join(f'"{t}"' for t in tests) + "]" in config
+    with pytest.raises(SystemExit):
+        mutation.main(["nanowarp_no_such_module"])

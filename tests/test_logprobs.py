@@ -185,3 +185,47 @@ def test_sequence_kl_is_never_negative_and_exact_for_close_and_peaked_models():
             plain = ((logp.exp() * (logp - logq)).sum(-1) * mask).sum(1)
             assert rel_err(out, ref) <= 1.25 * rel_err(plain, ref) + 1e-6
             assert ((out.double() - ref).abs() <= 1e-5).all()
+
+
+# ---- Gemma 2's final soft cap: z = c·tanh(h·Wᵀ / c) / τ --------------------------------------------
+
+def capped(hidden, weight, temperature, cap):
+    """The soft-capped logits, written as the model writes them (float64)."""
+    return cap * torch.tanh(hidden @ weight.T / cap) / temperature
+
+
+@pytest.mark.parametrize("chunk_size", [3, None])
+@pytest.mark.parametrize("needs", ["hidden", "weight", "both"])
+def test_soft_capped_values_and_gradients_match_float64(chunk_size, needs):
+    # caps of 5 and 15 against logits of std ~6: tanh well inside its bend, where s = 1 − tanh² matters
+    hidden, weight, targets, upstream = inputs(seed=5)
+    for cap, temperature in ((5.0, 0.7), (15.0, 1.3)):
+        h64, w64 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        ref = torch.log_softmax(capped(h64, w64, temperature, cap), -1).gather(-1, targets[..., None]).squeeze(-1)
+        ref_gh, ref_gw = torch.autograd.grad((ref * upstream).sum(), (h64, w64))
+        h = hidden.float().requires_grad_(needs in ("hidden", "both"))
+        w = weight.float().requires_grad_(needs in ("weight", "both"))
+        out = token_logprobs(h, w, targets, temperature, chunk_size=chunk_size, softcap=cap)
+        (out * upstream.float()).sum().backward()
+        assert rel_err(out, ref.detach()) <= 1e-5, cap
+        if h.requires_grad:
+            assert rel_err(h.grad, ref_gh) <= 1e-5, cap
+        if w.requires_grad:
+            assert rel_err(w.grad, ref_gw) <= 1e-5, cap
+        uncapped = token_logprobs(hidden.float(), weight.float(), targets, temperature)
+        assert rel_err(uncapped, ref.detach()) > 1e-2, "the cap must change the log-probs"
+
+
+@pytest.mark.parametrize("caps", [(5.0, None), (None, 7.0), (5.0, 7.0)])
+def test_sequence_kl_with_soft_caps_matches_float64(caps):
+    hidden, weight, ref_hidden, ref_weight, mask = kl_inputs(seed=6)
+    cap, ref_cap = caps
+    z = capped(hidden, weight, 0.8, cap) if cap else hidden @ weight.T / 0.8
+    u = capped(ref_hidden, ref_weight, 0.8, ref_cap) if ref_cap else ref_hidden @ ref_weight.T / 0.8
+    logp, logq = torch.log_softmax(z, -1), torch.log_softmax(u, -1)
+    ref = ((logp.exp() * (logp - logq)).sum(-1) * mask.double()).sum(1)
+    out = sequence_kl(hidden.float(), weight.float(), ref_hidden.float(), ref_weight.float(), mask, 0.8,
+                      chunk_size=4, softcap=cap, ref_softcap=ref_cap)
+    assert rel_err(out, ref) <= 1e-5
+    plain = reference_kl(hidden, weight, ref_hidden, ref_weight, mask, 0.8)
+    assert rel_err(plain, ref) > 1e-2, "the caps must change the KL"

@@ -347,9 +347,10 @@ def test_task_vector_stats_equal_the_plain_computation():
 def test_task_vector_stats_without_anything_to_measure_say_none():
     init = {"a": torch.ones(2), "b": torch.ones(2)}
     moved = {"a": torch.tensor([2.0, 1.0]), "b": torch.ones(2)}
-    one_still = task_vector_stats(init, [moved, init], moved)  # a run that did not move: no angle with it
-    assert one_still["cos"] is None and one_still["tensors"] == 0 and one_still["cos_per_tensor_median"] is None
-    assert one_still["merge_norm_ratio"] == pytest.approx(2.0)  # ‖δ_merge‖ = 1 over the mean norm 1/2
+    for runs in ([moved, init], [init, moved]):  # a run that did not move, second or first: no angle with it
+        one_still = task_vector_stats(init, runs, moved)
+        assert one_still["cos"] is None and one_still["tensors"] == 0 and one_still["cos_per_tensor_median"] is None
+        assert one_still["merge_norm_ratio"] == pytest.approx(2.0)  # ‖δ_merge‖ = 1 over the mean norm 1/2
     none_moved = task_vector_stats(init, [init, init], init)
     assert none_moved["merge_norm_ratio"] is None and none_moved["norm_1"] == 0.0
 
