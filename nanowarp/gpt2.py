@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanowarp import hub
 
@@ -123,6 +124,16 @@ class KVCache(nn.Module):
         return self.k_cache, self.v_cache
 
 
+def run_block(model, block, *args):
+    """block(*args). With model.gradient_checkpointing, while the model trains with gradients, the
+    block's activations are not kept for the backward pass but recomputed there (the same values and
+    gradients, with its dropout masks replayed from the saved random state): memory for one more
+    forward of the block."""
+    if model.gradient_checkpointing and model.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -173,6 +184,7 @@ class Block(nn.Module):
 
 class GPT2(nn.Module):
     config_class = GPT2Config  # what from_pretrained reads config.json into
+    gradient_checkpointing = False  # recompute each block's activations in the backward pass (run_block)
 
     def __init__(self, config):
         super().__init__()
@@ -184,7 +196,7 @@ class GPT2(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in every GPT-2 checkpoint
+        self.tie_weights()
         self.head_fp32 = None  # a float32 copy of a bf16 lm_head while nanowarp.sampling.sample runs
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
@@ -228,7 +240,7 @@ class GPT2(nn.Module):
             mask = (causal & (attention_mask[:, None, :] | own_slot))[:, None]  # (B, 1, T, S)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
-            x = block(x, mask, input_pos)
+            x = run_block(self, block, x, mask, input_pos)
         return self.transformer.ln_f(x)
 
     @staticmethod
@@ -258,8 +270,9 @@ class GPT2(nn.Module):
         Conv1D weights transposed to [in, out], no separate lm_head (it is tied to wte)."""
         return to_hf_state_dict(self.state_dict() if state_dict is None else state_dict)
 
-    def load_hf_state_dict(self, state_dict, where="state dict"):
-        """Load Hugging Face-layout weights, with or without the `transformer.` prefix."""
+    def load_hf_state_dict(self, state_dict, where="state dict", assign=False, device=None, dtype=None):
+        """Load Hugging Face-layout weights, with or without the `transformer.` prefix. assign: into
+        a model built on the meta device, taking the tensors (hub.set_weights)."""
         sd = {}
         for k, v in state_dict.items():
             k = k.removeprefix("transformer.")
@@ -270,11 +283,17 @@ class GPT2(nn.Module):
                     if k.startswith("transformer.")}  # a head other than the tied lm_head loads apart
         hub.check_keys(expected, sd, where)
         sd = {"transformer." + k: v.t() if k.endswith(CONV1D) else v for k, v in sd.items()}
-        self.load_state_dict(sd, strict=False)  # strict=False: lm_head.weight comes with wte
+        hub.set_weights(self, sd, assign, device, dtype)  # lm_head.weight comes with wte
+        self.tie_weights()  # again: assign gives wte a new tensor
         return self
 
+    def tie_weights(self):
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in every GPT-2 checkpoint
+
     @classmethod
-    def from_pretrained(cls, name_or_path):
+    def from_pretrained(cls, name_or_path, dtype=torch.float32):
+        """The model of a checkpoint (folder or Hub id), its weights in `dtype`: built on the meta
+        device, without random values, then given the tensors read from the file (hub.load_state_dict)."""
         folder = hub.resolve(name_or_path)
         where = os.path.join(folder, "config.json")
         try:
@@ -282,8 +301,9 @@ class GPT2(nn.Module):
         except (TypeError, ValueError, AssertionError) as e:  # what check_config cannot see (id2label's keys, ...)
             raise hub.CheckpointError(f"{where} holds values no model can be built from ({e})") from None
         hub.check_size(folder, config.n_weights(), where)
-        state_dict, path = hub.load_state_dict(folder)
-        return cls(config).load_hf_state_dict(state_dict, where=path)
+        model = hub.build_empty(lambda: cls(config))
+        state_dict, path = hub.load_state_dict(folder, dtype)
+        return model.load_hf_state_dict(state_dict, where=path, assign=True)
 
     def save_pretrained(self, folder, state_dict=None):
         hub.save_checkpoint(folder, self.config.to_hf(), self.hf_state_dict(state_dict))
@@ -352,20 +372,32 @@ class GPT2Classifier(GPT2):
                              f"truncate the inputs")
         return self.score(at_last_token(self.hidden_states(input_ids, attention_mask), attention_mask))
 
-    def load_hf_state_dict(self, state_dict, where="state dict"):
+    def load_hf_state_dict(self, state_dict, where="state dict", assign=False, device=None, dtype=None):
         """The body as GPT2 loads it, then `score.weight`; a GPT-2 language model (no head) gets a
         fresh, randomly initialised head, with a warning."""
         state_dict = dict(state_dict)
         score = state_dict.pop("score.weight", None)
-        super().load_hf_state_dict(state_dict, where)
+        super().load_hf_state_dict(state_dict, where, assign, device, dtype)
         if score is None:
             warnings.warn(f"{where} has no classifier head: new, randomly initialised score.weight. "
                           f"Fine-tune the model before using its outputs.", stacklevel=3)
+            new_head(self.score, self.transformer.wte.weight)
         else:
             hub.check_keys({"score.weight": self.score.weight.shape}, {"score.weight": score}, where)
-            with torch.no_grad():
-                self.score.weight.copy_(score)
+            hub.set_weights(self, {"score.weight": score}, assign, device, dtype)
         return self
+
+
+def new_head(head, like, std=0.02):
+    """A classifier head's fresh N(0, std²) weight (zero bias), on the device and in the dtype of
+    `like`: drawn here when the model was built on the meta device, kept when it was built for real."""
+    if head.weight.is_meta:
+        head.to_empty(device=like.device)
+        with torch.no_grad():
+            nn.init.normal_(head.weight, mean=0.0, std=std)
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)
+    head.to(like.dtype)
 
 
 def to_hf_state_dict(state_dict):
