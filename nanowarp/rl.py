@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from nanowarp import hub
 from nanowarp.chat import chat_prompts
 from nanowarp.config import resolve_device
 from nanowarp.data import load_prompt_file, load_prompts
+from nanowarp.gpt2 import linear
 from nanowarp.logger import completion_rows
 from nanowarp.logprobs import completion_logprobs, sampled_kl
 from nanowarp.lora import add_lora, effective_state_dict, folded, lora_modules, named_targets
@@ -80,20 +82,28 @@ def ema_update(anchor, policy, mu, master=None):
     frozen at θ_init, where the anchor starts, so their EMA stays θ_init: nothing to do.
 
     bf16 (--dtype bfloat16): master holds, by module name, the float32 EMA of the update itself,
-    δ = θ_ema − W0, so that δ ← (1 − μ) δ + μ s·B·A; the bf16 anchor gets W0 + δ, rounded once
-    (set_anchor). In bf16 itself (8 bits of mantissa), μ·(W' − W) with μ = 0.01 is mostly below
-    half a step of W: lost. δ needs no float32 copy of W0, which the policy holds in bf16."""
+    δ = θ_ema − W0, so that δ ← (1 − μ) δ + μ s·B·A; the anchor computes with W0 + δ (AnchorLinear).
+    In bf16 itself (8 bits of mantissa), μ·(W' − W) with μ = 0.01 is mostly below half a step of W:
+    lost. δ needs no float32 copy of W0, which the policy holds in bf16."""
     for name, module in lora_modules(policy):
         if master is None:
             anchor.get_submodule(name).weight.lerp_(module.effective_weight(), mu)
         else:
             master[name].lerp_(module.delta_weight(), mu)
-            set_anchor(anchor, policy, master, name)
 
 
-def set_anchor(anchor, policy, master, name):
-    """bf16: the anchor's matrix `name` ← W0 + δ (the policy's bf16 W0, the float32 EMA master δ), rounded once."""
-    anchor.get_submodule(name).weight.copy_(policy.get_submodule(name).weight.float() + master[name])
+class AnchorLinear(nn.Module):
+    """bf16: an adapted matrix of the anchor, W0 + δ, never stored: W0 is the policy's frozen bf16
+    weight (shared), δ the float32 EMA master (a buffer); each forward rounds W0 + δ to bf16 once,
+    one matrix at a time, instead of a bf16 copy of every adapted matrix held beside the policy's."""
+
+    def __init__(self, linear_layer, delta):
+        super().__init__()
+        self.weight, self.bias = linear_layer.weight, linear_layer.bias
+        self.register_buffer("delta", delta, persistent=False)
+
+    def forward(self, x):
+        return linear(x, (self.weight.float() + self.delta).to(self.weight.dtype), self.bias)
 
 
 def decode(tokenizer, prompts, tokens, lengths):
@@ -118,15 +128,19 @@ def build_policy(theta, model_config, device, dtype=torch.float32):
     return model.load_hf_state_dict(theta, assign=True, device=device, dtype=dtype)
 
 
-def build_anchor(policy, model_config):
-    """The anchor at θ_init: a plain model that shares every tensor of the LoRA policy but the
-    adapted matrices, which it copies (the EMA moves them), so the frozen weights exist once."""
+def build_anchor(policy, model_config, master=None):
+    """The anchor at θ_init: a plain model that shares the LoRA policy's tensors, so the frozen
+    weights exist once. Its adapted matrices are its own copies, which the EMA moves, or with
+    `master` (bf16: {module name: δ}), W0 + δ formed at each forward (AnchorLinear)."""
     adapted = {f"{name}.weight" for name, _ in lora_modules(policy)}
-    weights = {k: v.clone() if k in adapted else v for k, v in policy.state_dict().items()
+    weights = {k: v.clone() if k in adapted and master is None else v for k, v in policy.state_dict().items()
                if not k.endswith((".lora_A", ".lora_B"))}
     anchor = hub.build_empty(lambda: from_config(model_config), draws=True)
     hub.set_weights(anchor, weights, assign=True)
     anchor.tie_weights()
+    for name, delta in (master or {}).items():
+        parent, _, child = name.rpartition(".")
+        setattr(anchor.get_submodule(parent), child, AnchorLinear(anchor.get_submodule(name), delta))
     return anchor.eval().requires_grad_(False)
 
 
@@ -155,11 +169,7 @@ def restore_training_state(state, policy, anchor, opt, sched, generator, order, 
     for n, v in state["lora"].items():
         params[n].copy_(v)
     for n, v in state["anchor"].items():
-        if master is None:
-            anchor.get_submodule(n).weight.copy_(v)
-        else:
-            master[n].copy_(v)
-            set_anchor(anchor, policy, master, n)
+        (anchor.get_submodule(n).weight if master is None else master[n]).copy_(v)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
@@ -193,10 +203,10 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
     policy = add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, named_targets(policy, cfg.lora_targets),
                       dtype=torch.float32)
     policy.gradient_checkpointing = cfg.gradient_checkpointing
-    anchor = build_anchor(policy, resources.model_config)
     master = None
     if dtype != torch.float32:  # the anchor's float32 EMA master of the adapted matrices: δ = θ_ema − W0, from 0
         master = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in lora_modules(policy)}
+    anchor = build_anchor(policy, resources.model_config, master)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt, sched = adamw(params, cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps)
     generator = torch.Generator(device).manual_seed(seed)  # this run's sampling

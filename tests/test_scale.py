@@ -191,17 +191,18 @@ def test_the_anchor_shares_every_unadapted_weight_and_bf16_keeps_no_float32_copy
     policy, anchor, master = seen["policy"], seen["anchor"], seen["master"]
     adapted = {f"{name}.weight" for name, _ in lora_modules(policy)}
     lora = [p for n, p in policy.named_parameters() if n.endswith(("lora_A", "lora_B"))]
-    for name, w in anchor.state_dict().items():  # one storage for a weight no LoRA adapts
+    for name, w in anchor.state_dict().items():  # one storage for every weight the EMA does not move
         same = w.data_ptr() == policy.state_dict()[name].data_ptr()
-        assert same == (name not in adapted), name
+        assert same == (name not in adapted or dtype == "bfloat16"), name  # bf16: W0 shared too, δ apart
     held = stored([*policy.parameters(), *policy.buffers(), *anchor.parameters(), *anchor.buffers(),
                    *(master or {}).values()])
     n_weights = sum(v.numel() for v in theta.values())
     n_adapted = sum(anchor.get_submodule(k.removesuffix(".weight")).weight.numel() for k in adapted)
     n_lora = sum(p.numel() for p in lora)
-    if dtype == "bfloat16":  # float32: the LoRA factors and the anchor's EMA master of the adapted matrices only
+    if dtype == "bfloat16":  # float32: the LoRA factors and the anchor's EMA master δ of the adapted matrices only
         assert held[torch.float32] == 4 * (n_lora + n_adapted) < 4 * n_weights
-        assert held[torch.bfloat16] == 2 * (n_weights + n_adapted)  # the policy, and the anchor's adapted matrices
+        assert held[torch.bfloat16] == 2 * n_weights  # the policy's weights, which the anchor shares
+        assert all(isinstance(anchor.get_submodule(k.removesuffix(".weight")), rl.AnchorLinear) for k in adapted)
         assert all(out[k].dtype == torch.float32 for k in out)
         assert all(torch.equal(out[k], theta[k]) for k in theta if k not in adapted)  # θ_init's own float32 values
     else:
