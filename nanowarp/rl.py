@@ -128,12 +128,12 @@ def build_policy(theta, model_config, device, dtype=torch.float32):
     return model.load_hf_state_dict(theta, assign=True, device=device, dtype=dtype)
 
 
-def build_anchor(policy, model_config, master=None):
+def build_anchor(policy, model_config, moving=True, master=None):
     """The anchor at θ_init: a plain model that shares the LoRA policy's tensors, so the frozen
-    weights exist once. Its adapted matrices are its own copies, which the EMA moves, or with
-    `master` (bf16: {module name: δ}), W0 + δ formed at each forward (AnchorLinear)."""
-    adapted = {f"{name}.weight" for name, _ in lora_modules(policy)}
-    weights = {k: v.clone() if k in adapted and master is None else v for k, v in policy.state_dict().items()
+    weights exist once. If the EMA moves it (`moving`), its adapted matrices are its own copies, or
+    with `master` (bf16: {module name: δ}), W0 + δ formed at each forward (AnchorLinear)."""
+    adapted = {f"{name}.weight" for name, _ in lora_modules(policy)} if moving and master is None else ()
+    weights = {k: v.clone() if k in adapted else v for k, v in policy.state_dict().items()
                if not k.endswith((".lora_A", ".lora_B"))}
     anchor = hub.build_empty(lambda: from_config(model_config), draws=True)
     hub.set_weights(anchor, weights, assign=True)
@@ -191,8 +191,8 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
     After a SIGINT / SIGTERM (parallel.stop_requested) it saves that state (with save_every) and raises
     parallel.Interrupted at the end of the step, unless that was the last one.
 
-    cfg.dtype bfloat16: the policy's frozen weights, the anchor's forward copy and the sampler run
-    in bf16; the LoRA factors, AdamW's state, the anchor's master (`master`: the EMA of the adapted
+    cfg.dtype bfloat16: the policy's frozen weights, the anchor (which shares them) and the sampler
+    run in bf16; the LoRA factors, AdamW's state, the anchor's master (`master`: the EMA of the adapted
     matrices' update, δ = θ_ema − W0), the log-probs, the KL and the returned weights are float32
     (docs/precision.md#which-tensor-is-in-which-dtype). cfg.micro_batch_size: sampling, scoring,
     the anchor's log-probs and the policy's forward and backward run that many completions at a
@@ -204,9 +204,9 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
                       dtype=torch.float32)
     policy.gradient_checkpointing = cfg.gradient_checkpointing
     master = None
-    if dtype != torch.float32:  # the anchor's float32 EMA master of the adapted matrices: δ = θ_ema − W0, from 0
+    if dtype != torch.float32 and cfg.anchor == "ema":  # the anchor's float32 EMA master: δ = θ_ema − W0, from 0
         master = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in lora_modules(policy)}
-    anchor = build_anchor(policy, resources.model_config, master)
+    anchor = build_anchor(policy, resources.model_config, cfg.anchor == "ema", master)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt, sched = adamw(params, cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps)
     generator = torch.Generator(device).manual_seed(seed)  # this run's sampling
@@ -289,7 +289,7 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
         if stop:
             raise Interrupted(stop, step + 1)
 
-    if master is None:
+    if dtype == torch.float32:
         theta = effective_state_dict(policy)
     else:  # θ_init's float32 weights, the adapted ones W0 + s·B·A over θ_init's float32 W0
         with torch.no_grad():

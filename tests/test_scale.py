@@ -174,35 +174,37 @@ def stored(tensors):
     return out
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("dtype,anchor", [("bfloat16", "ema"), ("float32", "ema"), ("bfloat16", "init")])
 def test_the_anchor_shares_every_unadapted_weight_and_bf16_keeps_no_float32_copy(
-        dtype, job_flags, tiny_gpt2_dir, monkeypatch):
+        dtype, anchor, job_flags, tiny_gpt2_dir, monkeypatch):
     seen = {}
-    ema_update = rl.ema_update
+    build_anchor = rl.build_anchor
 
-    def spy(anchor, policy, mu, master=None):
-        seen.update(anchor=anchor, policy=policy, master=master)
-        return ema_update(anchor, policy, mu, master)
-    monkeypatch.setattr(rl, "ema_update", spy)
+    def spy(policy, model_config, moving=True, master=None):
+        seen.update(policy=policy, master=master, anchor=build_anchor(policy, model_config, moving, master))
+        return seen["anchor"]
+    monkeypatch.setattr(rl, "build_anchor", spy)
     cfg = parse_args(job_flags + ["--out_dir", "unused", "--dtype", dtype, "--steps", "1",
-                                  "--lora_targets", "c_attn,c_fc"])
+                                  "--lora_targets", "c_attn,c_fc", "--anchor", anchor])
     theta = models.load_theta(tiny_gpt2_dir)
     out = rl.rl_run(theta, 0, 0, cfg, rl.load_resources(cfg))
-    policy, anchor, master = seen["policy"], seen["anchor"], seen["master"]
+    policy, master, fixed = seen["policy"], seen["master"], anchor == "init"
+    anchor = seen["anchor"]
     adapted = {f"{name}.weight" for name, _ in lora_modules(policy)}
     lora = [p for n, p in policy.named_parameters() if n.endswith(("lora_A", "lora_B"))]
     for name, w in anchor.state_dict().items():  # one storage for every weight the EMA does not move
         same = w.data_ptr() == policy.state_dict()[name].data_ptr()
-        assert same == (name not in adapted or dtype == "bfloat16"), name  # bf16: W0 shared too, δ apart
+        assert same == (name not in adapted or dtype == "bfloat16" or fixed), name  # bf16: W0 shared too, δ apart
     held = stored([*policy.parameters(), *policy.buffers(), *anchor.parameters(), *anchor.buffers(),
                    *(master or {}).values()])
     n_weights = sum(v.numel() for v in theta.values())
     n_adapted = sum(anchor.get_submodule(k.removesuffix(".weight")).weight.numel() for k in adapted)
     n_lora = sum(p.numel() for p in lora)
     if dtype == "bfloat16":  # float32: the LoRA factors and the anchor's EMA master δ of the adapted matrices only
-        assert held[torch.float32] == 4 * (n_lora + n_adapted) < 4 * n_weights
+        assert held[torch.float32] == 4 * (n_lora + (0 if fixed else n_adapted)) < 4 * n_weights
         assert held[torch.bfloat16] == 2 * n_weights  # the policy's weights, which the anchor shares
-        assert all(isinstance(anchor.get_submodule(k.removesuffix(".weight")), rl.AnchorLinear) for k in adapted)
+        assert all(isinstance(anchor.get_submodule(k.removesuffix(".weight")), rl.AnchorLinear) != fixed
+                   for k in adapted)
         assert all(out[k].dtype == torch.float32 for k in out)
         assert all(torch.equal(out[k], theta[k]) for k in theta if k not in adapted)  # θ_init's own float32 values
     else:
