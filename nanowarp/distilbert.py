@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanowarp import hub
-from nanowarp.gpt2 import new_head, run_block
 from nanowarp.hub import CheckpointError
+from nanowarp.memory import build_empty, new_head, run_block, set_weights
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}  # "gelu" is the exact (erf) GELU, as in transformers
 HEAD = ("pre_classifier.", "classifier.")  # new when the checkpoint is a base model
@@ -128,7 +128,7 @@ class Block(nn.Module):
 
 
 class DistilBertClassifier(nn.Module):
-    gradient_checkpointing = False  # recompute each block's activations in the backward pass (gpt2.run_block)
+    gradient_checkpointing = False  # recompute each block's activations in the backward pass (memory.run_block)
 
     def __init__(self, config: DistilBertConfig):
         super().__init__()
@@ -198,14 +198,14 @@ class DistilBertClassifier(nn.Module):
         except (TypeError, ValueError, AssertionError, AttributeError) as e:  # what check_config cannot see
             raise CheckpointError(f"{where} holds values no model can be built from ({e})") from None
         hub.check_size(folder, config.n_weights(), where)
-        model = hub.build_empty(lambda: cls(config))
+        model = build_empty(lambda: cls(config))
         state_dict, path = hub.load_state_dict(folder, dtype)
         model.load_hf_state_dict(state_dict, path, assign=True)
         return model
 
     def load_hf_state_dict(self, state_dict, path="the state dict", assign=False):
         """Copy in weights named as in transformers, with or without the `distilbert.` prefix (assign:
-        into a model built on the meta device, taking the tensors: hub.set_weights)."""
+        into a model built on the meta device, taking the tensors: memory.set_weights)."""
         found = {k.removeprefix("distilbert."): v for k, v in state_dict.items()}
         found.pop("embeddings.position_ids", None)  # a buffer older transformers saved, not a weight
         ignored = sorted(k for k in found if k.startswith(MLM_HEAD))
@@ -215,7 +215,7 @@ class DistilBertClassifier(nn.Module):
         # only a checkpoint with no head at all is a base model; a partial head is a broken file
         new = head if not any(k in found for k in head) else []
         hub.check_keys({k: v.shape for k, v in expected.items()}, found, path, new_ok=new)
-        hub.set_weights(self, found, assign)
+        set_weights(self, found, assign)
         for name in sorted({k.split(".")[0] for k in new}):  # pre_classifier, classifier
             new_head(getattr(self, name), self.embeddings.word_embeddings.weight, self.config.initializer_range)
         if new or ignored:  # one line, not a UserWarning with a quoted source line

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from nanowarp import hub
+from nanowarp.memory import build_empty, new_head, run_block, set_weights
 
 # Conv1D weights, stored [in, out] in the checkpoints and [out, in] here
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -124,16 +124,6 @@ class KVCache(nn.Module):
         return self.k_cache, self.v_cache
 
 
-def run_block(model, block, *args):
-    """block(*args). With model.gradient_checkpointing, while the model trains with gradients, the
-    block's activations are not kept for the backward pass but recomputed there (the same values and
-    gradients, with its dropout masks replayed from the saved random state): memory for one more
-    forward of the block."""
-    if model.gradient_checkpointing and model.training and torch.is_grad_enabled():
-        return checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -184,7 +174,7 @@ class Block(nn.Module):
 
 class GPT2(nn.Module):
     config_class = GPT2Config  # what from_pretrained reads config.json into
-    gradient_checkpointing = False  # recompute each block's activations in the backward pass (run_block)
+    gradient_checkpointing = False  # recompute each block's activations in the backward pass (memory.run_block)
 
     def __init__(self, config):
         super().__init__()
@@ -272,7 +262,7 @@ class GPT2(nn.Module):
 
     def load_hf_state_dict(self, state_dict, where="state dict", assign=False, device=None, dtype=None):
         """Load Hugging Face-layout weights, with or without the `transformer.` prefix. assign: into
-        a model built on the meta device, taking the tensors (hub.set_weights)."""
+        a model built on the meta device, taking the tensors (memory.set_weights)."""
         sd = {}
         for k, v in state_dict.items():
             k = k.removeprefix("transformer.")
@@ -283,7 +273,7 @@ class GPT2(nn.Module):
                     if k.startswith("transformer.")}  # a head other than the tied lm_head loads apart
         hub.check_keys(expected, sd, where)
         sd = {"transformer." + k: v.t() if k.endswith(CONV1D) else v for k, v in sd.items()}
-        hub.set_weights(self, sd, assign, device, dtype)  # lm_head.weight comes with wte
+        set_weights(self, sd, assign, device, dtype)  # lm_head.weight comes with wte
         self.tie_weights()  # again: assign gives wte a new tensor
         return self
 
@@ -301,7 +291,7 @@ class GPT2(nn.Module):
         except (TypeError, ValueError, AssertionError) as e:  # what check_config cannot see (id2label's keys, ...)
             raise hub.CheckpointError(f"{where} holds values no model can be built from ({e})") from None
         hub.check_size(folder, config.n_weights(), where)
-        model = hub.build_empty(lambda: cls(config))
+        model = build_empty(lambda: cls(config))
         state_dict, path = hub.load_state_dict(folder, dtype)
         return model.load_hf_state_dict(state_dict, where=path, assign=True)
 
@@ -384,20 +374,8 @@ class GPT2Classifier(GPT2):
             new_head(self.score, self.transformer.wte.weight)
         else:
             hub.check_keys({"score.weight": self.score.weight.shape}, {"score.weight": score}, where)
-            hub.set_weights(self, {"score.weight": score}, assign, device, dtype)
+            set_weights(self, {"score.weight": score}, assign, device, dtype)
         return self
-
-
-def new_head(head, like, std=0.02):
-    """A classifier head's fresh N(0, std²) weight (zero bias), on the device and in the dtype of
-    `like`: drawn here when the model was built on the meta device, kept when it was built for real."""
-    if head.weight.is_meta:
-        head.to_empty(device=like.device)
-        with torch.no_grad():
-            nn.init.normal_(head.weight, mean=0.0, std=std)
-            if head.bias is not None:
-                nn.init.zeros_(head.bias)
-    head.to(like.dtype)
 
 
 def to_hf_state_dict(state_dict):

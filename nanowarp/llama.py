@@ -27,8 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanowarp import hub, llama_config
-from nanowarp.gpt2 import KVCache, Linear, at_last_token, new_head, run_block
+from nanowarp.gpt2 import KVCache, Linear, at_last_token
 from nanowarp.llama_config import LlamaClassifierConfig, LlamaConfig, inv_freq
+from nanowarp.memory import build_empty, new_head, run_block, set_weights
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 # buffers some older checkpoints carry: not parameters, computed from the config
@@ -131,7 +132,7 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     config_class = LlamaConfig  # what from_pretrained reads config.json into
-    gradient_checkpointing = False  # recompute each block's activations in the backward pass (gpt2.run_block)
+    gradient_checkpointing = False  # recompute each block's activations in the backward pass (memory.run_block)
 
     def __init__(self, config):
         super().__init__()
@@ -227,13 +228,13 @@ class Llama(nn.Module):
 
     def load_hf_state_dict(self, state_dict, where="state dict", assign=False, device=None, dtype=None):
         """Load Hugging Face-layout weights. assign: into a model built on the meta device, taking
-        the tensors (hub.set_weights)."""
+        the tensors (memory.set_weights)."""
         sd = {k: v for k, v in state_dict.items() if not k.endswith(SKIPPED)}
         if self.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
         expected = {k: v.shape for k, v in self.hf_state_dict().items()}
         hub.check_keys(expected, {k: v.shape for k, v in sd.items()}, where)
-        hub.set_weights(self, sd, assign, device, dtype)  # a tied lm_head.weight comes with embed_tokens
+        set_weights(self, sd, assign, device, dtype)  # a tied lm_head.weight comes with embed_tokens
         self.tie_weights()  # again: assign gives embed_tokens a new tensor
         return self
 
@@ -246,7 +247,7 @@ class Llama(nn.Module):
         llama_config.check(d, where)
         hub.check_size(folder, llama_config.n_weights(d), where)  # before any memory is allocated
         config = cls.config_class.from_hf(d, where=where)
-        model = hub.build_empty(lambda: cls(config))
+        model = build_empty(lambda: cls(config))
         state_dict, path = hub.load_state_dict(folder, dtype)
         return model.load_hf_state_dict(state_dict, where=path, assign=True)
 
@@ -281,12 +282,12 @@ class LlamaClassifier(Llama):
         expected = {k: v.shape for k, v in self.hf_state_dict().items() if k != "score.weight"}
         sd = {k: v for k, v in state_dict.items() if not k.endswith(SKIPPED)}
         hub.check_keys(expected, {k: v.shape for k, v in sd.items()}, where)
-        hub.set_weights(self, sd, assign, device, dtype)
+        set_weights(self, sd, assign, device, dtype)
         if score is None:
             warnings.warn(f"{where} has no classifier head: new, randomly initialised score.weight. "
                           f"Fine-tune the model before using its outputs.", stacklevel=3)
             new_head(self.score, self.model.embed_tokens.weight)
         else:
             hub.check_keys({"score.weight": self.score.weight.shape}, {"score.weight": score.shape}, where)
-            hub.set_weights(self, {"score.weight": score}, assign, device, dtype)
+            set_weights(self, {"score.weight": score}, assign, device, dtype)
         return self

@@ -29,6 +29,7 @@ from nanowarp.gpt2 import linear
 from nanowarp.logger import completion_rows
 from nanowarp.logprobs import completion_logprobs, sampled_kl
 from nanowarp.lora import add_lora, effective_state_dict, folded, lora_modules, named_targets
+from nanowarp.memory import build_empty, set_weights
 from nanowarp.models import eos_ids, from_config, load_config
 from nanowarp.optim import adamw
 from nanowarp.parallel import Interrupted, stop_requested
@@ -56,7 +57,7 @@ def load_resources(cfg, device=None):
     folder = hub.resolve(cfg.policy)
     model_config = load_config(folder)
     # a model without memory, for its layer names: --lora_targets fails here, not later
-    named_targets(hub.build_empty(lambda: from_config(model_config)), cfg.lora_targets)
+    named_targets(build_empty(lambda: from_config(model_config)), cfg.lora_targets)
     tokenizer = load_tokenizer(folder)
     prompts = load_prompt_file(cfg.prompts, tokenizer) if cfg.prompts else load_prompts(cfg.data, "train")
     if cfg.chat_template:  # each prompt as the user's turn, the assistant's opened
@@ -124,7 +125,7 @@ def build_policy(theta, model_config, device, dtype=torch.float32):
     dtype on device, built without random values: it takes theta's own tensors where they already
     are what it needs (on the CPU in float32: no frozen weight is ever written), copies otherwise."""
     # draws: LoRA's initialisation and dropout then draw what they drew when the models were random ones
-    model = hub.build_empty(lambda: from_config(model_config), draws=True)
+    model = build_empty(lambda: from_config(model_config), draws=True)
     return model.load_hf_state_dict(theta, assign=True, device=device, dtype=dtype)
 
 
@@ -135,8 +136,8 @@ def build_anchor(policy, model_config, moving=True, master=None):
     adapted = {f"{name}.weight" for name, _ in lora_modules(policy)} if moving and master is None else ()
     weights = {k: v.clone() if k in adapted else v for k, v in policy.state_dict().items()
                if not k.endswith((".lora_A", ".lora_B"))}
-    anchor = hub.build_empty(lambda: from_config(model_config), draws=True)
-    hub.set_weights(anchor, weights, assign=True)
+    anchor = build_empty(lambda: from_config(model_config), draws=True)
+    set_weights(anchor, weights, assign=True)
     anchor.tie_weights()
     for name, delta in (master or {}).items():
         parent, _, child = name.rpartition(".")

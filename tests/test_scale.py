@@ -129,7 +129,7 @@ def test_a_sharded_checkpoint_is_read_shard_by_shard(checkpoints, tmp_path, monk
     def spy(path, dtype=None, names=None):
         reads.append((os.path.basename(path), names))
         return read(path, dtype, names)
-    monkeypatch.setattr(hub, "read_safetensors", spy)
+    monkeypatch.setattr(hub, "read_safetensors", spy)  # what hub.load_state_dict calls
     model = models.from_pretrained(sharded, torch.bfloat16)
     assert sorted(r[0] for r in reads) == shards  # each shard once, for the tensors the index puts there
     assert all(set(load_file(os.path.join(sharded, shard))) == names for shard, names in reads)
