@@ -348,7 +348,7 @@ def load_sharded(folder, dtype=None):
         shard_path = os.path.join(folder, shard)
         try:
             state_dict.update(read_safetensors(shard_path, dtype, {k for k, v in weight_map.items() if v == shard}))
-        except (SafetensorError, OSError) as e:
+        except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {shard_path}: the file is corrupt or truncated ({e}); "
                                   f"download or save it again") from None
     missing = [k for k in weight_map if k not in state_dict]

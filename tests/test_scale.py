@@ -143,6 +143,13 @@ def test_reading_a_file_gives_each_tensor_its_own_memory(checkpoints):
     assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in tensors.values())
 
 
+def test_a_tensor_type_nanowarp_does_not_read_is_named(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2, 2).to(torch.float8_e4m3fn)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(hub.CheckpointError, match=r"cannot read .*model.safetensors.*'w' is stored as F8_E4M3"):
+        hub.load_state_dict(str(tmp_path))
+
+
 # ---- rl_run's models: no random weights, the same random stream, no float32 copy in bf16 --------
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
