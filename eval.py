@@ -157,11 +157,11 @@ def scoring_settings(args, name):
     return values
 
 
-def load_policy(name, role, ref=None):
-    """A policy (any models.from_pretrained architecture) from a folder or Hub id; with ref, check
-    it shares ref's vocabulary."""
+def load_policy(name, role, ref=None, dtype=torch.float32):
+    """A policy (any models.from_pretrained architecture) from a folder or Hub id, in dtype (read
+    into it: a bf16 policy is never held in float32); with ref, check it shares ref's vocabulary."""
     try:
-        model = from_pretrained(name)
+        model = from_pretrained(name, dtype)
     except hub.CheckpointError as e:
         fail("eval.py", f"{role} {name}: {e}")
     if ref is not None and (model.config.vocab_size, model.config.eos_token_id) != \
@@ -238,7 +238,7 @@ def main(argv=None):
         print(f"note: {args.prompts or args.data} has {len(prompts)} eval prompts, fewer than --n_prompts {args.n_prompts}: using all")
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
-    ref = load_policy(args.ref, "--ref").to(device, dtype).eval()
+    ref = load_policy(args.ref, "--ref", dtype=dtype).to(device).eval()
     eos_id = eos_ids(args.ref, ref.config)  # an id, or generation_config.json's list of them
     try:
         check_prompts(prompts, args, ref, tokenizer)
@@ -301,7 +301,7 @@ def main(argv=None):
         if name in done:
             keep(done[name])
             continue
-        policy = load_policy(name, "--models", ref).to(device, dtype).eval()
+        policy = load_policy(name, "--models", ref, dtype).to(device).eval()
         scoring, kwargs = settings(name)
         record(name, evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, **kwargs), scoring)
         del policy  # before loading the next one

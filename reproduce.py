@@ -198,7 +198,9 @@ def judge_stage(args, tokenizer_folder):
     token, fine-tuned on the half of the labelled reviews the reward model never saw; it only ever
     evaluates."""
     torch.manual_seed(0)
-    model = tiny.gpt2_classifier_from(GPT2.from_pretrained(os.path.join(args.out_dir, "sft")))
+    lm = GPT2.from_pretrained(os.path.join(args.out_dir, "sft"))
+    GPT2(lm.config)  # the random draws loading made before it built on the meta device: the same new head as then
+    model = tiny.gpt2_classifier_from(lm)
     cfg = stage_config(args, {**tiny.JUDGE, "epochs": args.judge_epochs})
     where = f"the judge (from its training state, {os.path.join(args.out_dir, 'judge', 'state.pt')})" \
         if args.save_every else "the judge (from its start: --save_every N saves its state)"

@@ -6,6 +6,9 @@ One command that checks nanowarp on the device its users train on and prints one
     python bench/device_check.py --cpu-memory     # peak memory of one RL step on the CPU, GPT-2 124M
                                                   # shapes, whole batch vs --micro-batch-size 8
 
+On a GPU it then runs the scale bench (bench/scale.py: loading, and one RL step's memory in float32,
+bf16 and bf16 with gradient checkpointing) at Llama-3.2-1B's shape (--scale picks the shapes).
+
 Random weights of the real shapes (GPT-2 124M policy, DistilBERT-base reward model, tokenizers
 with one word per token id), nothing downloaded. For each dtype (float32, bfloat16):
 
@@ -74,6 +77,8 @@ class Args:
     micro_batch_size: int = flag(8, "--cpu-memory: the micro-batch size compared with the whole batch")
     rloo_k: int = flag(1, "--cpu-memory: completions per prompt of the measured step")
     memory_worker: int = flag(-1, "internal (--cpu-memory): measure one step with this micro-batch size, print JSON")
+    scale: str = flag("llama-3.2-1b", "on a GPU, then run bench/scale.py at these shapes (comma-separated, e.g. "
+                                      "llama-3.2-1b,mistral-7b), its RL step on the GPU; none: skip")
 
 
 def parse_args(argv=None):
@@ -100,19 +105,27 @@ def random_resources(shape, device, dtype, folder, seed=0):
     ids = dict(bos_token_id=arch["vocab_size"] - 1, eos_token_id=arch["vocab_size"] - 1)
     config = LlamaConfig.from_hf({**arch, **ids}) if "llama" in shape else GPT2Config(**arch, **ids)
     theta = from_config(config).hf_state_dict()
+    return theta, resources_for(config, shape["distilbert"], device, dtype, folder, seed)
+
+
+def resources_for(config, distilbert, device, dtype, folder, seed=0):
+    """Resources for rl_run with a policy of this config: a random DistilBERT classifier of the
+    shape `distilbert` saved in `folder` (the reward model loads from a folder), whose WordPiece
+    vocabulary holds t0, t1, ... (each sampled token is one word, one reward-model token), and 256
+    random prompts of 5 to 20 tokens, as IMDB's."""
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = special + [f"t{i}" for i in range(shape["distilbert"]["vocab_size"] - len(special))]
+    vocab = special + [f"t{i}" for i in range(distilbert["vocab_size"] - len(special))]
     with open(os.path.join(folder, "vocab.txt"), "w") as f:
         f.write("".join(v + "\n" for v in vocab))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"do_lower_case": False}, f)
-    DistilBertClassifier(DistilBertConfig(**shape["distilbert"], pad_token_id=0,
+    DistilBertClassifier(DistilBertConfig(**distilbert, pad_token_id=0,
                                           id2label={0: "NEGATIVE", 1: "POSITIVE"})).save_pretrained(folder)
     reward_model = RewardModel(folder, device, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, config.vocab_size - 1, (int(n),), generator=g).tolist()
                for n in torch.randint(5, 21, (256,), generator=g)]  # IMDB's prompts: 5 to 20 tokens
-    return theta, Resources(config, word_tokenizer(config.vocab_size), reward_model, prompts, config.eos_token_id, device)
+    return Resources(config, word_tokenizer(config.vocab_size), reward_model, prompts, config.eos_token_id, device)
 
 
 def rl_config(shape, dtype, rloo_k, steps, micro_batch_size=0):
@@ -343,6 +356,10 @@ def main(argv=None):
     print(f"\n{'check':10s} {'what':44s} {'value':>12s}  note")
     for section, what, value, note in lines:
         print(f"{section:10s} {what:44s} {value:>12s}  {note}")
+    if device.type == "cuda" and args.scale != "none":  # loading and an RL step's memory at 1B (7B) shapes
+        sys.stdout.flush()
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scale.py"),
+                        "--device", str(device), "--shapes", args.scale], check=True)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ class Config:
     no_eos_penalty: float = flag(-1.0, "reward of a completion that emitted no EOS within max_new_tokens")
     micro_batch_size: int = flag(0, "completions sampled, scored and back-propagated at a time, gradients accumulated "
                                     "(same result, less memory); a multiple of rloo_k; 0 = the whole batch")
+    gradient_checkpointing: bool = flag(False, "recompute each transformer block's activations in the backward pass "
+                                               "instead of keeping them: less memory, one more forward of the blocks, "
+                                               "the same gradients (RL update, --stage reward/sft)")
     # reward-model and SFT stages
     reward_base: str = flag("distilbert-base-cased", "--stage reward: the base model to fine-tune")
     epochs: float = flag(1.0, "--stage reward/sft: passes over the training reviews")
@@ -121,10 +124,11 @@ class Config:
 
 
 # Flags a resumed job may change: they do not change what the job computes (--device, --threads and
-# --micro_batch_size only in the last bits). --iterations may grow: iteration i never depends on I, so a finished job
+# --micro_batch_size only in the last bits; --gradient_checkpointing not at all). --iterations may grow: iteration i never depends on I, so a finished job
 # can be extended. --preset is not compared, the values it sets are. reward_base .. max_window_words are other
 # stages'; the last two only log.
 RESUME_FREE = ("out_dir", "fresh", "preset", "iterations", "workers", "threads", "device", "micro_batch_size",
+               "gradient_checkpointing",
                "log_every", "save_every",
                "reward_base", "epochs", "train_batch_size", "train_lr", "train_warmup", "max_length", "test_limit", "train_split",
                "windows", "min_window_words", "max_window_words", "report_to", "log_completions")

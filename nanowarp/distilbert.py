@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from nanowarp import hub
 from nanowarp.hub import CheckpointError
+from nanowarp.memory import build_empty, new_head, run_block, set_weights
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}  # "gelu" is the exact (erf) GELU, as in transformers
 HEAD = ("pre_classifier.", "classifier.")  # new when the checkpoint is a base model
@@ -127,6 +128,8 @@ class Block(nn.Module):
 
 
 class DistilBertClassifier(nn.Module):
+    gradient_checkpointing = False  # recompute each block's activations in the backward pass (memory.run_block)
+
     def __init__(self, config: DistilBertConfig):
         super().__init__()
         self.config = config
@@ -166,7 +169,7 @@ class DistilBertClassifier(nn.Module):
         x = self.emb_dropout(x)
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # masks keys only
         for block in self.transformer.layer:
-            x = block(x, mask)
+            x = run_block(self, block, x, mask)
         h = F.relu(self.pre_classifier(x[:, 0]))  # the [CLS] token, (B, C)
         return self.classifier(self.head_dropout(h))
 
@@ -180,9 +183,10 @@ class DistilBertClassifier(nn.Module):
         hub.save_checkpoint(folder, self.config.to_hf(), self.hf_state_dict())
 
     @classmethod
-    def from_pretrained(cls, name_or_path):
-        """Load a local folder or a Hub id. A base checkpoint (masked-LM, or the bare encoder)
-        gets a freshly initialised classifier head, with a one-line note on stderr."""
+    def from_pretrained(cls, name_or_path, dtype=torch.float32):
+        """Load a local folder or a Hub id, its weights in `dtype` (built on the meta device, without
+        random values, then given the tensors read from the file). A base checkpoint (masked-LM, or
+        the bare encoder) gets a freshly initialised classifier head, with a one-line note on stderr."""
         folder = hub.resolve(name_or_path)
         d = hub.load_config(folder)
         if d.get("model_type") != "distilbert":
@@ -194,13 +198,14 @@ class DistilBertClassifier(nn.Module):
         except (TypeError, ValueError, AssertionError, AttributeError) as e:  # what check_config cannot see
             raise CheckpointError(f"{where} holds values no model can be built from ({e})") from None
         hub.check_size(folder, config.n_weights(), where)
-        model = cls(config)
-        state_dict, path = hub.load_state_dict(folder)
-        model.load_hf_state_dict(state_dict, path)
+        model = build_empty(lambda: cls(config))
+        state_dict, path = hub.load_state_dict(folder, dtype)
+        model.load_hf_state_dict(state_dict, path, assign=True)
         return model
 
-    def load_hf_state_dict(self, state_dict, path="the state dict"):
-        """Copy in weights named as in transformers, with or without the `distilbert.` prefix."""
+    def load_hf_state_dict(self, state_dict, path="the state dict", assign=False):
+        """Copy in weights named as in transformers, with or without the `distilbert.` prefix (assign:
+        into a model built on the meta device, taking the tensors: memory.set_weights)."""
         found = {k.removeprefix("distilbert."): v for k, v in state_dict.items()}
         found.pop("embeddings.position_ids", None)  # a buffer older transformers saved, not a weight
         ignored = sorted(k for k in found if k.startswith(MLM_HEAD))
@@ -210,7 +215,9 @@ class DistilBertClassifier(nn.Module):
         # only a checkpoint with no head at all is a base model; a partial head is a broken file
         new = head if not any(k in found for k in head) else []
         hub.check_keys({k: v.shape for k, v in expected.items()}, found, path, new_ok=new)
-        self.load_state_dict(found, strict=False)
+        set_weights(self, found, assign)
+        for name in sorted({k.split(".")[0] for k in new}):  # pre_classifier, classifier
+            new_head(getattr(self, name), self.embeddings.word_embeddings.weight, self.config.initializer_range)
         if new or ignored:  # one line, not a UserWarning with a quoted source line
             modules = lambda keys: ", ".join(sorted({k.rsplit(".", 1)[0] for k in keys}))  # noqa: E731
             print(f"note: {path}: " + (f"a base DistilBERT checkpoint: new, randomly initialised classifier head "

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanowarp import hub
+from nanowarp.memory import build_empty, new_head, run_block, set_weights
 
 # Conv1D weights, stored [in, out] in the checkpoints and [out, in] here
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -173,6 +174,7 @@ class Block(nn.Module):
 
 class GPT2(nn.Module):
     config_class = GPT2Config  # what from_pretrained reads config.json into
+    gradient_checkpointing = False  # recompute each block's activations in the backward pass (memory.run_block)
 
     def __init__(self, config):
         super().__init__()
@@ -184,7 +186,7 @@ class GPT2(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in every GPT-2 checkpoint
+        self.tie_weights()
         self.head_fp32 = None  # a float32 copy of a bf16 lm_head while nanowarp.sampling.sample runs
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
@@ -228,7 +230,7 @@ class GPT2(nn.Module):
             mask = (causal & (attention_mask[:, None, :] | own_slot))[:, None]  # (B, 1, T, S)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
-            x = block(x, mask, input_pos)
+            x = run_block(self, block, x, mask, input_pos)
         return self.transformer.ln_f(x)
 
     @staticmethod
@@ -258,8 +260,9 @@ class GPT2(nn.Module):
         Conv1D weights transposed to [in, out], no separate lm_head (it is tied to wte)."""
         return to_hf_state_dict(self.state_dict() if state_dict is None else state_dict)
 
-    def load_hf_state_dict(self, state_dict, where="state dict"):
-        """Load Hugging Face-layout weights, with or without the `transformer.` prefix."""
+    def load_hf_state_dict(self, state_dict, where="state dict", assign=False, device=None, dtype=None):
+        """Load Hugging Face-layout weights, with or without the `transformer.` prefix. assign: into
+        a model built on the meta device, taking the tensors (memory.set_weights)."""
         sd = {}
         for k, v in state_dict.items():
             k = k.removeprefix("transformer.")
@@ -270,11 +273,17 @@ class GPT2(nn.Module):
                     if k.startswith("transformer.")}  # a head other than the tied lm_head loads apart
         hub.check_keys(expected, sd, where)
         sd = {"transformer." + k: v.t() if k.endswith(CONV1D) else v for k, v in sd.items()}
-        self.load_state_dict(sd, strict=False)  # strict=False: lm_head.weight comes with wte
+        set_weights(self, sd, assign, device, dtype)  # lm_head.weight comes with wte
+        self.tie_weights()  # again: assign gives wte a new tensor
         return self
 
+    def tie_weights(self):
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in every GPT-2 checkpoint
+
     @classmethod
-    def from_pretrained(cls, name_or_path):
+    def from_pretrained(cls, name_or_path, dtype=torch.float32):
+        """The model of a checkpoint (folder or Hub id), its weights in `dtype`: built on the meta
+        device, without random values, then given the tensors read from the file (hub.load_state_dict)."""
         folder = hub.resolve(name_or_path)
         where = os.path.join(folder, "config.json")
         try:
@@ -282,8 +291,9 @@ class GPT2(nn.Module):
         except (TypeError, ValueError, AssertionError) as e:  # what check_config cannot see (id2label's keys, ...)
             raise hub.CheckpointError(f"{where} holds values no model can be built from ({e})") from None
         hub.check_size(folder, config.n_weights(), where)
-        state_dict, path = hub.load_state_dict(folder)
-        return cls(config).load_hf_state_dict(state_dict, where=path)
+        model = build_empty(lambda: cls(config))
+        state_dict, path = hub.load_state_dict(folder, dtype)
+        return model.load_hf_state_dict(state_dict, where=path, assign=True)
 
     def save_pretrained(self, folder, state_dict=None):
         hub.save_checkpoint(folder, self.config.to_hf(), self.hf_state_dict(state_dict))
@@ -352,19 +362,19 @@ class GPT2Classifier(GPT2):
                              f"truncate the inputs")
         return self.score(at_last_token(self.hidden_states(input_ids, attention_mask), attention_mask))
 
-    def load_hf_state_dict(self, state_dict, where="state dict"):
+    def load_hf_state_dict(self, state_dict, where="state dict", assign=False, device=None, dtype=None):
         """The body as GPT2 loads it, then `score.weight`; a GPT-2 language model (no head) gets a
         fresh, randomly initialised head, with a warning."""
         state_dict = dict(state_dict)
         score = state_dict.pop("score.weight", None)
-        super().load_hf_state_dict(state_dict, where)
+        super().load_hf_state_dict(state_dict, where, assign, device, dtype)
         if score is None:
             warnings.warn(f"{where} has no classifier head: new, randomly initialised score.weight. "
                           f"Fine-tune the model before using its outputs.", stacklevel=3)
+            new_head(self.score, self.transformer.wte.weight)
         else:
             hub.check_keys({"score.weight": self.score.weight.shape}, {"score.weight": score}, where)
-            with torch.no_grad():
-                self.score.weight.copy_(score)
+            set_weights(self, {"score.weight": score}, assign, device, dtype)
         return self
 
 

@@ -22,9 +22,10 @@ import typing
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from nanowarp import checksums
+from nanowarp.memory import converted, read_safetensors
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -179,11 +180,13 @@ def seal(folder):
     write_text(os.path.join(folder, checksums.NAME), checksums.listing(folder))
 
 
-def load_state_dict(folder):
-    """Read the weights of a checkpoint folder: (state_dict, path of the file read)."""
+def load_state_dict(folder, dtype=None):
+    """Read the weights of a checkpoint folder: (state_dict, path of the file read). Each tensor is
+    read into memory of its own, its floating-point ones converted to `dtype` (when given) one at a
+    time: at the peak, the weights in `dtype` and one tensor as the file stores it."""
     verify(folder)
     if os.path.isfile(os.path.join(folder, INDEX)):
-        return load_sharded(folder)
+        return load_sharded(folder, dtype)
     for filename in WEIGHT_FILES:
         path = os.path.join(folder, filename)
         if os.path.isfile(path):
@@ -192,9 +195,9 @@ def load_state_dict(folder):
         raise CheckpointError(f"{folder} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
     try:
         if path.endswith(".safetensors"):
-            return load_file(path), path
+            return read_safetensors(path, dtype), path
         # .bin files are pickles: never let them run code
-        return torch.load(path, map_location="cpu", weights_only=True), path
+        return converted(torch.load(path, map_location="cpu", weights_only=True), dtype), path
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: the file is corrupt or truncated ({e}); "
                               f"download or save it again") from None
@@ -337,18 +340,17 @@ def check_sharded(folder):
                                   f"({e})") from None
 
 
-def load_sharded(folder):
-    """The weights of a sharded checkpoint: (state_dict, path of the index)."""
+def load_sharded(folder, dtype=None):
+    """The weights of a sharded checkpoint, read shard by shard (load_state_dict): (state_dict, path of the index)."""
     path, weight_map = read_index(folder)
     state_dict = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = os.path.join(folder, shard)
         try:
-            tensors = load_file(shard_path)
-        except (SafetensorError, OSError) as e:
+            state_dict.update(read_safetensors(shard_path, dtype, {k for k, v in weight_map.items() if v == shard}))
+        except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {shard_path}: the file is corrupt or truncated ({e}); "
                                   f"download or save it again") from None
-        state_dict.update({k: v for k, v in tensors.items() if weight_map.get(k) == shard})
     missing = [k for k in weight_map if k not in state_dict]
     if missing:
         raise CheckpointError(f"{path} names '{missing[0]}' in {weight_map[missing[0]]}, which does not hold it")

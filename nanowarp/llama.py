@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from nanowarp import hub, llama_config
 from nanowarp.gpt2 import KVCache, Linear, at_last_token
 from nanowarp.llama_config import LlamaClassifierConfig, LlamaConfig, inv_freq
+from nanowarp.memory import build_empty, new_head, run_block, set_weights
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 # buffers some older checkpoints carry: not parameters, computed from the config
@@ -131,6 +132,7 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     config_class = LlamaConfig  # what from_pretrained reads config.json into
+    gradient_checkpointing = False  # recompute each block's activations in the backward pass (memory.run_block)
 
     def __init__(self, config):
         super().__init__()
@@ -141,11 +143,10 @@ class Llama(nn.Module):
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset),
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.head_fp32 = None  # a float32 copy of a bf16 lm_head while nanowarp.sampling.sample runs
         # rotary frequencies: a plain fp32 tensor, not a buffer, so that .to(bfloat16) leaves it fp32
-        self.inv_freq = inv_freq(config)
+        self.inv_freq = inv_freq(config)  # on the CPU, also when the model is built on the meta device
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
@@ -181,7 +182,7 @@ class Llama(nn.Module):
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
         cos, sin = self._rotary(pos, x.dtype)
         for block in self.model.layers:
-            x = block(x, cos, sin, masks[block.self_attn.sliding], input_pos)
+            x = run_block(self, block, x, cos, sin, masks[block.self_attn.sliding], input_pos)
         return self.model.norm(x)
 
     def _rotary(self, pos, dtype):
@@ -221,24 +222,34 @@ class Llama(nn.Module):
         sd = self.state_dict() if state_dict is None else state_dict
         return {k: v for k, v in sd.items() if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
 
-    def load_hf_state_dict(self, state_dict, where="state dict"):
+    def tie_weights(self):
+        if self.config.tie_word_embeddings and self.lm_head is not None:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def load_hf_state_dict(self, state_dict, where="state dict", assign=False, device=None, dtype=None):
+        """Load Hugging Face-layout weights. assign: into a model built on the meta device, taking
+        the tensors (memory.set_weights)."""
         sd = {k: v for k, v in state_dict.items() if not k.endswith(SKIPPED)}
         if self.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
         expected = {k: v.shape for k, v in self.hf_state_dict().items()}
         hub.check_keys(expected, {k: v.shape for k, v in sd.items()}, where)
-        self.load_state_dict(sd, strict=False)  # strict=False: a tied lm_head.weight comes with embed_tokens
+        set_weights(self, sd, assign, device, dtype)  # a tied lm_head.weight comes with embed_tokens
+        self.tie_weights()  # again: assign gives embed_tokens a new tensor
         return self
 
     @classmethod
-    def from_pretrained(cls, name_or_path):
+    def from_pretrained(cls, name_or_path, dtype=torch.float32):
+        """The model of a checkpoint (folder or Hub id), its weights in `dtype`: built on the meta
+        device, without random values, then given the tensors read from the file (hub.load_state_dict)."""
         folder = hub.resolve(name_or_path)
         d, where = hub.load_config(folder), os.path.join(folder, "config.json")
         llama_config.check(d, where)
         hub.check_size(folder, llama_config.n_weights(d), where)  # before any memory is allocated
         config = cls.config_class.from_hf(d, where=where)
-        state_dict, path = hub.load_state_dict(folder)
-        return cls(config).load_hf_state_dict(state_dict, where=path)
+        model = build_empty(lambda: cls(config))
+        state_dict, path = hub.load_state_dict(folder, dtype)
+        return model.load_hf_state_dict(state_dict, where=path, assign=True)
 
     def save_pretrained(self, folder, state_dict=None):
         hub.save_weights(folder, self.config.to_hf(), self.hf_state_dict(state_dict))
@@ -263,7 +274,7 @@ class LlamaClassifier(Llama):
                              f"({self.config.n_positions}): truncate the inputs")
         return self.score(at_last_token(self.hidden_states(input_ids, attention_mask), attention_mask))
 
-    def load_hf_state_dict(self, state_dict, where="state dict"):
+    def load_hf_state_dict(self, state_dict, where="state dict", assign=False, device=None, dtype=None):
         """The body, then `score.weight`; a language model's checkpoint (no head, its lm_head
         dropped) gets a fresh, randomly initialised head, with a warning."""
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
@@ -271,12 +282,12 @@ class LlamaClassifier(Llama):
         expected = {k: v.shape for k, v in self.hf_state_dict().items() if k != "score.weight"}
         sd = {k: v for k, v in state_dict.items() if not k.endswith(SKIPPED)}
         hub.check_keys(expected, {k: v.shape for k, v in sd.items()}, where)
-        self.load_state_dict(sd, strict=False)
+        set_weights(self, sd, assign, device, dtype)
         if score is None:
             warnings.warn(f"{where} has no classifier head: new, randomly initialised score.weight. "
                           f"Fine-tune the model before using its outputs.", stacklevel=3)
+            new_head(self.score, self.model.embed_tokens.weight)
         else:
             hub.check_keys({"score.weight": self.score.weight.shape}, {"score.weight": score.shape}, where)
-            with torch.no_grad():
-                self.score.weight.copy_(score)
+            set_weights(self, {"score.weight": score}, assign, device, dtype)
         return self

@@ -198,7 +198,8 @@ def rope_from_hf(d, where):
 def inv_freq(config):
     """The rotary frequencies (head_dim / 2,) float32, as transformers' modeling_rope_utils computes them."""
     dim = config.head_dim
-    freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # on the CPU whatever the default device: a model built on the meta device computes them too
+    freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     s = config.rope_scaling
     if s is None:
         return freq

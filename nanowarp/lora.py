@@ -58,6 +58,10 @@ class LoRALinear(nn.Linear):
         w0 = self.weight if base is None else base
         return torch.addmm(w0.to(self.lora_A.dtype), self.lora_B, self.lora_A, alpha=self.scale)
 
+    def delta_weight(self):
+        """s·B·A (out, in), in the factors' dtype: what the LoRA adds to W0."""
+        return self.scale * (self.lora_B @ self.lora_A)
+
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, rank={self.lora_A.size(0)}, scale={self.scale:g}"
 

@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 
+import torch
+
 from nanowarp import hub
 from nanowarp.gpt2 import GPT2, GPT2Classifier, GPT2Config
 from nanowarp.llama import Llama, LlamaClassifier
@@ -45,11 +47,14 @@ def from_config(config):
     return (GPT2 if isinstance(config, GPT2Config) else Llama)(config)
 
 
-def from_pretrained(name_or_path):
-    """The language model of a checkpoint (folder or Hub id), of the class its model_type names."""
+def from_pretrained(name_or_path, dtype=torch.float32):
+    """The language model of a checkpoint (folder or Hub id), of the class its model_type names, its
+    weights in `dtype`. No random weights are drawn and no float32 copy is made of a bf16 model:
+    the model is built on the meta device and takes the tensors read from the file, converted one
+    at a time, shard by shard (hub.load_state_dict)."""
     folder = hub.resolve(name_or_path)
     where = os.path.join(folder, "config.json")
-    return LANGUAGE_MODELS[model_type(hub.load_config(folder), where)].from_pretrained(folder)
+    return LANGUAGE_MODELS[model_type(hub.load_config(folder), where)].from_pretrained(folder, dtype)
 
 
 def eos_ids(name_or_path, config):

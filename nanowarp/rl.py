@@ -19,13 +19,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from nanowarp import hub
 from nanowarp.config import resolve_device
 from nanowarp.data import load_prepared_prompts
+from nanowarp.gpt2 import linear
 from nanowarp.logger import completion_rows
 from nanowarp.logprobs import completion_logprobs, sampled_kl
 from nanowarp.lora import add_lora, effective_state_dict, folded, lora_modules, named_targets
+from nanowarp.memory import build_empty, set_weights
 from nanowarp.models import eos_ids, from_config, load_config
 from nanowarp.optim import adamw
 from nanowarp.parallel import Interrupted, stop_requested
@@ -54,8 +57,8 @@ def load_resources(cfg, device=None):
     device = device or resolve_device(cfg.device)
     folder = hub.resolve(cfg.policy)
     model_config = load_config(folder)
-    with torch.device("meta"):  # a model without memory, for its layer names: --lora_targets fails here, not later
-        named_targets(from_config(model_config), cfg.lora_targets)
+    # a model without memory, for its layer names: --lora_targets fails here, not later
+    named_targets(build_empty(lambda: from_config(model_config)), cfg.lora_targets)
     tokenizer = load_tokenizer(folder)
     # every prompt checked against the context now, not when it is first drawn, maybe hours in
     fit = dict(template=folder, chat=cfg.chat_template, truncate=cfg.truncate_prompts,
@@ -82,19 +85,33 @@ def rloo_advantages(rewards, k):
 
 
 @torch.no_grad()
-def ema_update(anchor, policy, mu, master=None, base=None):
+def ema_update(anchor, policy, mu, master=None):
     """θ_ema ← (1 − μ) θ_ema + μ (W0 + s·B·A), for every adapted matrix. The other weights are
     frozen at θ_init, where the anchor starts, so their EMA stays θ_init: nothing to do.
 
-    bf16 (--dtype bfloat16): master holds the anchor's float32 weights and base the float32 W0, by
-    module name; the update runs on them and the bf16 anchor gets a copy. In bf16 itself
-    (8 bits of mantissa), μ·(W' − W) with μ = 0.01 is mostly below half a step of W: lost."""
+    bf16 (--dtype bfloat16): master holds, by module name, the float32 EMA of the update itself,
+    δ = θ_ema − W0, so that δ ← (1 − μ) δ + μ s·B·A; the anchor computes with W0 + δ (AnchorLinear).
+    In bf16 itself (8 bits of mantissa), μ·(W' − W) with μ = 0.01 is mostly below half a step of W:
+    lost. δ needs no float32 copy of W0, which the policy holds in bf16."""
     for name, module in lora_modules(policy):
         if master is None:
             anchor.get_submodule(name).weight.lerp_(module.effective_weight(), mu)
         else:
-            master[name].lerp_(module.effective_weight(base[name]), mu)
-            anchor.get_submodule(name).weight.copy_(master[name])
+            master[name].lerp_(module.delta_weight(), mu)
+
+
+class AnchorLinear(nn.Module):
+    """bf16: an adapted matrix of the anchor, W0 + δ, never stored: W0 is the policy's frozen bf16
+    weight (shared), δ the float32 EMA master (a buffer); each forward rounds W0 + δ to bf16 once,
+    one matrix at a time, instead of a bf16 copy of every adapted matrix held beside the policy's."""
+
+    def __init__(self, linear_layer, delta):
+        super().__init__()
+        self.weight, self.bias = linear_layer.weight, linear_layer.bias
+        self.register_buffer("delta", delta, persistent=False)
+
+    def forward(self, x):
+        return linear(x, (self.weight.float() + self.delta).to(self.weight.dtype), self.bias)
 
 
 def decode(tokenizer, prompts, tokens, lengths):
@@ -111,8 +128,28 @@ def check_finite(step, **values):
 
 
 def build_policy(theta, model_config, device, dtype=torch.float32):
-    """A plain model (GPT-2 or Llama layout) holding the dense weights theta (Hugging Face layout)."""
-    return from_config(model_config).load_hf_state_dict(theta).to(device, dtype)
+    """A plain model (GPT-2 or Llama layout) holding the dense weights theta (Hugging Face layout) in
+    dtype on device, built without random values: it takes theta's own tensors where they already
+    are what it needs (on the CPU in float32: no frozen weight is ever written), copies otherwise."""
+    # draws: LoRA's initialisation and dropout then draw what they drew when the models were random ones
+    model = build_empty(lambda: from_config(model_config), draws=True)
+    return model.load_hf_state_dict(theta, assign=True, device=device, dtype=dtype)
+
+
+def build_anchor(policy, model_config, moving=True, master=None):
+    """The anchor at θ_init: a plain model that shares the LoRA policy's tensors, so the frozen
+    weights exist once. If the EMA moves it (`moving`), its adapted matrices are its own copies, or
+    with `master` (bf16: {module name: δ}), W0 + δ formed at each forward (AnchorLinear)."""
+    adapted = {f"{name}.weight" for name, _ in lora_modules(policy)} if moving and master is None else ()
+    weights = {k: v.clone() if k in adapted else v for k, v in policy.state_dict().items()
+               if not k.endswith((".lora_A", ".lora_B"))}
+    anchor = build_empty(lambda: from_config(model_config), draws=True)
+    set_weights(anchor, weights, assign=True)
+    anchor.tie_weights()
+    for name, delta in (master or {}).items():
+        parent, _, child = name.rpartition(".")
+        setattr(anchor.get_submodule(parent), child, AnchorLinear(anchor.get_submodule(name), delta))
+    return anchor.eval().requires_grad_(False)
 
 
 def micro_batches(batch_size, micro_batch_size):
@@ -123,7 +160,7 @@ def micro_batches(batch_size, micro_batch_size):
 
 def training_state(step, policy, anchor, opt, sched, generator, order, queue, master=None):
     """Everything a run needs to continue after `step` steps exactly as if never stopped: the LoRA
-    factors, the EMA anchor's adapted weights (its float32 master in bf16), AdamW and schedule
+    factors, the EMA anchor's adapted weights (in bf16 its float32 master δ), AdamW and schedule
     state, and every random stream. It holds the live tensors (no copies): save it before the next step."""
     adapted = [name for name, _ in lora_modules(policy)]
     return dict(step=step, lora={n: p.detach() for n, p in policy.named_parameters() if p.requires_grad},
@@ -140,9 +177,7 @@ def restore_training_state(state, policy, anchor, opt, sched, generator, order, 
     for n, v in state["lora"].items():
         params[n].copy_(v)
     for n, v in state["anchor"].items():
-        anchor.get_submodule(n).weight.copy_(v)
-        if master is not None:
-            master[n].copy_(v)
+        (anchor.get_submodule(n).weight if master is None else master[n]).copy_(v)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
@@ -164,9 +199,9 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
     After a SIGINT / SIGTERM (parallel.stop_requested) it saves that state (with save_every) and raises
     parallel.Interrupted at the end of the step, unless that was the last one.
 
-    cfg.dtype bfloat16: the policy's frozen weights, the anchor's forward copy and the sampler run
-    in bf16; the LoRA factors, AdamW's state, the anchor's master weights (`master`, over the
-    float32 W0 `base`), the log-probs, the KL and the returned weights are float32
+    cfg.dtype bfloat16: the policy's frozen weights, the anchor (which shares them) and the sampler
+    run in bf16; the LoRA factors, AdamW's state, the anchor's master (`master`: the EMA of the adapted
+    matrices' update, δ = θ_ema − W0), the log-probs, the KL and the returned weights are float32
     (docs/precision.md#which-tensor-is-in-which-dtype). cfg.micro_batch_size: sampling, scoring,
     the anchor's log-probs and the policy's forward and backward run that many completions at a
     time; the gradients accumulate."""
@@ -175,12 +210,11 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
     policy = build_policy(theta_init, resources.model_config, device, dtype)
     policy = add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, named_targets(policy, cfg.lora_targets),
                       dtype=torch.float32)
-    anchor = build_policy(theta_init, resources.model_config, device, dtype).eval().requires_grad_(False)
-    dense32 = base = master = None
-    if dtype != torch.float32:  # float32 copies of θ_init, of its adapted matrices W0, and of the anchor's
-        dense32 = build_policy(theta_init, resources.model_config, device).requires_grad_(False)
-        base = {name: dense32.get_submodule(name).weight for name, _ in lora_modules(policy)}
-        master = {name: w.clone() for name, w in base.items()}
+    policy.gradient_checkpointing = cfg.gradient_checkpointing
+    master = None
+    if dtype != torch.float32 and cfg.anchor == "ema":  # the anchor's float32 EMA master: δ = θ_ema − W0, from 0
+        master = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in lora_modules(policy)}
+    anchor = build_anchor(policy, resources.model_config, cfg.anchor == "ema", master)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt, sched = adamw(params, cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps)
     generator = torch.Generator(device).manual_seed(seed)  # this run's sampling
@@ -245,7 +279,7 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
 
         # 5. EMA anchor update, after every optimizer step
         if cfg.anchor == "ema":
-            ema_update(anchor, policy, cfg.ema_rate, master, base)
+            ema_update(anchor, policy, cfg.ema_rate, master)
         t3 = time.perf_counter()
 
         log(dict(step=step + 1, reward=rewards.mean().item(), kl=kl.mean().item(), r_beta=r_beta.mean().item(),
@@ -263,11 +297,10 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
         if stop:
             raise Interrupted(stop, step + 1)
 
-    if dense32 is None:
+    if dtype == torch.float32:
         theta = effective_state_dict(policy)
-    else:  # θ_init's float32 weights, the adapted ones W0 + s·B·A over the float32 W0
+    else:  # θ_init's float32 weights, the adapted ones W0 + s·B·A over θ_init's float32 W0
         with torch.no_grad():
-            sd = dense32.state_dict()
-            sd.update({f"{name}.weight": m.effective_weight(base[name]) for name, m in lora_modules(policy)})
-            theta = dense32.hf_state_dict(sd)
+            delta = policy.hf_state_dict({f"{name}.weight": m.delta_weight() for name, m in lora_modules(policy)})
+            theta = {k: v.float() + delta[k].cpu() if k in delta else v.float() for k, v in theta_init.items()}
     return {name: t.detach().cpu() for name, t in theta.items()}

@@ -220,6 +220,7 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
     if model is None:
         torch.manual_seed(cfg.seed)  # a new head's initialisation, dropout: the stage is a function of its flags
     model = (model or load_classifier(folder)).to(device)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
     model.config.id2label = {0: "NEGATIVE", 1: "POSITIVE"}
     if not isinstance(model, DistilBertClassifier) and model.config.pad_token_id is None:
         # training masks padding whatever its id; transformers finds a decoder's last token by this id
@@ -294,6 +295,7 @@ def train_sft(cfg, device, log=print, model=None, tokenizer_folder=None, lora=Tr
     folder = tokenizer_folder or hub.resolve(cfg.policy)
     from_base = model is None
     model = (model or from_pretrained(folder)).to(device)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
     if from_base:
         torch.manual_seed(cfg.seed)  # LoRA's initialisation and dropout (a given `model`: the caller seeds)
     if lora:

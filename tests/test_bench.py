@@ -112,6 +112,18 @@ def test_device_check_measures_the_cpu_memory_of_an_rl_step():
     assert re.search(r"micro-batches of 4: [\d.]+x the whole batch's peak, -?[\d.]+x its step's extra peak", out)
 
 
+def test_scale_bench_prints_load_and_step_memory_next_to_the_targets():
+    out = run_alone("scale.py", "--tiny", "--threads", "1")
+    assert re.search(r"tiny: 2 layers, [\d.]+M weights, a float32 file of \d+ MiB", out), out
+    assert re.search(r"\ncopying load +[\d.]+ +1\.00x +-?\d+ +-?[\d.]+x +\n", out), out
+    for loader, target in (("from_pretrained", "1.2"), ("from_pretrained bf16", "1.0")):
+        assert re.search(rf"\n{loader} +[\d.]+ +[\d.]+x +-?\d+ +-?[\d.]+x +≤ {target}x file, ≤ 1\.5x copying's time",
+                         out), (loader, out)
+    assert re.search(r"\nfloat32 +[\d.]+ +-?\d+ +1\.00x\n", out), out
+    assert re.search(r"\nbfloat16 +[\d.]+ +-?\d+ +-?[\d.]+x +target ≤ 0\.60x\n", out), out
+    assert re.search(r"\nbfloat16 \+ checkpointing +[\d.]+ +-?\d+ +-?[\d.]+x", out), out
+
+
 def test_rl_step_bench_prints_phases_and_ratios_without_trl(run):
     out = run("rl_step.py", "--shapes", "smoke", "--contenders", "nanowarp,reference", "--repeats", "1",
               "--threads", "1", "--profile")

@@ -113,7 +113,7 @@ def ema_anchor_experiment(own_gradients, steps=20, mu=0.01, lr=1e-3):
         torch.manual_seed(1)  # the same LoRA initialisation
         policy = add_lora(_copy(dense, dtype), 8, dtype=torch.float32)
         params = [p for p in policy.parameters() if p.requires_grad]
-        master = {n: w.clone() for n, w in base.items()} if dtype == BF16 else None
+        master = {n: torch.zeros_like(w) for n, w in base.items()} if dtype == BF16 else None  # δ = θ_ema − W0
         runs[dtype] = dict(policy=policy, params=params, anchor=_copy(dense, dtype).requires_grad_(False),
                            alone=_copy(dense, dtype).requires_grad_(False), master=master,
                            opt=torch.optim.AdamW(params, lr=lr))
@@ -132,7 +132,7 @@ def ema_anchor_experiment(own_gradients, steps=20, mu=0.01, lr=1e-3):
                 r["opt"].zero_grad()
                 (-(adv * logp.sum(1)).mean()).backward()
                 r["opt"].step()
-            ema_update(r["anchor"], r["policy"], mu, r["master"], base)
+            ema_update(r["anchor"], r["policy"], mu, r["master"])
             with torch.no_grad():  # the anchor in its own dtype alone, without a float32 master
                 for n, m in lora_modules(r["policy"]):
                     w = r["alone"].get_submodule(n).weight
@@ -146,7 +146,7 @@ def ema_anchor_experiment(own_gradients, steps=20, mu=0.01, lr=1e-3):
 
     tau32 = task_vector(weights(runs[torch.float32]["anchor"]), base)
     assert torch.equal(task_vector(weights(runs[torch.float32]["alone"]), base), tau32)  # float32 alone is float32
-    tau_master = task_vector(runs[BF16]["master"], base)
+    tau_master = torch.cat([runs[BF16]["master"][n].flatten() for n in base])  # the master is the task vector
     tau_alone = task_vector(weights(runs[BF16]["alone"]), {n: w.to(BF16) for n, w in base.items()})
     return ((tau_master - tau32).norm() / tau32.norm()).item(), ((tau_alone - tau32).norm() / tau32.norm()).item(), \
         (tau_alone.norm() / tau32.norm()).item()

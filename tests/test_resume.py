@@ -55,6 +55,19 @@ def test_a_run_resumes_inside_from_the_state_saved_by_save_every(job_flags, refe
         assert [json.loads(line)["step"] for line in f] == list(range(1, STEPS + 1))
 
 
+def test_a_bf16_job_resumes_inside_a_run_to_the_weights_of_an_uninterrupted_one(job_flags, tmp_path, monkeypatch):
+    # bf16 keeps the anchor's float32 EMA master in the training state; LoRA dropout draws from the saved stream
+    flags = job_flags + ["--dtype", "bfloat16", "--lora_dropout", "0.1", "--gradient_checkpointing"]
+    whole = in_process(warp, parse_args(flags + ["--out_dir", str(tmp_path / "whole")]), None, lambda *a: None)
+    stop_at(monkeypatch, "iter_1/run_1/step_3")
+    cfg = parse_args(flags + ["--out_dir", str(tmp_path / "stopped"), "--save_every", "2"])
+    with pytest.raises(Killed):
+        in_process(warp, cfg, None, lambda *a: None)
+    lines = []
+    assert_same_weights(in_process(warp, cfg, None, lines.append), whole)
+    assert "iter 1 run 2: resuming at step 2" in "\n".join(lines)
+
+
 def test_a_resume_with_other_settings_is_refused_naming_the_flags(job_flags, tmp_path, capsys):
     flags = job_flags + ["--out_dir", str(tmp_path)]
     start_job(parse_args(flags), log=lambda *a: None)
