@@ -49,7 +49,7 @@ from nanowarp.evaluate import best_of_n, evaluate, heldout_sequences, liti_sweep
 from nanowarp.logger import Logger, check_report_to
 from nanowarp.models import eos_ids, from_config, from_pretrained
 from nanowarp.plots import plot
-from nanowarp.reward import RewardModel, eos_penalty, load_reward
+from nanowarp.reward import RewardError, RewardModel, eos_penalty, load_reward
 from nanowarp.sampling import first_eos
 from nanowarp.tokenizer import EOS, load_tokenizer
 
@@ -221,6 +221,13 @@ def print_table(rows):
 
 
 def main(argv=None):
+    try:
+        run(argv)
+    except RewardError as e:  # a reward function or server that failed: the rows done are kept
+        fail("eval.py", f"{e}; the models done are kept: the same command resumes")
+
+
+def run(argv=None):
     args = parse_args(argv)
     validate(args)
 

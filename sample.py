@@ -32,7 +32,7 @@ from nanowarp.config import RewardFlags, fail, flag, keep_api_key, parse_args as
 from nanowarp.data import DataError, encode_prompts, load_prompt_file  # noqa: E402
 from nanowarp.evaluate import batch_seed  # noqa: E402
 from nanowarp.models import eos_ids, from_pretrained  # noqa: E402
-from nanowarp.reward import RewardModel, decode_texts, load_reward  # noqa: E402
+from nanowarp.reward import RewardError, RewardModel, decode_texts, load_reward  # noqa: E402
 from nanowarp.sampling import sample  # noqa: E402
 from nanowarp.tokenizer import load_tokenizer  # noqa: E402
 
@@ -170,7 +170,10 @@ def main(argv=None):
         if max(max(p) for p in prompts) >= model.config.vocab_size:
             fail("sample.py", f"the first --model's tokenizer gives token ids beyond the vocabulary of --model {name} "
                               f"({model.config.vocab_size})")
-        per_model.append(sample_model(model, eos_ids(name, model.config), prompts, tokenizer, args, reward, judge))
+        try:
+            per_model.append(sample_model(model, eos_ids(name, model.config), prompts, tokenizer, args, reward, judge))
+        except RewardError as e:
+            fail("sample.py", str(e))
         del model  # before loading the next one
 
     # 3. per prompt, every model's completions

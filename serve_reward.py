@@ -139,8 +139,12 @@ def make_server(args, reward, log=print):
     return ThreadingHTTPServer((args.host, args.port), Handler)
 
 
+def parse_args(argv=None):
+    return parse_flags(argv, Args, presets=None, description=__doc__)
+
+
 def main(argv=None):
-    args = parse_flags(argv, Args, presets=None, description=__doc__)
+    args = parse_args(argv)
     if not args.reward_model and not args.reward_fn:
         fail("serve_reward.py", "nothing to serve: give --reward_model DIR and/or --reward_fn FILE.py:NAME")
     try:

@@ -255,6 +255,31 @@ def test_a_failing_reward_function_stops_the_job_and_a_rerun_resumes(job_flags, 
     assert_same_weights(final_weights(out), final_weights(reward_job))
 
 
+# ---- eval.py and sample.py score through the same Reward --------------------------------------------
+
+def test_eval_and_sample_take_reward_functions(tiny_gpt2_dir, prepared_imdb_dir, tmp_path, capsys):
+    import eval as eval_cli
+    import sample as sample_cli
+    length = EXAMPLES + ":length_reward"
+    sample_cli.main(["--model", tiny_gpt2_dir, "--prompt", "This movie was", "--num_samples", "3", "--max_new_tokens",
+                     "6", "--device", "cpu", "--reward_fn", length, "--no_eos_penalty", "none", "--json"])
+    rows = json.loads(capsys.readouterr().out)["prompts"][0]["models"][0]["samples"]
+    assert [r["reward"] for r in rows] == pytest.approx(sample_module_length([r["completion"] for r in rows]))
+    out = str(tmp_path / "results.json")
+    eval_cli.main(["--models", tiny_gpt2_dir, "--ref", tiny_gpt2_dir, "--data", prepared_imdb_dir, "--n_prompts", "3",
+                   "--max_new_tokens", "6", "--device", "cpu", "--reward_fn", length, "--reward_weights", "2",
+                   "--no_eos_penalty", "none", "--samples", "3", "--out", out, "--plot", "none"])
+    row = json.load(open(out))[0]
+    expected = [2 * r for r in sample_module_length([s["completion"] for s in row["samples"]])]
+    assert [s["reward"] for s in row["samples"]] == pytest.approx(expected)
+    assert row["reward"] == pytest.approx(sum(expected) / 3)
+
+
+def sample_module_length(completions):
+    """examples/rewards/rewards.py:length_reward, loaded by path."""
+    return RewardFunction(EXAMPLES + ":length_reward")(Texts([""] * len(completions), completions, completions), {})
+
+
 # ---- serve_reward.py --------------------------------------------------------------------------------
 
 @pytest.fixture
