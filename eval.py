@@ -42,8 +42,8 @@ import torch
 
 from nanowarp import hub, merging
 from nanowarp.chat import chat_prompts
-from nanowarp.config import (RewardFlags, default_reward_model, fail, flag, keep_api_key, parse_args as parse_flags, penalty,
-                             resolve_device, same_flag)
+from nanowarp.config import (RewardFlags, default_reward_model, fail, flag, keep_api_key, parse_args as parse_flags,
+                             penalty, resolve_device, same_flag)
 from nanowarp.data import DataError, load_meta, load_prompt_file, load_prompts
 from nanowarp.evaluate import best_of_n, evaluate, heldout_sequences, liti_sweep
 from nanowarp.logger import Logger, check_report_to
@@ -234,8 +234,8 @@ def run(argv=None):
     # 1. inputs: fail on a missing folder or missing data before loading anything large
     try:
         prompts = None if args.prompts else load_prompts(args.data, "eval")
-        for name in (*(args.models or ()), *(args.sweep or ()), args.ref, *([args.reward_model] if args.reward_model else []),
-                     *([args.judge] if args.judge else [])):
+        for name in (*(args.models or ()), *(args.sweep or ()), args.ref,
+                     *([args.reward_model] if args.reward_model else []), *([args.judge] if args.judge else [])):
             hub.resolve(name)
     except (DataError, hub.CheckpointError) as e:
         fail("eval.py", str(e))
@@ -280,7 +280,8 @@ def run(argv=None):
         return scoring, dict(max_new_tokens=args.max_new_tokens, temperature=scoring["temperature"],
                              batch_size=args.batch_size, seed=args.seed, samples=args.samples,
                              judge=judge, heldout=heldout)
-    print(f"evaluating on {len(prompts)} prompts of {args.prompts or args.data}, KL to {args.ref}, reward {', '.join(reward.names)}, "
+    print(f"evaluating on {len(prompts)} prompts of {args.prompts or args.data}, KL to {args.ref}, "
+          f"reward {', '.join(reward.names)}, "
           f"device {device}")
 
     rows, last = [], time.perf_counter()

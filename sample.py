@@ -7,8 +7,8 @@ one generator seeded from (--seed, i), made again for each model (as eval.py see
 Two copies of a model write the same completions, and models that are close write similar ones, so
 what differs comes from the models rather than from the draw. With --reward_model, --reward_fn or
 --reward_url, each completion's reward as train.py computes it (docs/rewards.md): e.g. P(positive) of
-prompt + completion, or -1 for a completion that did not end (no EOS within --max_new_tokens); with --judge, an independent classifier's P(positive)
-(no -1 rule). Prompts are tokenized with the first model's tokenizer, which decodes every model's
+prompt + completion, or -1 for a completion that did not end (no EOS within --max_new_tokens); with
+--judge, an independent classifier's P(positive) (no -1 rule). Prompts are tokenized with the first model's tokenizer, which decodes every model's
 completions: the models must share its vocabulary.
 
     python sample.py --model lvwerra/gpt2-imdb runs/warp/iter_2/liti --prompt "This movie was" \\
@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from anywhere without installing
 
 from nanowarp import hub  # noqa: E402
-from nanowarp.config import RewardFlags, fail, flag, keep_api_key, parse_args as parse_flags, resolve_device, same_flag  # noqa: E402
+from nanowarp.config import (RewardFlags, fail, flag, keep_api_key, parse_args as parse_flags,  # noqa: E402
+                             resolve_device, same_flag)
 from nanowarp.data import DataError, encode_prompts, load_prompt_file  # noqa: E402
 from nanowarp.evaluate import batch_seed  # noqa: E402
 from nanowarp.models import eos_ids, from_pretrained  # noqa: E402

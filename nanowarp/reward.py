@@ -127,7 +127,8 @@ class RewardModel:
         self.tokenizer.enable_truncation(cfg.max_position_embeddings)  # long texts: keep the beginning
         self.pad_id = cfg.pad_token_id or 0
         self.name = name_or_path
-        self.multi_label = hub.load_config(hub.resolve(name_or_path)).get("problem_type") == "multi_label_classification"
+        problem_type = hub.load_config(hub.resolve(name_or_path)).get("problem_type")
+        self.multi_label = problem_type == "multi_label_classification"
         self.device, self.batch_size, self.input = device, batch_size, input
         if kind is not None:  # None: set_scoring is called before scoring (eval.py: each model's job's settings)
             self.set_scoring(kind, label)
@@ -329,5 +330,6 @@ def checked(source, values, texts, columns):
                           f"(the first: {row(texts, columns, 0)})")
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise RewardError(f"{describe(source)} returned {v!r} at {row(texts, columns, i)}: a reward must be a finite number")
+            raise RewardError(f"{describe(source)} returned {v!r} at {row(texts, columns, i)}: a reward must be "
+                              f"a finite number")
     return torch.tensor(values, dtype=torch.float32)

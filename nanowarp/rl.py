@@ -1,6 +1,7 @@
 """
 One RL run of WARP (Algorithm 1 of Ramé et al. 2024, lines 4–10): REINFORCE or RLOO on a LoRA
-policy, rewarded by nanowarp.reward's Reward (a classifier, reward functions, reward servers) and regularised by a KL penalty against an EMA anchor.
+policy, rewarded by nanowarp.reward's Reward (a classifier, reward functions, reward servers) and
+regularised by a KL penalty against an EMA anchor.
 
     y ~ π_θ(·|x)
     r_β(x, y) = r(x, y) − β · Σ_k [log π_θ(y_k|x, y_<k) − log π_ema(y_k|x, y_<k)]
@@ -49,7 +50,8 @@ class Resources:
 
 def load_resources(cfg, device=None):
     """The Resources of a job's runs on `device` (default: --device): the policy's config and
-    tokenizer, the reward (nanowarp.reward.load_reward: its functions loaded by path, in this process), and the training prompts (--prompts, or --data's)."""
+    tokenizer, the reward (nanowarp.reward.load_reward: its functions loaded by path, in this process),
+    and the training prompts (--prompts, or --data's)."""
     device = device or resolve_device(cfg.device)
     folder = hub.resolve(cfg.policy)
     model_config = load_config(folder)

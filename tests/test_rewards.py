@@ -1,6 +1,6 @@
 """The reward interface (nanowarp/reward.py): reward models of every layout, reward functions reading
-the prompt rows' columns, reward servers (serve_reward.py), weighted together; the faults each can
-have stop the job with exit 2 and a rerun resumes; a learnable keyword reward rises under RL."""
+the prompt rows' columns, weighted together (reward servers: test_serve_reward.py); a failing function
+stops the job with exit 2 and a rerun resumes; a learnable keyword reward rises under RL."""
 
 import dataclasses
 import json
@@ -8,14 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
 
-import serve_reward
 import train
 from conftest import REVIEWS, ROOT, assert_same_weights, final_weights, in_process, wordpiece_folder
 from nanowarp import hub
@@ -25,7 +21,7 @@ from nanowarp.gpt2 import GPT2, GPT2Config
 from nanowarp.hub import CheckpointError
 from nanowarp.models import load_theta
 from nanowarp.padding import right_pad
-from nanowarp.reward import Reward, RewardError, RewardFunction, RewardModel, RewardServer, Texts
+from nanowarp.reward import Reward, RewardError, RewardFunction, RewardModel, Texts
 from nanowarp.rl import load_resources, rl_run
 from nanowarp.tokenizer import EOS, load_tokenizer
 from nanowarp.warp import warp
@@ -56,8 +52,8 @@ def classifier_dir(folder, id2label, problem_type=None):
     vocab = open(os.path.join(folder, "vocab.txt"), encoding="utf-8").read().split("\n")
     torch.manual_seed(0)
     DistilBertClassifier(DistilBertConfig(vocab_size=len(vocab), max_position_embeddings=128, dim=32, n_layers=1,
-                                          n_heads=4, hidden_dim=64, pad_token_id=vocab.index("[PAD]"), num_labels=len(id2label),
-                                          id2label=id2label)).save_pretrained(folder)
+                                          n_heads=4, hidden_dim=64, pad_token_id=vocab.index("[PAD]"),
+                                          num_labels=len(id2label), id2label=id2label)).save_pretrained(folder)
     if problem_type:
         config = hub.load_config(folder)
         hub.write_json(os.path.join(folder, "config.json"), {**config, "problem_type": problem_type})
@@ -136,7 +132,7 @@ def test_weights_combine_the_sources_each_kept_and_the_eos_rule_applies_once():
     assert torch.allclose(parts["length_reward"], 1 - (words - 20).abs() / 20)
     assert rewards.tolist() == [(2 * parts["keyword_reward"] + 0.5 * parts["length_reward"])[i].item()
                                 for i in (0, 1)] + [-1.0]
-    unpenalised, _ = Reward([keyword, length], [2.0, 0.5], None).score(TEXTS, finished, COLUMNS)  # --no_eos_penalty none
+    unpenalised, _ = Reward([keyword, length], [2.0, 0.5], None).score(TEXTS, finished, COLUMNS)  # penalty none
     assert unpenalised[2] == 2 * 1.0 + 0.5 * parts["length_reward"][2]
     with pytest.raises(ValueError, match="--reward_weights has 1 value for 2 reward sources"):
         Reward([keyword, length], [1.0])
@@ -179,7 +175,7 @@ def reward_flags(job_flags, *source):
     return job_flags + [*source, "--reward_weights", "1", "0.5", "--no_eos_penalty", "none"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reward_job(job_flags, tmp_path_factory):
     """The tiny job rewarded by its reward model + 0.5 × the keyword function, run sequentially here."""
     out = str(tmp_path_factory.mktemp("reward_job"))
@@ -278,105 +274,6 @@ def test_eval_and_sample_take_reward_functions(tiny_gpt2_dir, prepared_imdb_dir,
 def sample_module_length(completions):
     """examples/rewards/rewards.py:length_reward, loaded by path."""
     return RewardFunction(EXAMPLES + ":length_reward")(Texts([""] * len(completions), completions, completions), {})
-
-
-# ---- serve_reward.py --------------------------------------------------------------------------------
-
-@pytest.fixture
-def server():
-    """serve_reward.py's server in a thread, serving the keyword function, with a bearer token."""
-    args = serve_reward.Args(reward_fn=(KEYWORD,), port=0, api_key="secret")
-    reward = serve_reward.load_reward(args)
-    httpd = serve_reward.make_server(args, reward, log=None)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/get_reward"
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def post(url, body, token="secret"):
-    """(status, answer) of a POST of body (bytes, or an object sent as JSON)."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="POST", headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def test_the_server_gives_the_in_process_rewards(server):
-    expected, _ = Reward([RewardFunction(KEYWORD)]).score(TEXTS, None, COLUMNS)
-    got, _ = Reward([RewardServer(server, api_key="secret")]).score(TEXTS, None, COLUMNS)
-    assert got.tolist() == expected.tolist() == [1.0, 0.0, 1.0]
-    # an OpenRLHF client: no completions (the query minus its prompt), the labels as the column `labels`
-    status, answer = post(server.replace("get_reward", "get_reward/"), {"query": TEXTS.queries,
-                                                                         "prompts": TEXTS.prompts, "labels": ["x"] * 3})
-    assert status == 500 and "missing 1 required positional argument: 'keyword'" in answer["error"]
-    assert post(server, {"query": TEXTS.queries, "prompts": TEXTS.prompts, "columns": COLUMNS}) == \
-        (200, {"rewards": [1.0, 0.0, 1.0]})
-
-
-@pytest.mark.parametrize("body, reason", [
-    (b"{not json", "the body is not JSON"),
-    ({"prompts": ["a"]}, 'expected a JSON object with a "query" list'),
-    ({"query": ["ab", "cd"], "prompts": ["a"], "completions": ["b", "d"], "columns": {"keyword": ["b", "d"]}},
-     "lists of different lengths: query 2, prompts 1, completions 2, columns.keyword 2"),
-    ({"query": ["ab"], "prompts": ["a"], "completions": ["b"], "columns": {"keyword": "b"}},
-     '"columns" must be an object of lists'),
-    ({"query": [1], "prompts": ["a"], "completions": ["b"], "columns": {"keyword": ["b"]}}, "must hold strings"),
-    (b"x" * (64 * 2 ** 20 + 1), "a body of 67108865 bytes is over --max_body_mb 64"),
-], ids=["not-json", "no-query", "lengths", "columns", "not-strings", "oversized"])
-def test_the_server_answers_a_bad_request_400_with_the_reason(server, body, reason):
-    status, answer = post(server, body)
-    assert status == 400 and reason in answer["error"]
-    assert post(server, {"query": ["ab"], "prompts": ["a"], "completions": ["b"], "columns": {"keyword": ["b"]}},
-                token="secret")[0] == 200  # still serving
-
-
-def test_the_server_refuses_a_wrong_token_and_the_client_says_so(server):
-    assert post(server, {"query": []}, token="wrong")[0] == 401
-    with pytest.raises(RewardError, match=r"the reward server .* failed 1 times, last with HTTP 401"):
-        RewardServer(server, api_key="wrong")(TEXTS, COLUMNS)
-
-
-def start_server(port=0):
-    """`python serve_reward.py --reward_fn KEYWORD --port PORT` and its port (from its first line)."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve_reward.py"), "--reward_fn", KEYWORD,
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()
-    assert "serving keyword_reward on http://127.0.0.1:" in line, line
-    return proc, int(line.rsplit(":", 1)[1].split("/")[0])
-
-
-def test_a_job_whose_server_dies_stops_clearly_and_resumes_to_the_in_process_weights(
-        job_flags, reward_job, with_columns, tmp_path, monkeypatch, capsys):
-    import nanowarp.job
-    proc, port = start_server()
-    url = f"http://127.0.0.1:{port}/get_reward"
-    monkeypatch.setattr(RewardServer, "BACKOFF", 0.05)
-    monkeypatch.setattr(nanowarp.job, "kill_point", lambda name: proc.kill() if name == "iter_1/run_1/step_1" else None)
-    flags = reward_flags(job_flags, "--reward_url", url) + ["--out_dir", str(tmp_path)]
-    try:
-        assert in_process(train.main, flags) == 2
-        assert f"train.py: error: the reward server {url} failed 4 times, last with URLError" in capsys.readouterr().err
-        assert os.path.isfile(os.path.join(tmp_path, "iter_1", "run_0", "config.json"))  # the finished run is kept
-        proc.wait()
-        proc, _ = start_server(port)  # back, at the same address
-        monkeypatch.setattr(nanowarp.job, "kill_point", lambda name: None)
-        assert in_process(train.main, flags) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-    # the server's rewards are the in-process function's, bit for bit: so are the weights
-    assert_same_weights(final_weights(str(tmp_path)), final_weights(reward_job))
-
-
-def test_serve_reward_needs_something_to_serve(capsys):
-    with pytest.raises(SystemExit) as exited:
-        serve_reward.main([])
-    assert exited.value.code == 2 and "nothing to serve" in capsys.readouterr().err
 
 
 # ---- a learnable reward rises: the loss and the KL penalty have the right sign ------------------

@@ -47,7 +47,7 @@ class Args:
     tiny: str = flag("runs/tiny", "a reproduce.py output folder: its sft/ is the policy")
     out_dir: str = flag("runs/keyword", "the WARP job's folder")
     steps: int = flag(40, "RL steps per run")
-    samples: int = flag(8, "completions per prompt for the keyword rate")
+    samples: int = flag(32, "completions per prompt for the keyword rate")
     seed: int = flag(0, "the job's and the rate's seed")
 
 
@@ -56,8 +56,8 @@ def job_config(args):
     return parse_flags(["--preset", "tiny", "--policy", os.path.join(args.tiny, "sft"), "--prompts", PROMPTS,
                        "--reward_fn", os.path.join(HERE, "rewards.py") + ":keyword_reward", "--no_eos_penalty", "none",
                        "--iterations", "1", "--runs", "2", "--steps", str(args.steps), "--batch_size", "32",
-                       "--max_new_tokens", "24", "--rloo_k", "4", "--out_dir", args.out_dir, "--seed", str(args.seed),
-                       "--workers", "1"])
+                       "--max_new_tokens", "24", "--rloo_k", "4", "--out_dir", args.out_dir,
+                       "--seed", str(args.seed), "--workers", "1"])
 
 
 def keyword_column():
