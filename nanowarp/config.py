@@ -132,6 +132,9 @@ class Config:
     def __post_init__(self):
         self.reward_model = default_reward_model(self)
         self.reward_api_key = keep_api_key(self.reward_api_key)
+        # lists, as the command line and job.json give them (a default is a tuple): equal configs compare equal
+        self.reward_fn, self.reward_url, self.reward_weights = (list(v) for v in (self.reward_fn, self.reward_url,
+                                                                                   self.reward_weights))
 
 
 def default_reward_model(cfg):
@@ -367,13 +370,16 @@ def config_file_argv(path, fields, dashes, script):
 
 def command_line(cfg, script):
     """`python SCRIPT --flag=value ...` with the flags of cfg (a dataclass of a script's flags, one
-    value each, as Config) whose values differ from the defaults: the command that parses into cfg."""
+    value each, or a list for --reward_fn and the like) whose values differ from the defaults: the
+    command that parses into cfg."""
     flags = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if value == f.default:
+        if value == f.default or (isinstance(value, list) and value == list(f.default or ())):
             continue
-        if isinstance(value, bool):
+        if isinstance(value, list):
+            flags += [f"--{f.name}", *map(str, value)]
+        elif isinstance(value, bool):
             flags.append(f"--{f.name}" if value else f"--no-{f.name}")
         else:
             flags.append(f"--{f.name}={value}")

@@ -318,7 +318,10 @@ def row(texts, columns, i):
 
 
 def checked(source, values, texts, columns):
-    """values as a float32 tensor (N,), or RewardError naming the source and the first bad row."""
+    """values as a float32 tensor (N,), or RewardError naming the source and the first bad row. A reward
+    model's own tensor passes as it is: a NaN there is numerical, which rl_run's check_finite reports."""
+    if isinstance(source, RewardModel):
+        return values
     if isinstance(values, torch.Tensor):
         values = values.tolist()
     try:

@@ -243,7 +243,7 @@ def test_a_failing_reward_function_stops_the_job_and_a_rerun_resumes(job_flags, 
     monkeypatch.setenv("FLAKY_AT", "5")  # step 2 of iter_1/run_1: run 0 is done
     assert in_process(train.main, flags) == 2
     err = capsys.readouterr().err
-    assert f"train.py: error: the reward function {tmp_path / 'flaky.py'}:flaky {message}" in err
+    assert f"train.py: error: iter_1/run_1: the reward function {tmp_path / 'flaky.py'}:flaky {message}" in err
     assert os.path.isfile(os.path.join(out, "iter_1", "run_0", "config.json"))  # the finished run is kept
     monkeypatch.delenv("FLAKY_AT")
     assert in_process(train.main, flags) == 0

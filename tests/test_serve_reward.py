@@ -99,7 +99,8 @@ def test_a_job_whose_server_dies_stops_clearly_and_resumes_to_the_in_process_wei
     flags = reward_flags(job_flags, "--reward_url", url) + ["--out_dir", str(tmp_path)]
     try:
         assert in_process(train.main, flags) == 2
-        assert f"train.py: error: the reward server {url} failed 4 times, last with URLError" in capsys.readouterr().err
+        assert f"train.py: error: iter_1/run_1: the reward server {url} failed 4 times, last with URLError" in \
+            capsys.readouterr().err
         assert os.path.isfile(os.path.join(tmp_path, "iter_1", "run_0", "config.json"))  # the finished run is kept
         proc.wait()
         proc, _ = start_server(port)  # back, at the same address
