@@ -41,26 +41,26 @@ from dataclasses import dataclass
 import torch
 
 from nanowarp import hub, merging
-from nanowarp.config import (fail, flag, parse_args as parse_flags, prompt_key_flag, resolve_device,
-                             truncate_prompts_flag)
+from nanowarp.config import (RewardFlags, default_reward_model, fail, flag, keep_api_key, parse_args as parse_flags,
+                             penalty, prompt_key_flag, resolve_device, same_flag, truncate_prompts_flag)
 from nanowarp.data import DataError, load_meta, load_prepared_prompts
 from nanowarp.evaluate import best_of_n, evaluate, heldout_sequences, liti_sweep
 from nanowarp.logger import Logger, check_report_to
 from nanowarp.models import eos_ids, from_config, from_pretrained, load_config
 from nanowarp.plots import plot
 from nanowarp.prompts import load_prompt_dataset, max_prompt_tokens
-from nanowarp.reward import RewardModel
+from nanowarp.reward import RewardError, RewardModel, eos_penalty, load_reward
 from nanowarp.sampling import first_eos
 from nanowarp.tokenizer import EOS, load_tokenizer
 
 
 @dataclass
-class Args:
+class Args(RewardFlags):
     models: tuple = flag(None, "policies to evaluate: checkpoint folders or Hub ids (and/or --sweep)", nargs="+",
                          metavar="DIR")
     ref: str = flag("lvwerra/gpt2-imdb", "reference policy of the KL (the SFT model); its tokenizer decodes",
                     metavar="DIR")
-    reward_model: str = flag("lvwerra/distilbert-imdb", "sentiment classifier giving the reward", metavar="DIR")
+    reward_model: str = same_flag("reward_model")
     data: str = flag("data/imdb/prepared", "folder written by data/imdb/prepare.py (its eval prompts are used)",
                      metavar="DIR")
     n_prompts: int = flag(100, "evaluate on the first N eval prompts", type=int, metavar="N")
@@ -71,12 +71,12 @@ class Args:
                                metavar="N")
     temperature: float = flag(None, "sampling temperature, also used for both log-probs of the KL; None: the "
                                     "train.py job's (see --reward_kind), else 1", type=float, metavar="T")
-    reward_kind: str = flag(None, "prob = P(positive), logit = raw positive logit; None: the job's, else prob",
+    reward_kind: str = flag(None, "prob = P(rewarded label), logit = its raw logit; None: the job's, else prob",
                             choices=["prob", "logit"])
-    no_eos_penalty: float = flag(None, "reward of a completion without EOS; None: the job's, else -1", type=float,
-                                 metavar="R")
-    reward_label: str = flag(None, "the reward model's rewarded label; None: the job's, else the one named POSITIVE "
-                                   "(else the last)", metavar="NAME")
+    no_eos_penalty: float = flag(None, "reward of a completion without EOS, or none; None: the job's, else -1",
+                                 type=penalty, metavar="R|none")
+    reward_label: str = flag(None, "the reward model's rewarded label, a name or an index; None: the job's, else the "
+                                   "one named POSITIVE", metavar="NAME")
     prompts: str = flag(None, "prompt dataset to evaluate on instead of --data's eval prompts: text, one per line; "
                               ".jsonl, .json or .parquet rows, a \"prompt\" string or \"messages\" each "
                               "(docs/usage.md#prompt-datasets)", metavar="PATH")
@@ -104,6 +104,10 @@ class Args:
                                 "model keeps one; KL log N - (N-1)/N", nargs="+", type=int, metavar="N")
     plot: str = flag(None, "KL-reward plot (PNG); None: --out with .png when matplotlib is installed; "
                            "'none': no plot", metavar="PNG")
+
+    def __post_init__(self):
+        self.reward_model = default_reward_model(self)
+        self.reward_api_key = keep_api_key(self.reward_api_key)
 
 
 # evaluate()'s metrics beyond KL and reward, copied into each row when present
@@ -216,6 +220,13 @@ def print_table(rows):
 
 
 def main(argv=None):
+    try:
+        run(argv)
+    except RewardError as e:  # a reward function or server that failed: the rows done are kept
+        fail("eval.py", f"{e}; the models done are kept: the same command resumes")
+
+
+def run(argv=None):
     args = parse_args(argv)
     validate(args)
 
@@ -223,8 +234,8 @@ def main(argv=None):
     try:
         if not args.prompts:
             load_meta(args.data)
-        for name in (*(args.models or ()), *(args.sweep or ()), args.ref, args.reward_model,
-                     *([args.judge] if args.judge else [])):
+        for name in (*(args.models or ()), *(args.sweep or ()), args.ref,
+                     *([args.reward_model] if args.reward_model else []), *([args.judge] if args.judge else [])):
             hub.resolve(name)
         folder = hub.resolve(args.ref)  # its tokenizer (it also decodes completions), chat template and context
         tokenizer = load_tokenizer(folder)
@@ -242,11 +253,12 @@ def main(argv=None):
     eos_id = eos_ids(args.ref, ref.config)  # an id, or generation_config.json's list of them
     try:
         check_prompts(prompts, args, ref, tokenizer)
-        reward_model = RewardModel(args.reward_model, device, batch_size=args.batch_size, dtype=dtype)
+        reward = load_reward(args, device, dtype, args.batch_size)
+        reward_model = reward.sources[0] if args.reward_model else None
         judge = RewardModel(args.judge, device, batch_size=args.batch_size, dtype=dtype) if args.judge else None
         heldout = heldout_sequences(args.data, args.heldout, tokenizer, ref.config.n_positions,
                                     first_eos(eos_id)) if args.heldout else None
-    except (DataError, hub.CheckpointError) as e:
+    except (DataError, hub.CheckpointError, ValueError) as e:
         fail("eval.py", str(e))
     logger = Logger(args.report_to, os.path.dirname(os.path.abspath(args.out)), "eval", dataclasses.asdict(args))
 
@@ -254,14 +266,16 @@ def main(argv=None):
         """evaluate()'s keyword arguments for model `name`, the reward model set to score as its job did."""
         scoring = scoring_settings(args, name)
         try:
-            reward_model.positive = reward_model.label_index(scoring["reward_label"])
-        except ValueError as e:
+            if reward_model is not None:
+                reward_model.set_scoring(scoring["reward_kind"], scoring["reward_label"])
+        except (ValueError, hub.CheckpointError) as e:
             fail("eval.py", str(e))
-        reward_model.kind, reward_model.no_eos_penalty = scoring["reward_kind"], scoring["no_eos_penalty"]
+        reward.no_eos_penalty = eos_penalty(scoring["no_eos_penalty"])
         return scoring, dict(max_new_tokens=args.max_new_tokens, temperature=scoring["temperature"],
                              batch_size=args.batch_size, seed=args.seed, samples=args.samples,
                              judge=judge, heldout=heldout)
-    print(f"evaluating on {len(prompts)} prompts of {args.prompts or args.data}, KL to {args.ref}, reward {args.reward_model}, "
+    print(f"evaluating on {len(prompts)} prompts of {args.prompts or args.data}, KL to {args.ref}, "
+          f"reward {', '.join(reward.names)}, "
           f"device {device}")
 
     rows, last = [], time.perf_counter()
@@ -303,7 +317,7 @@ def main(argv=None):
             continue
         policy = load_policy(name, "--models", ref, dtype).to(device).eval()
         scoring, kwargs = settings(name)
-        record(name, evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, **kwargs), scoring)
+        record(name, evaluate(policy, ref, reward, prompts, tokenizer, eos_id, **kwargs), scoring)
         del policy  # before loading the next one
 
     # 3. the LITI sweep (1 − η) A + η B, one model in memory whose weights change with η
@@ -326,7 +340,7 @@ def main(argv=None):
             fail("eval.py", str(e))
         policy = from_config(model_a.config).to(device, dtype).eval()  # a third model: theta_a shares model_a's storage
         scoring, kwargs = settings(b)  # scored as B's job was trained
-        liti_sweep(theta_a, theta_b, etas, policy, ref, reward_model, prompts, tokenizer, eos_id,
+        liti_sweep(theta_a, theta_b, etas, policy, ref, reward, prompts, tokenizer, eos_id,
                    log=lambda eta, result: record(point(eta), result, scoring, eta=eta, sweep=f"liti({a},{b})"),
                    **kwargs)
 
@@ -337,7 +351,7 @@ def main(argv=None):
             keep(done[name])
     elif names:
         scoring, kwargs = settings(args.ref)
-        for result in best_of_n(ref, reward_model, prompts, tokenizer, eos_id, list(names),
+        for result in best_of_n(ref, reward, prompts, tokenizer, eos_id, list(names),
                                 **{k: kwargs[k] for k in ("max_new_tokens", "temperature", "batch_size", "seed", "judge")}):
             record(names[result["best_of"]], result, scoring, best_of=result["best_of"])
 

@@ -5,10 +5,10 @@ every --model, with their rewards, to see what training did to the text.
 Every model draws the same random numbers: the K completions of prompt i are sampled together from
 one generator seeded from (--seed, i), made again for each model (as eval.py seeds its batches).
 Two copies of a model write the same completions, and models that are close write similar ones, so
-what differs comes from the models rather than from the draw. With --reward_model, each completion's
-reward: P(positive) of prompt + completion, or -1 for a completion that did not end (no EOS within
---max_new_tokens), as in training and eval.py; with --judge, an independent classifier's P(positive)
-(no -1 rule). Prompts are tokenized with the first model's tokenizer, which decodes every model's
+what differs comes from the models rather than from the draw. With --reward_model, --reward_fn or
+--reward_url, each completion's reward as train.py computes it (docs/rewards.md): e.g. P(positive) of
+prompt + completion, or -1 for a completion that did not end (no EOS within --max_new_tokens); with
+--judge, an independent classifier's P(positive) (no -1 rule). Prompts are tokenized with the first model's tokenizer, which decodes every model's
 completions: the models must share its vocabulary; --chat_template makes each the user's turn of that
 model's chat template. Every prompt must fit the smallest context beside --max_new_tokens (or
 --truncate_prompts left), checked before any model is loaded.
@@ -30,20 +30,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from anywhere without installing
 
 from nanowarp import hub  # noqa: E402
-from nanowarp.config import (fail, flag, parse_args as parse_flags, prompt_key_flag, resolve_device,  # noqa: E402
-                             truncate_prompts_flag)
+from nanowarp.config import (RewardFlags, fail, flag, keep_api_key, parse_args as parse_flags,  # noqa: E402
+                             prompt_key_flag, resolve_device, same_flag, truncate_prompts_flag)
 from nanowarp.data import DataError  # noqa: E402
 from nanowarp.evaluate import batch_seed  # noqa: E402
 from nanowarp.models import eos_ids, from_pretrained, load_config  # noqa: E402
 from nanowarp.prompts import load_prompt_dataset, make_prompt_set, max_prompt_tokens  # noqa: E402
-from nanowarp.reward import RewardModel  # noqa: E402
-from nanowarp.rl import decode  # noqa: E402
+from nanowarp.reward import RewardError, RewardModel, decode_texts, load_reward  # noqa: E402
 from nanowarp.sampling import sample  # noqa: E402
 from nanowarp.tokenizer import load_tokenizer  # noqa: E402
 
 
 @dataclass
-class Args:
+class Args(RewardFlags):
     model: tuple = flag(None, "policies to sample from: checkpoint folders or Hub ids, sharing the first's vocabulary",
                         required=True, nargs="+", metavar="DIR")
     prompt: tuple = flag(None, "a prompt, as it is (repeat the flag for several)", action="append", metavar="TEXT")
@@ -58,12 +57,18 @@ class Args:
     max_new_tokens: int = flag(48, "maximum completion length, in tokens", metavar="N")
     temperature: float = flag(1.0, "sampling temperature", metavar="T")
     seed: int = flag(0, "sampling seed: the same random numbers for every model", metavar="S")
-    reward_model: str = flag(None, "sentiment classifier: each completion's reward, P(positive) of prompt + "
-                                   "completion, -1 without EOS", metavar="DIR")
+    reward_model: str = flag(None, "reward model (a classifier or a scalar reward model): each completion's reward, "
+                                   "e.g. P(positive) of prompt + completion, -1 without EOS", metavar="DIR")
+    reward_kind: str = same_flag("reward_kind")
+    reward_label: str = same_flag("reward_label")
+    no_eos_penalty: float = same_flag("no_eos_penalty")
     judge: str = flag(None, "an independent sentiment classifier: each completion's P(positive)", metavar="DIR")
     json: bool = flag(False, "print JSON (for scripts) instead of tables")
     device: str = flag("auto", "cpu, cuda, cuda:N, or auto")
     dtype: str = flag("float32", "bfloat16: the models and classifiers run in bf16", choices=["float32", "bfloat16"])
+
+    def __post_init__(self):
+        self.reward_api_key = keep_api_key(self.reward_api_key)
 
 
 def parse_args(argv=None):
@@ -98,10 +103,10 @@ def load_policy(name, first=None):
 
 
 @torch.no_grad()
-def sample_model(model, eos_id, prompts, tokenizer, args, reward_model=None, judge=None):
+def sample_model(model, eos_id, prompts, tokenizer, args, reward=None, judge=None):
     """For each prompt (token-id lists), args.num_samples completions of `model`, each ending at
     eos_id (or any of a list): one list of dicts (completion, finished, length, and reward / judge
-    when those classifiers are given) per prompt."""
+    when a nanowarp.reward.Reward / a judge classifier are given) per prompt."""
     device, K = model.lm_head.weight.device, args.num_samples
     out = []
     for i, prompt in enumerate(prompts):
@@ -115,11 +120,12 @@ def sample_model(model, eos_id, prompts, tokenizer, args, reward_model=None, jud
         completions = tokenizer.decode_batch([t[:n] for t, n in zip(sampled.tokens.tolist(), ends)],
                                              skip_special_tokens=True)
         rows = [dict(completion=c, finished=bool(f), length=int(n)) for c, f, n in zip(completions, finished, n_tokens)]
-        texts = decode(tokenizer, batch, sampled.tokens, n_tokens)  # prompt + completion, as the reward reads it
-        for key, classifier, done in (("reward", reward_model, finished), ("judge", judge, None)):
-            if classifier is not None:
-                for row, score in zip(rows, classifier.score(texts, done).tolist()):
-                    row[key] = score
+        texts = decode_texts(tokenizer, batch, sampled.tokens, n_tokens)
+        scores = dict(reward=reward.score(texts, finished)[0] if reward else None,
+                      judge=judge.score(texts.queries) if judge else None)  # prompt + completion, no -1 rule
+        for key, values in scores.items():
+            for row, score in zip(rows, values.tolist() if values is not None else ()):
+                row[key] = score
         out.append(rows)
     return out
 
@@ -161,9 +167,9 @@ def main(argv=None):
         fail("sample.py", str(e))
     device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
     try:
-        reward_model = RewardModel(args.reward_model, device, dtype=dtype) if args.reward_model else None
+        reward = load_reward(args, device, dtype) if args.reward_model or args.reward_fn or args.reward_url else None
         judge = RewardModel(args.judge, device, dtype=dtype) if args.judge else None
-    except hub.CheckpointError as e:
+    except (hub.CheckpointError, ValueError) as e:
         fail("sample.py", str(e))
 
     # 2. each model in turn (one in memory): K completions of every prompt
@@ -174,12 +180,15 @@ def main(argv=None):
         if max(max(p) for p in prompts) >= model.config.vocab_size:
             fail("sample.py", f"the first --model's tokenizer gives token ids beyond the vocabulary of --model {name} "
                               f"({model.config.vocab_size})")
-        per_model.append(sample_model(model, eos_ids(name, model.config), prompts, tokenizer, args, reward_model,
-                                      judge))
+        try:
+            per_model.append(sample_model(model, eos_ids(name, model.config), prompts, tokenizer, args, reward, judge))
+        except RewardError as e:
+            fail("sample.py", str(e))
         del model  # before loading the next one
 
     # 3. per prompt, every model's completions
-    result = dict(models=list(args.model), reward_model=args.reward_model, judge=args.judge, seed=args.seed,
+    result = dict(models=list(args.model), reward_model=args.reward_model, reward_fn=list(args.reward_fn),
+                  reward_url=list(args.reward_url), judge=args.judge, seed=args.seed,
                   temperature=args.temperature, max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
                   prompts=[dict(prompt=text, models=[dict(model=name, samples=rows[i])
                                                      for name, rows in zip(args.model, per_model)])

@@ -49,7 +49,7 @@ from nanowarp.gpt2 import GPT2, GPT2Config  # noqa: E402
 from nanowarp.llama_config import LlamaConfig  # noqa: E402
 from nanowarp.logprobs import token_logprobs  # noqa: E402
 from nanowarp.models import from_config  # noqa: E402
-from nanowarp.reward import RewardModel  # noqa: E402
+from nanowarp.reward import Reward, RewardModel  # noqa: E402
 from nanowarp.rl import Resources, rl_run  # noqa: E402
 from nanowarp.sampling import sample  # noqa: E402
 
@@ -121,11 +121,11 @@ def resources_for(config, distilbert, device, dtype, folder, seed=0):
         json.dump({"do_lower_case": False}, f)
     DistilBertClassifier(DistilBertConfig(**distilbert, pad_token_id=0,
                                           id2label={0: "NEGATIVE", 1: "POSITIVE"})).save_pretrained(folder)
-    reward_model = RewardModel(folder, device, dtype=dtype)
+    reward = Reward([RewardModel(folder, device, dtype=dtype)])
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, config.vocab_size - 1, (int(n),), generator=g).tolist()
                for n in torch.randint(5, 21, (256,), generator=g)]  # IMDB's prompts: 5 to 20 tokens
-    return Resources(config, word_tokenizer(config.vocab_size), reward_model, prompts, config.eos_token_id, device)
+    return Resources(config, word_tokenizer(config.vocab_size), reward, prompts, config.eos_token_id, device)
 
 
 def rl_config(shape, dtype, rloo_k, steps, micro_batch_size=0):

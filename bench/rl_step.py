@@ -140,7 +140,7 @@ def reward_texts(res, prompts, tokens, finished):
     """nanowarp's reward of completions (lists of ids, up to and including EOS) of prompts (lists
     of ids): the text nanowarp.rl.decode gives the reward model."""
     texts = res.tokenizer.decode_batch([p + t for p, t in zip(prompts, tokens)], skip_special_tokens=True)
-    return res.reward_model.score(texts, finished)
+    return torch.where(finished.cpu(), res.reward.sources[0].score(texts), torch.tensor(-1.0))  # the −1 rule
 
 
 # ---- the contenders ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ its own `Args` dataclass the same way, and reports a user error with `fail` (or 
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -35,6 +36,11 @@ def truncate_prompts_flag(context="the policy's context"):
                         f"naming its line; left = keep its last tokens", choices=["none", "left"])
 
 
+def penalty(text):
+    """--no_eos_penalty: a number, or none (kept as the string "none")."""
+    return "none" if text.lower() == "none" else float(text)
+
+
 @dataclass
 class Config:
     # what to run
@@ -44,7 +50,16 @@ class Config:
                        choices=["reference", "rloo", "paper", "tiny", "tiny_sentiment"])
     # models and data
     policy: str = flag("lvwerra/gpt2-imdb", "SFT policy: Hub id or local folder (Hugging Face layout)")
-    reward_model: str = flag("lvwerra/distilbert-imdb", "sentiment classifier: Hub id or local folder")
+    reward_model: str = flag(None, "reward model: a sequence classifier or a scalar reward model, Hub id or local folder; "
+                                   "None: lvwerra/distilbert-imdb unless --reward_fn or --reward_url is given",
+                             metavar="DIR")
+    reward_fn: tuple = flag((), "reward functions, each NAME(prompts=[...], completions=[...], **columns) -> one float "
+                                "per completion, columns the prompt rows' other fields (docs/rewards.md)",
+                            nargs="+", metavar="FILE.py:NAME")
+    reward_url: tuple = flag((), "reward servers speaking OpenRLHF's protocol, e.g. serve_reward.py's "
+                                 "http://127.0.0.1:5000/get_reward (docs/rewards.md)", nargs="+", metavar="URL")
+    reward_weights: tuple = flag((), "one weight per reward source, in the order reward_model, reward_fn..., "
+                                     "reward_url...; none given: 1 each", nargs="+", type=float, metavar="W")
     data: str = flag("data/imdb/prepared", "folder written by data/imdb/prepare.py")
     out_dir: str = flag("runs/warp", "where checkpoints and metrics.jsonl go")
     # WARP (Algorithm 1)
@@ -72,8 +87,17 @@ class Config:
     lora_targets: str = flag("all", "linear layers that get LoRA: all (those of the blocks), or names joined by commas "
                                     "from q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama layout), "
                                     "c_attn,c_proj,c_fc (GPT-2)", metavar="NAMES")
-    reward_kind: str = flag("prob", "reward: prob = P(positive), logit = raw positive logit", choices=["prob", "logit"])
-    no_eos_penalty: float = flag(-1.0, "reward of a completion that emitted no EOS within max_new_tokens")
+    reward_kind: str = flag("prob", "reward model: prob = P(rewarded label) (sigmoid for a multi-label classifier), "
+                                    "logit = its raw logit; a scalar reward model (one label) gives its logit",
+                            choices=["prob", "logit"])
+    reward_input: str = flag("prompt_completion", "what the reward model reads: prompt_completion or completion",
+                             choices=["prompt_completion", "completion"])
+    no_eos_penalty: float = flag(-1.0, "reward of a completion that emitted no EOS within max_new_tokens; none: no "
+                                       "such rule", type=penalty, metavar="R|none")
+    label_key: str = flag(None, "--reward_url: the prompt rows' column sent as the labels of OpenRLHF's protocol "
+                                "(None: empty strings)", metavar="NAME")
+    reward_api_key: str = flag(None, "--reward_url: bearer token sent to the reward server; None: "
+                                     "$NANOWARP_REWARD_API_KEY (never written to job.json)", metavar="TOKEN")
     micro_batch_size: int = flag(0, "completions sampled, scored and back-propagated at a time, gradients accumulated "
                                     "(same result, less memory); a multiple of rloo_k; 0 = the whole batch")
     gradient_checkpointing: bool = flag(False, "recompute each transformer block's activations in the backward pass "
@@ -110,8 +134,8 @@ class Config:
     truncate_prompts: str = truncate_prompts_flag()
     chat_template: bool = flag(False, "give each prompt to the policy as a user turn of its chat template "
                                       "(tokenizer_config.json; pip install jinja2)")
-    reward_label: str = flag(None, "the reward model's label that is rewarded; None: the one named POSITIVE, else "
-                                   "the last (index 1 of two)", metavar="NAME")
+    reward_label: str = flag(None, "the reward model's label that is rewarded, a name or an index; None: the one "
+                                   "named POSITIVE (a classifier without one is refused)", metavar="NAME")
     report_to: str = flag("none", "also log metrics and completions to tensorboard or wandb (pip install it)",
                           choices=["none", "tensorboard", "wandb"])
     log_completions: int = flag(0, "every N steps, write a few (prompt, completion, reward, kl) rows to "
@@ -122,6 +146,28 @@ class Config:
                               "inside it; 0 = off")
     fresh: bool = flag(False, "delete the earlier job's results in --out_dir and start over, instead of resuming it")
 
+    def __post_init__(self):
+        self.reward_model = default_reward_model(self)
+        self.reward_api_key = keep_api_key(self.reward_api_key)
+        # lists, as the command line and job.json give them (a default is a tuple): equal configs compare equal
+        self.reward_fn, self.reward_url, self.reward_weights = (list(v) for v in (self.reward_fn, self.reward_url,
+                                                                                   self.reward_weights))
+
+
+def default_reward_model(cfg):
+    """--reward_model, or the default reward model when no reward is named at all."""
+    return cfg.reward_model or (None if cfg.reward_fn or cfg.reward_url else "lvwerra/distilbert-imdb")
+
+
+def keep_api_key(token):
+    """A --reward_api_key goes to the environment (NANOWARP_REWARD_API_KEY, which the worker processes
+    inherit and the reward client reads), not into the config: job.json, model cards and loggers
+    never see it. Returns the field's value: None."""
+    if token:
+        os.environ["NANOWARP_REWARD_API_KEY"] = token
+    return None
+
+
 
 # Flags a resumed job may change: they do not change what the job computes (--device, --threads and
 # --micro_batch_size only in the last bits; --gradient_checkpointing not at all). --iterations may grow: iteration i never depends on I, so a finished job
@@ -131,7 +177,7 @@ RESUME_FREE = ("out_dir", "fresh", "preset", "iterations", "workers", "threads",
                "gradient_checkpointing",
                "log_every", "save_every",
                "reward_base", "epochs", "train_batch_size", "train_lr", "train_warmup", "max_length", "test_limit", "train_split",
-               "windows", "min_window_words", "max_window_words", "report_to", "log_completions")
+               "windows", "min_window_words", "max_window_words", "report_to", "log_completions", "reward_api_key")
 
 # Plain data: each preset is a set of overrides of the defaults above.
 PRESETS = {
@@ -151,6 +197,23 @@ PRESETS = {
                        "rloo_k": 4, "lr": 3e-3, "warmup": 6, "lora_rank": 8, "lora_alpha": 8.0, "kl_coef": 0.1,
                        "ema_rate": 1 / 600, "liti_rate": 0.5},
 }
+
+
+def same_flag(name):
+    """A fresh field of Config's flag `name`, for another script's flags that mean the same (eval.py, sample.py)."""
+    f = next(f for f in dataclasses.fields(Config) if f.name == name)
+    return field(default=f.default, metadata=f.metadata)
+
+
+@dataclass
+class RewardFlags:
+    """The reward flags eval.py's and sample.py's Args share with train.py's (their base class)."""
+    reward_fn: tuple = same_flag("reward_fn")
+    reward_url: tuple = same_flag("reward_url")
+    reward_weights: tuple = same_flag("reward_weights")
+    reward_input: str = same_flag("reward_input")
+    label_key: str = same_flag("label_key")
+    reward_api_key: str = same_flag("reward_api_key")
 
 
 def changed_flags(earlier, now, free=()):
@@ -185,11 +248,20 @@ def validate(cfg):
         (cfg.micro_batch_size >= 0 and cfg.micro_batch_size % cfg.rloo_k == 0,
          f"--micro_batch_size ({cfg.micro_batch_size}) must be 0 (the whole batch) or a positive multiple of "
          f"--rloo_k ({cfg.rloo_k}), so that each prompt's {cfg.rloo_k} completions stay in one micro-batch"),
+        (not cfg.reward_weights or len(cfg.reward_weights) == len(reward_sources(cfg)),
+         f"--reward_weights has {len(cfg.reward_weights)} values for the {len(reward_sources(cfg))} reward sources "
+         f"{', '.join(reward_sources(cfg))} (one weight each, in that order)"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
     check_report_to(cfg.report_to)  # a missing package fails now, not after the first run
+
+
+def reward_sources(cfg):
+    """The reward sources a config names, in the order of --reward_weights."""
+    return ([f"--reward_model {cfg.reward_model}"] if cfg.reward_model else []) + \
+        [f"--reward_fn {f}" for f in cfg.reward_fn] + [f"--reward_url {u}" for u in cfg.reward_url]
 
 
 def resolve_device(name):
@@ -283,7 +355,7 @@ def read_config_file(path, script):
 
 def config_file_argv(path, fields, dashes, script):
     """The flags of a --config file as command-line arguments (argparse converts and checks them as
-    if typed), and {name: None} for its nulls (argparse cannot take a None)."""
+    if typed), and {name: value} for its nulls and empty lists (argparse cannot take those)."""
     values = {k.replace("-", "_"): v for k, v in read_config_file(path, script).items()}
     unknown = [k for k in values if k not in fields]
     if unknown:
@@ -295,8 +367,8 @@ def config_file_argv(path, fields, dashes, script):
         many = "nargs" in kw or kw.get("action") == "append"
         if value is None and (fields[name].default is not None or kw.get("required")):
             fail(script, f"--config {path}: {name} needs a value, got null")
-        elif value is None:
-            unset[name] = None
+        elif value is None or (value == [] and many and not kw.get("required")):  # argparse takes neither
+            unset[name] = value
         elif isinstance(fields[name].default, bool):
             if not isinstance(value, bool):
                 fail(script, f"--config {path}: {name} must be true or false, got {value!r}")
@@ -316,13 +388,16 @@ def config_file_argv(path, fields, dashes, script):
 
 def command_line(cfg, script):
     """`python SCRIPT --flag=value ...` with the flags of cfg (a dataclass of a script's flags, one
-    value each, as Config) whose values differ from the defaults: the command that parses into cfg."""
+    value each, or a list for --reward_fn and the like) whose values differ from the defaults: the
+    command that parses into cfg."""
     flags = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if value == f.default:
+        if value == f.default or (isinstance(value, list) and value == list(f.default or ())):
             continue
-        if isinstance(value, bool):
+        if isinstance(value, list):
+            flags += [f"--{f.name}", *map(str, value)]
+        elif isinstance(value, bool):
             flags.append(f"--{f.name}" if value else f"--no-{f.name}")
         else:
             flags.append(f"--{f.name}={value}")

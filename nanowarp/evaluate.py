@@ -37,7 +37,7 @@ from nanowarp import merging
 from nanowarp.logger import completion_rows, progress
 from nanowarp.data import load_reviews
 from nanowarp.logprobs import completion_hidden, final_softcap, sampled_kl, sequence_kl, token_logprobs
-from nanowarp.rl import decode
+from nanowarp.reward import batch_columns, decode_texts
 from nanowarp.sampling import first_eos, sample
 from nanowarp.supervised import fit_review, perplexity, test_subset
 
@@ -78,14 +78,15 @@ def batch_seed(seed, batch):
 
 
 @torch.no_grad()
-def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_tokens=128, temperature=1.0,
-             batch_size=64, seed=0, judge=None, heldout=None, samples=0):
+def evaluate(policy, ref, reward, prompts, tokenizer, eos_id, max_new_tokens=128, temperature=1.0,
+             batch_size=64, seed=0, judge=None, heldout=None, samples=0, columns=None):
     """KL(π‖π_ref) and reward of `policy` on `prompts` (lists of token ids), one completion each.
 
-    policy, ref: GPT2 or Llama models (same vocabulary; in eval mode if they have dropout); reward_model: nanowarp.reward.RewardModel;
+    policy, ref: GPT2 or Llama models (same vocabulary; in eval mode if they have dropout); reward: nanowarp.reward.Reward
+    (columns: the prompt rows' other fields, {name: list aligned with prompts}, for its functions);
     tokenizer: the policy's tokenizers.Tokenizer, to decode prompt + completion for the reward.
     judge: an optional second classifier (a RewardModel, e.g. of another architecture) scoring the
-    same texts; heldout: optional token-id lists (heldout_sequences) for heldout_nll.
+    same texts (prompt + completion), without the −1 rule; heldout: optional token-id lists (heldout_sequences) for heldout_nll.
     Returns dict(kl, reward, finished, length, n, kl_se, reward_se, kl_exact, kl_exact_se,
     distinct_1, distinct_2), plus judge, judge_se when a judge is given and heldout_nll when
     heldout is: means over prompts, finished = fraction that emitted EOS, length = mean
@@ -115,10 +116,11 @@ def evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, max_new_toke
                                      mask, temperature, softcap=final_softcap(policy),
                                      ref_softcap=final_softcap(ref)).cpu())
         n_tokens = sampled.mask.sum(1)
-        texts = decode(tokenizer, batch, sampled.tokens, n_tokens)
-        rewards.append(reward_model.score(texts, sampled.finished))
+        texts = decode_texts(tokenizer, batch, sampled.tokens, n_tokens)
+        rows = range(start, start + len(batch))
+        rewards.append(reward.score(texts, sampled.finished, batch_columns(columns or {}, rows))[0])
         if judge is not None:
-            judged.append(judge.score(texts))
+            judged.append(judge.score(texts.queries))
         finished.append(sampled.finished.cpu())
         lengths.append(n_tokens.cpu())
         if len(shown) < samples:
@@ -151,10 +153,10 @@ def best_of_n_kl(n):
 
 
 @torch.no_grad()
-def best_of_n(ref, reward_model, prompts, tokenizer, eos_id, ns, max_new_tokens=128, temperature=1.0, batch_size=64,
-              seed=0, judge=None):
+def best_of_n(ref, reward, prompts, tokenizer, eos_id, ns, max_new_tokens=128, temperature=1.0, batch_size=64,
+              seed=0, judge=None, columns=None):
     """Best-of-n of `ref` for each n in `ns`: n completions per prompt sampled from `ref`, the reward
-    model keeps the one it scores highest (ties: the first drawn). This is the reference front of
+    (a nanowarp.reward.Reward) keeps the one it scores highest (ties: the first drawn). This is the reference front of
     RLHF papers: how much reward a KL budget buys with no training at all.
 
     The completions are drawn once, max(ns) per prompt, and best-of-n uses the first n of them, so
@@ -179,10 +181,10 @@ def best_of_n(ref, reward_model, prompts, tokenizer, eos_id, ns, max_new_tokens=
                              generator=generator)
             n_tokens = sampled.mask.sum(1).cpu()
             finished = sampled.finished.cpu()
-            texts = decode(tokenizer, batch, sampled.tokens, n_tokens)
+            texts = decode_texts(tokenizer, batch, sampled.tokens, n_tokens)
             ends = (n_tokens - finished.long()).tolist()  # EOS excluded
-            draws.append((texts, reward_model.score(texts, finished), finished, n_tokens,
-                          [t[:m] for t, m in zip(sampled.tokens.tolist(), ends)]))
+            scored, _ = reward.score(texts, finished, batch_columns(columns or {}, range(start, start + len(batch))))
+            draws.append((texts.queries, scored, finished, n_tokens, [t[:m] for t, m in zip(sampled.tokens.tolist(), ends)]))
         rewards = torch.stack([d[1] for d in draws])  # (max n, B)
         picks = {n: rewards[:n].argmax(0).tolist() for n in ns}  # argmax returns the first of equal maxima
         if judge is not None:  # the judge scores each kept completion once, however many n keep it
@@ -210,7 +212,7 @@ def best_of_n(ref, reward_model, prompts, tokenizer, eos_id, ns, max_new_tokens=
     return results
 
 
-def liti_sweep(theta_a, theta_b, etas, policy, ref, reward_model, prompts, tokenizer, eos_id, log=None, **kwargs):
+def liti_sweep(theta_a, theta_b, etas, policy, ref, reward, prompts, tokenizer, eos_id, log=None, **kwargs):
     """evaluate() of (1−η)·θ_a + η·θ_b for each η in etas, without writing any checkpoint.
 
     theta_a, theta_b: dense state dicts in the Hugging Face layout (model.hf_state_dict()).
@@ -224,7 +226,7 @@ def liti_sweep(theta_a, theta_b, etas, policy, ref, reward_model, prompts, token
     results = []
     for eta in progress(etas, "LITI sweep", unit="point"):
         policy.load_hf_state_dict(merging.liti(theta_a, theta_b, eta), where=f"LITI eta={eta}")
-        result = dict(eta=eta, **evaluate(policy, ref, reward_model, prompts, tokenizer, eos_id, **kwargs))
+        result = dict(eta=eta, **evaluate(policy, ref, reward, prompts, tokenizer, eos_id, **kwargs))
         if log is not None:
             log(eta, result)
         results.append(result)

@@ -48,6 +48,7 @@ from nanowarp.card import model_card
 from nanowarp.config import RESUME_FREE, changed_flags
 from nanowarp.logger import Logger, append_jsonl
 from nanowarp.models import cpu_weights, load_theta, save_policy
+from nanowarp.reward import RewardError
 from nanowarp.rl import rl_run
 
 
@@ -344,6 +345,8 @@ def train_run(cfg, resources, iteration, run, theta_init, log=print, save=True):
                                      save_state if save else None, log_completions if save else None))
     except FloatingPointError as e:  # say which run; the finished ones (and state.pt) stay on disk
         raise FloatingPointError(f"iter_{i}/run_{m}: {e}") from None
+    except RewardError as e:  # a reward function or server that failed: the same
+        raise RewardError(f"iter_{i}/run_{m}: {e}") from None
     except parallel.Interrupted as e:  # SIGINT / SIGTERM, at the end of step e.step
         saved = f"its training state is in {state_path}" if save and cfg.save_every else \
             "it will start over (--save_every N would have saved its state)"

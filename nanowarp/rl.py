@@ -1,6 +1,7 @@
 """
 One RL run of WARP (Algorithm 1 of Ramé et al. 2024, lines 4–10): REINFORCE or RLOO on a LoRA
-policy, rewarded by a classifier and regularised by a KL penalty against an EMA anchor.
+policy, rewarded by nanowarp.reward's Reward (a classifier, reward functions, reward servers) and
+regularised by a KL penalty against an EMA anchor.
 
     y ~ π_θ(·|x)
     r_β(x, y) = r(x, y) − β · Σ_k [log π_θ(y_k|x, y_<k) − log π_ema(y_k|x, y_<k)]
@@ -33,7 +34,7 @@ from nanowarp.models import eos_ids, from_config, load_config
 from nanowarp.optim import adamw
 from nanowarp.parallel import Interrupted, stop_requested
 from nanowarp.prompts import load_prompt_dataset, max_prompt_tokens
-from nanowarp.reward import RewardModel
+from nanowarp.reward import batch_columns, decode_texts, load_reward
 from nanowarp.sampling import sample_micro_batches
 from nanowarp.tokenizer import load_tokenizer
 
@@ -43,7 +44,7 @@ class Resources:
     """What every run of a job shares: loaded once per process."""
     model_config: object  # GPT2Config or LlamaConfig of the policy
     tokenizer: object  # the policy's tokenizers.Tokenizer
-    reward_model: object  # nanowarp.reward.RewardModel
+    reward: object  # nanowarp.reward.Reward
     prompts: list  # training prompts, lists of token ids
     eos_id: object  # the id that ends a completion, or a list of them (models.eos_ids)
     device: torch.device
@@ -52,8 +53,9 @@ class Resources:
 
 def load_resources(cfg, device=None):
     """The Resources of a job's runs on `device` (default: --device): the policy's config and
-    tokenizer, the reward model, and the training prompts (--prompts, or --data's), each checked to fit
-    the context beside --max_new_tokens, with the --prompts rows' other fields as columns."""
+    tokenizer, the reward (nanowarp.reward.load_reward: its functions loaded by path, in this process),
+    and the training prompts (--prompts, or --data's), each checked to fit the context beside
+    --max_new_tokens, with the --prompts rows' other fields as columns."""
     device = device or resolve_device(cfg.device)
     folder = hub.resolve(cfg.policy)
     model_config = load_config(folder)
@@ -68,10 +70,8 @@ def load_resources(cfg, device=None):
         prompts, columns = dataset.ids, dataset.columns
     else:
         prompts, columns = load_prepared_prompts(cfg.data, "train", tokenizer, **fit), {}
-    reward_model = RewardModel(cfg.reward_model, device, kind=cfg.reward_kind, no_eos_penalty=cfg.no_eos_penalty,
-                               label=cfg.reward_label, dtype=getattr(torch, cfg.dtype))
-    return Resources(model_config, tokenizer, reward_model, prompts, eos_ids(folder, model_config), device,
-                     columns=columns)
+    reward = load_reward(cfg, device, getattr(torch, cfg.dtype))
+    return Resources(model_config, tokenizer, reward, prompts, eos_ids(folder, model_config), device, columns=columns)
 
 
 def rloo_advantages(rewards, k):
@@ -240,10 +240,15 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
         chunks = micro_batches(len(prompts), cfg.micro_batch_size)  # whole RLOO groups (validate)
         t1 = time.perf_counter()
 
-        # 2. reward r(x, y), −1 without EOS
+        # 2. reward r(x, y) = Σ_s w_s r_s(x, y) of the decoded texts and the prompt rows' columns, −1 without EOS
         lengths = sampled.mask.sum(1)
-        texts = decode(resources.tokenizer, prompts, sampled.tokens, lengths)
-        rewards = torch.cat([resources.reward_model.score(texts[c], sampled.finished[c]) for c in chunks]).to(device)
+        texts = decode_texts(resources.tokenizer, prompts, sampled.tokens, lengths)
+        columns = batch_columns(resources.columns, [i for i in batch for _ in range(k)])
+        scored = [resources.reward.score(texts[c], sampled.finished[c], batch_columns(columns, range(len(prompts))[c]))
+                  for c in chunks]
+        rewards = torch.cat([r for r, _ in scored]).to(device)
+        sources = {f"reward/{name}": torch.cat([parts[name] for _, parts in scored]).mean().item()
+                   for name in scored[0][1]}
         t2 = time.perf_counter()
 
         # 3. r_β = r − β · Σ_k log π_θ/π_ema (sequence level, sampled tokens, no gradient)
@@ -286,7 +291,8 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
                  length=lengths.float().mean().item(), finished=sampled.finished.float().mean().item(), lr=lr,
                  grad_norm=grad_norm.item(), loss=loss.item(), tokens_per_s=lengths.sum().item() / (t3 - t0),
                  time_sample=t1 - t0, time_score=t2 - t1, time_update=t3 - t2, time_anchor=t_anchor - t2,
-                 time_policy=t_policy - t_anchor, time_optimizer=t_optimizer - t_policy, time_ema=t3 - t_optimizer))
+                 time_policy=t_policy - t_anchor, time_optimizer=t_optimizer - t_policy, time_ema=t3 - t_optimizer,
+                 **sources))
         if log_completions is not None and cfg.log_completions and (step + 1) % cfg.log_completions == 0:
             shown = completion_rows(resources.tokenizer, prompts, sampled.tokens, lengths, rewards, kl)
             log_completions(step + 1, shown)

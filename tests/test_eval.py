@@ -17,7 +17,7 @@ from nanowarp.evaluate import (batch_seed, best_of_n, best_of_n_kl, distinct_n, 
 from nanowarp.gpt2 import GPT2
 from nanowarp.padding import left_pad
 from nanowarp.plots import plot
-from nanowarp.reward import RewardModel
+from nanowarp.reward import Reward, RewardModel
 from nanowarp.rl import decode
 from nanowarp.sampling import sample
 from nanowarp.supervised import fit_review
@@ -52,13 +52,14 @@ def setup(tiny_gpt2_dir, tiny_reward_dir, prepared_imdb_dir, tmp_path_factory):
     ref = eos_prone(GPT2.from_pretrained(tiny_gpt2_dir))
     far = eos_prone(GPT2.from_pretrained(perturbed_copy(tiny_gpt2_dir, str(tmp_path_factory.mktemp("far")), 1, 0.1)))
     prompts = load_prompts(prepared_imdb_dir, "train") + load_prompts(prepared_imdb_dir, "eval")  # 12
-    return dict(ref=ref, far=far, reward_model=RewardModel(tiny_reward_dir), prompts=prompts,
+    reward_model = RewardModel(tiny_reward_dir)
+    return dict(ref=ref, far=far, reward=Reward([reward_model]), reward_model=reward_model, prompts=prompts,
                 tokenizer=load_tokenizer(tiny_gpt2_dir), eos_id=ref.config.eos_token_id)
 
 
 def run(s, policy, ref=None, **kw):
     kw = dict(dict(max_new_tokens=MAX_NEW, batch_size=5), **kw)  # 12 prompts: batches of 5, 5, 2
-    return evaluate(policy, ref if ref is not None else s["ref"], s["reward_model"], s["prompts"], s["tokenizer"],
+    return evaluate(policy, ref if ref is not None else s["ref"], s["reward"], s["prompts"], s["tokenizer"],
                     s["eos_id"], **kw)
 
 
@@ -90,7 +91,7 @@ def test_metrics_match_a_by_hand_computation(setup):
         out = sample(s["far"], batch, MAX_NEW, eos_token_id=s["eos_id"], generator=g)
         n = out.mask.sum(1)
         texts = decode(s["tokenizer"], batch, out.tokens, n)
-        rewards += s["reward_model"].score(texts, out.finished).tolist()
+        rewards += torch.where(out.finished, s["reward_model"].score(texts), -1.0).tolist()
         ids, mask = left_pad(batch, s["eos_id"], "cpu")
         full = torch.cat([ids, out.tokens], 1)
         logits = s["ref"](full, torch.cat([mask, torch.ones_like(out.tokens)], 1))[:, ids.size(1) - 1:-1]
@@ -195,7 +196,7 @@ def test_liti_sweep_end_points_are_the_two_models(setup):
     a, b = setup["ref"].hf_state_dict(), setup["far"].hf_state_dict()
     holder = GPT2(setup["ref"].config)
     s = setup
-    points = liti_sweep(a, b, [0.0, 0.5, 1.0], holder, s["ref"], s["reward_model"], s["prompts"], s["tokenizer"],
+    points = liti_sweep(a, b, [0.0, 0.5, 1.0], holder, s["ref"], s["reward"], s["prompts"], s["tokenizer"],
                         s["eos_id"], max_new_tokens=MAX_NEW, batch_size=5)
     assert [p["eta"] for p in points] == [0.0, 0.5, 1.0]
     assert {k: v for k, v in points[0].items() if k != "eta"} == run(s, s["ref"])
@@ -209,7 +210,7 @@ SWEEP_ROWS = [dict(model="sft", kl=0.0, reward=-0.6)] + [
 
 def bon(s, ns, **kw):
     kw = dict(dict(max_new_tokens=MAX_NEW, batch_size=5), **kw)  # batches of 5, 5, 2 as run()
-    return best_of_n(s["ref"], s["reward_model"], s["prompts"], s["tokenizer"], s["eos_id"], ns, **kw)
+    return best_of_n(s["ref"], s["reward"], s["prompts"], s["tokenizer"], s["eos_id"], ns, **kw)
 
 
 def test_best_of_one_is_the_reference_row(setup):
@@ -234,7 +235,7 @@ def test_best_of_n_keeps_the_reward_models_favourite_of_the_first_n_draws(setup)
         generator = torch.Generator().manual_seed(batch_seed(seed, start // 5))
         draws = [sample(s["ref"], batch, MAX_NEW, eos_token_id=s["eos_id"], generator=generator) for _ in range(4)]
         decoded = [decode(s["tokenizer"], batch, d.tokens, d.mask.sum(1)) for d in draws]
-        scores = torch.stack([s["reward_model"].score(t, d.finished) for t, d in zip(decoded, draws)])
+        scores = torch.stack([torch.where(d.finished, s["reward_model"].score(t), -1.0) for t, d in zip(decoded, draws)])
         rewards.append(scores)
         texts += [[decoded[j][b] for j in range(4)] for b in range(len(batch))]
     rewards = torch.cat(rewards, 1)  # (4, 12)
@@ -250,8 +251,7 @@ def test_best_of_n_keeps_the_reward_models_favourite_of_the_first_n_draws(setup)
 
 def test_best_of_n_ties_keep_the_first_draw(setup, monkeypatch):
     """A reward model that scores every text alike keeps draw 0: best-of-4 is then best-of-1."""
-    rm = setup["reward_model"]
-    monkeypatch.setattr(rm, "score", lambda texts, finished=None: torch.zeros(len(texts)))
+    monkeypatch.setattr(setup["reward"], "score", lambda texts, finished, columns: (torch.zeros(len(texts)), {}))
     rows = bon(setup, [1, 4], seed=2)
     assert {k: rows[1][k] for k in ("length", "distinct_2")} == {k: rows[0][k] for k in ("length", "distinct_2")}
 

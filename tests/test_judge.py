@@ -16,7 +16,7 @@ from nanowarp.distilbert import DistilBertClassifier
 from nanowarp.gpt2 import GPT2Classifier
 from nanowarp.hub import CheckpointError
 from nanowarp.padding import right_pad
-from nanowarp.reward import RewardModel, load_classifier
+from nanowarp.reward import Reward, RewardModel, Texts, load_classifier
 from nanowarp.supervised import train_reward_model
 from nanowarp.tokenizer import load_tokenizer
 
@@ -42,7 +42,8 @@ def test_a_gpt2_judge_scores_like_transformers(judge_dir):
         expected = reference(ids, attention_mask=mask).logits.softmax(-1)[:, 1]
     finished = torch.tensor([True, False] * 3)
     assert (judge.score(texts) - expected).abs().max() <= 1e-5  # no finished: a judge, no −1 rule
-    assert judge.score(texts, finished).tolist()[1::2] == [-1.0] * 3  # as a reward model: the −1 rule
+    rewards, _ = Reward([judge]).score(Texts(texts, texts, texts), finished)
+    assert rewards.tolist()[1::2] == [-1.0] * 3  # as a reward model: the −1 rule
 
 
 def test_train_reward_model_trains_a_gpt2_classifier(bpe_dir, prepared_imdb_dir, tmp_path):

@@ -55,11 +55,12 @@ class Recorder:
         monkeypatch.setattr(nanowarp.rl, "add_lora", record_policy)
         monkeypatch.setattr(nanowarp.rl, "adamw", record_steps)
 
-    def score(self, texts, finished=None):
-        """The reward: a number that varies with the completion's text, and 0.5 more if it ended."""
-        r = torch.tensor([(sum(map(ord, t)) % 97) / 97.0 for t in texts]) + 0.5 * finished.float()
+    def score(self, texts, finished, columns):
+        """The reward (in place of nanowarp.reward.Reward's): a number that varies with the completion's
+        text, and 0.5 more if it ended."""
+        r = torch.tensor([(sum(map(ord, t)) % 97) / 97.0 for t in texts.queries]) + 0.5 * finished.float()
         self.rewards.append(r)
-        return r
+        return r, {}
 
 
 def eos_mask(tokens):
@@ -124,7 +125,7 @@ def two_steps(monkeypatch, flags):
     """Run two RL steps, recorded; returns (recorder, θ_init's float64 model, LoRA scale)."""
     cfg = parse_args(flags)
     recorder = Recorder(monkeypatch)
-    resources = dataclasses.replace(load_resources(cfg), eos_id=EOS_IDS, reward_model=recorder)
+    resources = dataclasses.replace(load_resources(cfg), eos_id=EOS_IDS, reward=recorder)
     theta_init = load_theta(cfg.policy)
     rl_run(theta_init, 0, 3, cfg, resources)
     dense = from_config(resources.model_config).load_hf_state_dict(theta_init).double().requires_grad_(False)
@@ -164,7 +165,7 @@ def test_the_logged_regularised_reward_is_the_reward_minus_beta_kl(monkeypatch, 
     logged = []
     cfg = parse_args(base_flags + ["--rloo_k", "4"])
     recorder = Recorder(monkeypatch)
-    resources = dataclasses.replace(load_resources(cfg), eos_id=EOS_IDS, reward_model=recorder)
+    resources = dataclasses.replace(load_resources(cfg), eos_id=EOS_IDS, reward=recorder)
     rl_run(load_theta(cfg.policy), 0, 3, cfg, resources, log=logged.append)
     first, second = logged
     assert abs(first["kl"]) < 1e-5  # the anchor starts at θ_init, where the policy is

@@ -11,6 +11,7 @@ import eval as eval_script
 import train
 from conftest import wordpiece_folder
 from nanowarp.data import DataError, load_prompt_file
+from nanowarp.hub import CheckpointError
 from nanowarp.reward import RewardModel
 from nanowarp.tokenizer import load_tokenizer
 
@@ -57,14 +58,17 @@ def test_bad_prompt_files_are_clear_errors(tmp_path, tiny_gpt2_dir):
 
 def test_reward_label_chooses_the_rewarded_class(emotion_dir):
     texts = ["what a lovely day", "this is awful"]
-    model = RewardModel(emotion_dir)
+    model = RewardModel(emotion_dir, label="calm")
     tokenizer = load_tokenizer(emotion_dir)
     ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(e.ids) for e in tokenizer.encode_batch(texts)],
                                           batch_first=True, padding_value=model.pad_id)
     probs = model.model(ids, (ids != model.pad_id).long()).softmax(-1)
     assert torch.allclose(RewardModel(emotion_dir, label="joy").score(texts), probs[:, 0], atol=1e-6)
     assert torch.allclose(RewardModel(emotion_dir, label="anger").score(texts), probs[:, 1], atol=1e-6)
-    assert torch.allclose(model.score(texts), probs[:, 2], atol=1e-6)  # no POSITIVE: the last label, as before
+    assert torch.allclose(RewardModel(emotion_dir, label="2").score(texts), probs[:, 2], atol=1e-6)  # by index
+    with pytest.raises(CheckpointError, match=r"no label named like 'positive' \(its labels are 'joy', 'anger', "
+                                              r"'calm'\): say which one is rewarded with --reward_label"):
+        RewardModel(emotion_dir)  # no POSITIVE: refused, rather than rewarding the last class
 
 
 def test_unknown_label_lists_the_labels(emotion_dir, tiny_gpt2_dir, prompt_files, tmp_path, capsys):
@@ -125,7 +129,7 @@ def test_a_job_from_before_a_new_flag_resumes(job):
     try:
         json.dump({k: v for k, v in settings.items() if k not in new}, open(path, "w"))
         cfg = parse_args([f"--{k}={v}" for k, v in settings.items() if k not in new and v is not None
-                          and not isinstance(v, bool)])
+                          and not isinstance(v, (bool, list))])
         start_job(cfg, log=lambda *a: None)  # no "holds a job with other settings"
     finally:
         json.dump(settings, open(path, "w"))

@@ -12,7 +12,7 @@ from conftest import (ITERATIONS, RUNS, STEPS, Killed, assert_same_weights, fina
                       stop_at, train_py)
 from nanowarp.config import parse_args
 from nanowarp.job import is_complete, start_job
-from nanowarp.reward import RewardModel
+from nanowarp.reward import Reward
 from nanowarp.warp import warp
 
 # Each attempt kills itself (NANOWARP_KILL_AT, a real SIGKILL) at the next point; the next attempt,
@@ -98,14 +98,14 @@ def test_results_without_a_job_file_are_not_resumed(job_flags, tmp_path, capsys)
 
 def test_a_nan_reward_stops_the_job_naming_it_and_its_step_and_keeps_the_finished_runs(
         job_flags, tmp_path, monkeypatch, capsys):
-    score, calls = RewardModel.score, []
+    score, calls = Reward.score, []
 
-    def nan_in_run_1_step_2(self, texts, finished=None):  # one call per step
+    def nan_in_run_1_step_2(self, texts, finished=None, columns=None):  # one call per step
         calls.append(None)
-        rewards = score(self, texts, finished)
-        return torch.full_like(rewards, float("nan")) if len(calls) == STEPS + 2 else rewards
+        rewards, parts = score(self, texts, finished, columns)
+        return (torch.full_like(rewards, float("nan")) if len(calls) == STEPS + 2 else rewards), parts
 
-    monkeypatch.setattr(RewardModel, "score", nan_in_run_1_step_2)
+    monkeypatch.setattr(Reward, "score", nan_in_run_1_step_2)
     rc = in_process(train.main, job_flags + ["--out_dir", str(tmp_path)])
     assert rc == 2
     assert "iter_1/run_1: non-finite reward at step 2" in capsys.readouterr().err

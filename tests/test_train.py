@@ -114,18 +114,23 @@ def test_missing_data_folder_is_a_clear_error(flags, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_reward_model_with_one_label_is_refused(flags, tiny_reward_dir, tmp_path, capsys):
+def test_reward_model_with_one_label_is_a_scalar_reward_model(tiny_reward_dir, tmp_path):
+    """One label (TRL's and OpenRLHF's reward models): the reward is its logit, whatever --reward_kind
+    (before, such a model was refused; tests/test_rewards.py checks transformers-written ones)."""
     import shutil
+    from nanowarp.distilbert import DistilBertClassifier
+    from nanowarp.reward import RewardModel
     one = tmp_path / "rm1"
     shutil.copytree(tiny_reward_dir, one)
-    from nanowarp.distilbert import DistilBertClassifier
-    model = DistilBertClassifier.from_pretrained(str(one))
-    model.config.num_labels, model.config.id2label = 1, {0: "POSITIVE"}
+    model = DistilBertClassifier.from_pretrained(str(one)).eval()
+    model.config.num_labels, model.config.id2label = 1, {0: "LABEL_0"}
     model.classifier = torch.nn.Linear(model.config.dim, 1)
     model.save_pretrained(str(one))
-    assert train.main(flags + ["--out_dir", str(tmp_path / "out"), "--reward_model", str(one)]) != 0
-    assert "1 label" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    reward_model, texts = RewardModel(str(one)), ["A fine film.", "Dull."]
+    ids = [e.ids for e in reward_model.tokenizer.encode_batch(texts)]
+    with torch.no_grad():
+        expected = [model(torch.tensor([i]))[0, 0].item() for i in ids]
+    assert reward_model.score(texts).tolist() == pytest.approx(expected, abs=1e-5)
 
 
 def test_presets_set_defaults_and_explicit_flags_win():

@@ -17,7 +17,7 @@ from nanowarp.config import resolve_device
 from nanowarp.data import load_prompts
 from nanowarp.evaluate import best_of_n, evaluate, heldout_sequences
 from nanowarp.models import from_config, from_pretrained, load_theta
-from nanowarp.reward import RewardModel
+from nanowarp.reward import Reward, RewardModel
 from nanowarp.study.report import table_models
 from nanowarp.study.tiny import job_settings, jobs, main_job
 from nanowarp.tokenizer import load_tokenizer
@@ -84,7 +84,7 @@ def _eval_setup(args, seed, threads):
         settings=dict(max_new_tokens=args.max_new_tokens, temperature=1.0, batch_size=64, seed=seed,
                       judge=RewardModel(os.path.join(args.out_dir, "judge"), device, batch_size=64),
                       heldout=heldout_sequences(data, args.heldout, tokenizer, ref.config.n_positions, eos)),
-        reward_model=RewardModel(os.path.join(args.out_dir, "reward_model"), device, batch_size=64),
+        reward_model=Reward([RewardModel(os.path.join(args.out_dir, "reward_model"), device, batch_size=64)]),
         n_reference=args.n_reference, samples=args.samples, table={model for _, model in table_models(args.setting)})
 
 
