@@ -5,6 +5,7 @@ stops the job with exit 2 and a rerun resumes; a learnable keyword reward rises 
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -324,3 +325,22 @@ def test_a_keyword_reward_rises(learnable_policy, prepared_imdb_dir, tmp_path, e
     mean = lambda rates: sum(rates) / len(rates)  # noqa: E731
     assert mean(rewarded[-5:]) > mean(rewarded[:5]) + 0.2, rewarded
     assert mean(rewarded[-5:]) > mean(opposite[-5:]) + 0.3, (rewarded, opposite)
+
+
+def test_the_keyword_example_runs_from_its_prompt_file(tiny_gpt2_dir, tmp_path, capsys):
+    # examples/rewards/keyword_warp.py on the tiny fixture policy as the SFT model: the job reads the
+    # prompts and their keyword column from prompts.jsonl (no columns handed over by hand)
+    import runpy
+    shutil.copytree(tiny_gpt2_dir, tmp_path / "tiny" / "sft")
+    script = os.path.join(ROOT, "examples", "rewards", "keyword_warp.py")
+    example = runpy.run_path(script, run_name="keyword_warp")
+    threads = torch.get_num_threads()
+    try:
+        example["main"](["--tiny", str(tmp_path / "tiny"), "--out_dir", str(tmp_path / "job"), "--steps", "1",
+                         "--samples", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert re.search(r"keyword rate on 16 prompts x 2 completions: SFT \d\.\d{3} -> WARP \d\.\d{3}",
+                     capsys.readouterr().out)
+    rows = [json.loads(line) for line in open(tmp_path / "job" / "metrics.jsonl")]
+    assert len(rows) == 2 and all("reward/keyword_reward" in row for row in rows)

@@ -15,12 +15,10 @@ The job it runs is train.py's (resumable, in OUT/job.json), the same as
         --reward_fn examples/rewards/rewards.py:keyword_reward --no_eos_penalty none \\
         --iterations 1 --runs 2 --steps 40 --batch_size 32 --max_new_tokens 24 --rloo_k 4 --out_dir runs/keyword
 
-(there the prompt file's other fields reach the reward function as columns; here this script hands
-them over itself, in rl.Resources.columns, and trains the two runs in this process).
+(the prompt file's other fields reach the reward function as columns: here `keyword`).
 """
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -30,10 +28,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), HERE]  # nanowarp, and rewards.py beside this file
 
 from nanowarp.config import flag, parse_args as parse_flags  # noqa: E402
-from nanowarp.data import load_prompt_file  # noqa: E402
+from nanowarp.data import load_prompt_dataset  # noqa: E402
 from nanowarp.evaluate import batch_seed  # noqa: E402
 from nanowarp.models import eos_ids, from_pretrained  # noqa: E402
-from nanowarp.rl import load_resources  # noqa: E402
 from nanowarp.sampling import sample  # noqa: E402
 from nanowarp.tokenizer import load_tokenizer  # noqa: E402
 from nanowarp.warp import warp  # noqa: E402
@@ -60,12 +57,6 @@ def job_config(args):
                        "--seed", str(args.seed), "--workers", "1"])
 
 
-def keyword_column():
-    """The prompt rows' keyword column, in the order of the file's prompts."""
-    with open(PROMPTS, encoding="utf-8") as f:
-        return [json.loads(line)["keyword"] for line in f if line.strip()]
-
-
 @torch.no_grad()
 def keyword_rate(folder, prompts, keywords, tokenizer, cfg, args):
     """Fraction of `samples` completions per prompt, from the policy in `folder`, that hold their prompt's keyword."""
@@ -90,11 +81,10 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = job_config(args)
     tokenizer = load_tokenizer(cfg.policy)
-    prompts, keywords = load_prompt_file(PROMPTS, tokenizer), keyword_column()
-    # the prompt rows' columns, as the reward function receives them (rl.Resources.columns)
-    resources = dataclasses.replace(load_resources(cfg, torch.device("cpu")), columns={"keyword": keywords})
+    dataset = load_prompt_dataset(PROMPTS, tokenizer)  # the prompts, and their rows' `keyword` column
+    prompts, keywords = dataset.ids, dataset.columns["keyword"]
     before = keyword_rate(cfg.policy, prompts, keywords, tokenizer, cfg, args)
-    warp(cfg, resources)
+    warp(cfg)  # the job reads the same file: its reward function gets the keyword column
     after = keyword_rate(os.path.join(args.out_dir, "iter_1", "liti"), prompts, keywords, tokenizer, cfg, args)
     print(f"keyword rate on {len(prompts)} prompts x {args.samples} completions: SFT {before:.3f} -> WARP {after:.3f}")
 
