@@ -229,3 +229,19 @@ def test_sequence_kl_with_soft_caps_matches_float64(caps):
     assert rel_err(out, ref) <= 1e-5
     plain = reference_kl(hidden, weight, ref_hidden, ref_weight, mask, 0.8)
     assert rel_err(plain, ref) > 1e-2, "the caps must change the KL"
+
+
+def test_soft_capped_values_without_gradient_are_the_same():
+    hidden, weight, targets, _ = inputs(seed=7)
+    with torch.no_grad():
+        out = token_logprobs(hidden.float(), weight.float(), targets, 0.9, chunk_size=4, softcap=6.0)
+    ref = torch.log_softmax(capped(hidden, weight, 0.9, 6.0), -1).gather(-1, targets[..., None]).squeeze(-1)
+    assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("hidden_shape, weight_shape", [((B, T, d), (V, d + 1)), ((B, T + 1, d), (V, d))])
+def test_mismatched_shapes_are_named(hidden_shape, weight_shape):
+    targets = torch.zeros(B, T, dtype=torch.long)
+    with pytest.raises(AssertionError) as error:
+        token_logprobs(torch.zeros(hidden_shape), torch.zeros(weight_shape), targets)
+    assert str(error.value) == f"shapes: hidden {hidden_shape}, weight {weight_shape}, targets {(B, T)}"
