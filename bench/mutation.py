@@ -24,16 +24,18 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# module -> the fast test files that pin it (mutmut runs, for each mutant, those of their tests
-# that reach the mutated function)
+# module -> the fast test files that pin it, and a -k expression that leaves out their slow tests (other
+# processes, whole jobs: they run in the suite); mutmut runs, for each mutant, the selected tests that
+# reach the mutated function
 MODULES = {
-    "merging": ["tests/test_merging.py", "tests/test_merge_cli.py"],
-    "logprobs": ["tests/test_logprobs.py", "tests/test_objective.py"],
-    "sampling": ["tests/test_sampling.py", "tests/test_objective.py"],
-    "lora": ["tests/test_lora.py", "tests/test_rl.py", "tests/test_objective.py"],
-    "rl": ["tests/test_objective.py", "tests/test_rl.py", "tests/test_train.py"],
-    "reward": ["tests/test_rewards.py", "tests/test_objective.py"],
-    "warp": ["tests/test_train.py"],
+    "merging": (["tests/test_merging.py", "tests/test_merge_cli.py"], None),
+    "logprobs": (["tests/test_logprobs.py", "tests/test_objective.py"], None),
+    "sampling": (["tests/test_sampling.py", "tests/test_objective.py"], None),
+    "lora": (["tests/test_lora.py", "tests/test_rl.py", "tests/test_objective.py"], None),
+    "rl": (["tests/test_objective.py", "tests/test_rl.py"], None),
+    "reward": (["tests/test_rewards.py", "tests/test_serve_reward.py", "tests/test_objective.py"],
+               "not workers and not torchrun and not stops_the_job and not dies and not example and not rises"),
+    "warp": (["tests/test_train.py"], None),
 }
 # torch.compile cannot trace mutmut's trampolines: the compiled sampler's test runs in the suite only
 DESELECT = ["tests/test_sampling.py::test_compiled_decoding_samples_what_eager_decoding_samples"]
@@ -50,24 +52,24 @@ def project_copy(dest):
             shutil.copy2(os.path.join(ROOT, f), os.path.join(dest, f))
 
 
-def mutmut_config(module, tests):
-    """The [tool.mutmut] table for one module, its test files and the deselected tests."""
+def mutmut_config(module, tests, keyword=None):
+    """The [tool.mutmut] table for one module, its test files, the deselected tests and the -k expression."""
     def toml_list(items):
         return "[" + ", ".join(f'"{i}"' for i in items) + "]"
     return (f"\n[tool.mutmut]\nsource_paths = [\"nanowarp\"]\nonly_mutate = [\"nanowarp/{module}.py\"]\n"
             f"also_copy = {toml_list(['train.py', 'merge.py', 'eval.py', 'sample.py', 'serve_reward.py', 'bench', 'data', 'examples'])}\n"
             f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
-            f"pytest_add_cli_args = {toml_list(['--deselect=' + d for d in DESELECT])}\n"
+            f"pytest_add_cli_args = {toml_list(['--deselect=' + d for d in DESELECT] + (['-k', keyword] if keyword else []))}\n"
             f"process_isolation = \"forkserver\"\n")
 
 
 def run_module(module, out_dir):
     """mutmut on one module in a fresh copy; returns {status: count} and writes the survivors' diffs."""
-    tests = [t for t in MODULES[module] if os.path.isfile(os.path.join(ROOT, t))]
+    tests, keyword = MODULES[module]
     with tempfile.TemporaryDirectory(prefix=f"mutation-{module}-") as work:
         project_copy(work)
         with open(os.path.join(work, "pyproject.toml"), "a") as f:
-            f.write(mutmut_config(module, tests))
+            f.write(mutmut_config(module, tests, keyword))
         mutmut = [sys.executable, "-m", "mutmut"]
         run = subprocess.run(mutmut + ["run"], cwd=work, capture_output=True, text=True)
         if run.returncode != 0:
