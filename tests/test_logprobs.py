@@ -245,3 +245,22 @@ def test_mismatched_shapes_are_named(hidden_shape, weight_shape):
     with pytest.raises(AssertionError) as error:
         token_logprobs(torch.zeros(hidden_shape), torch.zeros(weight_shape), targets)
     assert str(error.value) == f"shapes: hidden {hidden_shape}, weight {weight_shape}, targets {(B, T)}"
+
+
+def test_completion_logprobs_of_a_soft_capped_model_are_its_forward_passs():
+    # Gemma 2's final cap (final_softcap reads it from the config): the completion's log-probs are
+    # those of the model's own capped logits
+    from nanowarp.llama import Llama
+    from nanowarp.llama_config import LlamaConfig
+    from nanowarp.logprobs import completion_logprobs
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_hf(dict(
+        model_type="gemma2", vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True, norm_offset=True, embed_scale=True,
+        sandwich_norms=True, query_pre_attn_scalar=8, final_logit_softcapping=2.0))).eval()
+    prompt, tokens = torch.randint(0, V, (B, 4)), torch.randint(0, V, (B, 5))
+    out = completion_logprobs(model, prompt, torch.ones_like(prompt), tokens, 0.8)
+    logits = model(torch.cat([prompt, tokens], 1))[:, 3:-1]
+    expected = torch.log_softmax(logits / 0.8, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
