@@ -14,6 +14,7 @@ mask, the EMA rate) gives a different gradient: a mutant of any of them fails he
 """
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -133,7 +134,8 @@ def two_steps(monkeypatch, flags):
     return recorder, dense, scale
 
 
-@pytest.mark.parametrize("k, whiten", [(1, False), (4, False), (4, True)], ids=["reinforce", "rloo", "rloo-whiten"])
+@pytest.mark.parametrize("k, whiten", [(1, False), (1, True), (4, False), (4, True)],
+                         ids=["reinforce", "reinforce-whiten", "rloo", "rloo-whiten"])
 def test_rl_step_gradient_is_the_papers_objective(monkeypatch, base_flags, k, whiten):
     rec, dense, scale = two_steps(monkeypatch, base_flags + ["--rloo_k", str(k)] + (["--whiten"] if whiten else []))
     assert len(rec.steps) == 2 and len(rec.samples) == 2
@@ -171,3 +173,34 @@ def test_the_logged_regularised_reward_is_the_reward_minus_beta_kl(monkeypatch, 
     assert abs(first["kl"]) < 1e-5  # the anchor starts at θ_init, where the policy is
     assert abs(second["kl"]) > 1e-3
     assert second["r_beta"] == pytest.approx(second["reward"] - BETA * second["kl"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.05])
+def test_what_rl_run_logs_is_what_it_computed(monkeypatch, base_flags, grad_clip):
+    """Every metric of a step against what the step drew and scored: the step number, the reward, the
+    lengths and ends of its completions, the learning rate of the schedule, the gradient norm before
+    clipping (the one the optimizer sees is clipped to --grad_clip), the time split, the throughput,
+    and the completions shown every --log_completions steps."""
+    from nanowarp.optim import lr_factor
+    logged, shown = [], []
+    cfg = parse_args(base_flags + ["--rloo_k", "2", "--grad_clip", str(grad_clip), "--log_completions", "2"])
+    recorder = Recorder(monkeypatch)
+    resources = dataclasses.replace(load_resources(cfg), eos_id=EOS_IDS, reward=recorder)
+    rl_run(load_theta(cfg.policy), 0, 3, cfg, resources, log=logged.append,
+           log_completions=lambda step, rows: shown.append((step, rows)))
+    assert [row["step"] for row in logged] == [1, 2]
+    for i, row in enumerate(logged):
+        lengths, finished = recorder.samples[i].mask.sum(1).float(), recorder.samples[i].finished.float()
+        assert row["reward"] == pytest.approx(recorder.rewards[i].mean().item(), rel=1e-6)
+        assert row["length"] == pytest.approx(lengths.mean().item()) and row["finished"] == finished.mean().item()
+        assert row["lr"] == pytest.approx(cfg.lr * lr_factor(i, cfg.warmup, cfg.steps))
+        seen = torch.cat([g.flatten() for _, g in recorder.steps[i].values()]).norm().item()
+        assert seen == pytest.approx(min(row["grad_norm"], grad_clip or math.inf), rel=1e-5)
+        parts = [row[f"time_{part}"] for part in ("anchor", "policy", "optimizer", "ema")]
+        assert min(parts) >= 0 and row["time_update"] == pytest.approx(sum(parts), abs=1e-6)
+        total = row["time_sample"] + row["time_score"] + row["time_update"]
+        assert min(row["time_sample"], row["time_score"]) >= 0
+        assert row["tokens_per_s"] == pytest.approx(lengths.sum().item() / total, rel=1e-6)
+    assert logged[0]["grad_norm"] > 0.05, "the clipped case must clip"
+    (step, rows), = shown  # every 2 steps: step 2 only
+    assert step == 2 and [r["reward"] for r in rows] == pytest.approx(recorder.rewards[1][::2].tolist())
