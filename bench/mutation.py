@@ -89,7 +89,7 @@ def run_module(module, out_dir):
     return counts
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("modules", nargs="*", metavar="MODULE",
                    help=f"modules of nanowarp/ to mutate (default: all of {', '.join(MODULES)})")
@@ -98,6 +98,11 @@ def main(argv=None):
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         p.error(f"unknown module {unknown[0]!r}: choose from {', '.join(MODULES)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     print(f"{'module':<10} {'mutants':>7} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} {'score':>6}")
     for module in args.modules or list(MODULES):
         c = run_module(module, args.out)
