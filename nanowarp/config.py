@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanowarp.logger import check_report_to
+from nanowarp.presets import PRESETS  # noqa: F401 (--preset's table; config.PRESETS as before)
 
 
 def flag(default, help, **kw):
@@ -46,7 +47,7 @@ class Config:
     # what to run
     stage: str = flag("warp", "warp: WARP iterations; reward: train the reward model; sft: fine-tune the SFT policy",
                       choices=["warp", "reward", "sft"])
-    preset: str = flag("reference", "named set of defaults (nanowarp/config.py PRESETS); explicit flags override it",
+    preset: str = flag("reference", "named set of defaults (nanowarp/presets.py); explicit flags override it",
                        choices=["reference", "rloo", "paper", "tiny", "tiny_sentiment"])
     # models and data
     policy: str = flag("lvwerra/gpt2-imdb", "SFT policy: Hub id or local folder (Hugging Face layout)")
@@ -168,7 +169,6 @@ def keep_api_key(token):
     return None
 
 
-
 # Flags a resumed job may change: they do not change what the job computes (--device, --threads and
 # --micro_batch_size only in the last bits; --gradient_checkpointing not at all). --iterations may grow: iteration i never depends on I, so a finished job
 # can be extended. --preset is not compared, the values it sets are. reward_base .. max_window_words are other
@@ -178,26 +178,6 @@ RESUME_FREE = ("out_dir", "fresh", "preset", "iterations", "workers", "threads",
                "log_every", "save_every",
                "reward_base", "epochs", "train_batch_size", "train_lr", "train_warmup", "max_length", "test_limit", "train_split",
                "windows", "min_window_words", "max_window_words", "report_to", "log_completions", "reward_api_key")
-
-# Plain data: each preset is a set of overrides of the defaults above.
-PRESETS = {
-    "reference": {},  # the reference reproduction on IMDB (SPEC §2)
-    "rloo": {"rloo_k": 4},  # WARP + RLOO, 16 prompts x 4 completions
-    # closer to the paper's Gemma setting, scaled to GPT-2: gentler LITI, lower temperature, more steps
-    "paper": {"liti_rate": 0.3, "temperature": 0.9, "iterations": 5, "batch_size": 128, "warmup": 100,
-              "steps": 1000},
-    # the laptop-CPU reproduction (reproduce.py, nanowarp/study/tiny.py): tiny models, short runs, small LoRA.
-    # mu = 1/60 keeps mu * T = 1 as in the reference (0.01 * 100): the EMA covers the same share of a run.
-    "tiny": {"iterations": 3, "runs": 2, "steps": 60, "batch_size": 64, "max_new_tokens": 40, "lr": 1e-3,
-             "warmup": 6, "lora_rank": 8, "lora_alpha": 8.0, "kl_coef": 0.1, "ema_rate": 1 / 60, "liti_rate": 0.5},
-    # reproduce.py --setting sentiment: the tiny models with nothing left to learn but sentiment (60 new
-    # tokens: the SFT model ends all its completions) and ten times the completions per run; RLOO k = 4,
-    # a higher lr, and mu * T = 1 again. docs/reproduction.md#the-sentiment-setting has the measurements.
-    "tiny_sentiment": {"iterations": 2, "runs": 2, "steps": 600, "batch_size": 64, "max_new_tokens": 60,
-                       "rloo_k": 4, "lr": 3e-3, "warmup": 6, "lora_rank": 8, "lora_alpha": 8.0, "kl_coef": 0.1,
-                       "ema_rate": 1 / 600, "liti_rate": 0.5},
-}
-
 
 def same_flag(name):
     """A fresh field of Config's flag `name`, for another script's flags that mean the same (eval.py, sample.py)."""
