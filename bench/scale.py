@@ -28,7 +28,6 @@ The file goes to --folder (default: a temporary folder, removed at the end); the
 warmed by reading it once, so that every loader reads from memory.
 """
 
-import importlib
 import json
 import os
 import shutil
@@ -148,7 +147,6 @@ def step_worker(args):
     cfg = Config(batch_size=args.batch, max_new_tokens=args.new_tokens, lora_rank=args.lora_rank,
                  lora_alpha=float(args.lora_rank), steps=1, dtype=str(dtype).split(".")[-1],
                  gradient_checkpointing=args.worker.endswith("checkpointing"))
-    importlib.import_module("torch._dynamo")  # AdamW imports it: its memory is not the step's
     with tempfile.TemporaryDirectory() as reward_folder:
         resources = resources_for(config, REWARD, device, dtype, reward_folder)
         before = status_mib("VmRSS")

@@ -13,6 +13,7 @@ import torch
 from nanowarp.gpt2 import linear
 from nanowarp.logprobs import completion_logprobs
 from nanowarp.lora import add_lora, default_targets, folded
+from nanowarp.optim import AdamW
 from nanowarp.rl import build_policy, ema_update
 from nanowarp.sampling import sample
 
@@ -27,7 +28,7 @@ def profile_update(theta, res, shape, cfg, k, seed, phase_names, repeats=3):
     policy = add_lora(build_policy(theta, res.model_config, device), cfg.lora_rank, cfg.lora_alpha)
     anchor = build_policy(theta, res.model_config, device).eval().requires_grad_(False)
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     prompts = [res.prompts[i] for i in range(B // k) for _ in range(k)]
     with folded(policy.eval()):
         s = sample(policy, prompts, shape["new_tokens"], res.eos_id, generator=torch.Generator().manual_seed(seed))
