@@ -14,7 +14,7 @@ from nanowarp.distilbert import DistilBertClassifier
 from nanowarp.gpt2 import GPT2
 from nanowarp.study import evaluation, tiny
 from nanowarp.study.diagnose import sentiment_words
-from nanowarp.study.report import table_models
+from nanowarp.study.report import rounded, table_models
 from nanowarp.supervised import fit_review
 from nanowarp.tokenizer import load_tokenizer
 from test_report import CLAIMS
@@ -22,6 +22,9 @@ from test_report import CLAIMS
 TINY = ["--policy_vocab", "300", "--reward_vocab", "200", "--policy_layers", "1", "--policy_width", "16",
         "--reward_layers", "1", "--reward_width", "16", "--steps", "2", "--batch_size", "4", "--max_new_tokens", "8",
         "--n_eval", "4", "--n_reference", "2", "--heldout", "4", "--samples", "1", "--etas", "0", "0.5", "1", "--ppl_reviews", "0", "--threads", "1", "--device", "cpu"]
+# one process: a stage in a spawned process costs seconds of imports; the process paths have their own tests
+# (side by side: test_supervised_resume.py; train.py's workers: test_parallel.py; the evaluation's: below)
+IN_PROCESS = ["--workers", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def reproduction(tmp_path_factory):
     threads = torch.get_num_threads()
     source, out = tmp_path_factory.mktemp("imdb"), tmp_path_factory.mktemp("tiny")
     write_tiny_imdb(str(source))
-    reproduce.main(["--source", str(source), "--out_dir", str(out), *TINY])
+    reproduce.main(["--source", str(source), "--out_dir", str(out), *TINY, *IN_PROCESS])
     yield str(source), str(out)
     torch.set_num_threads(threads)
 
@@ -77,16 +80,18 @@ def test_plot_is_written_when_matplotlib_is_installed(reproduction):
 def test_a_second_run_skips_every_finished_stage(reproduction, capsys):
     source, out = reproduction
     before = os.path.getmtime(os.path.join(out, "sft", "model.safetensors"))
-    reproduce.main(["--source", source, "--out_dir", out, *TINY])
+    reproduce.main(["--source", source, "--out_dir", out, *TINY])  # --workers is not a setting: skipped all the same
     printed = capsys.readouterr().out
     assert printed.count("skipped") == 11 and "0 stages run" in printed
     assert os.path.getmtime(os.path.join(out, "sft", "model.safetensors")) == before
 
 
-def test_a_deleted_stage_is_redone_with_the_stages_computed_from_it(reproduction, tmp_path, capsys):
+def test_a_deleted_stage_is_redone_with_the_stages_computed_from_it(reproduction, tmp_path, capsys, monkeypatch):
     import shutil
+    from nanowarp.study import report
+    monkeypatch.setattr(report, "plot_results", lambda *a, **k: None)  # seconds per rerun; the plot has its test
     source, out = reproduction
-    rerun = ["--source", source, "--out_dir", str(tmp_path / "copy"), *TINY, "--workers", "1"]  # no process starts
+    rerun = ["--source", source, "--out_dir", str(tmp_path / "copy"), *TINY, *IN_PROCESS]
     copy = str(tmp_path / "copy")
     shutil.copytree(out, copy)
     before = json.load(open(os.path.join(copy, "stages.json")))
@@ -112,6 +117,15 @@ def test_a_deleted_stage_is_redone_with_the_stages_computed_from_it(reproduction
     printed = capsys.readouterr().out
     assert "7 stages run" in printed  # reward, diagnose, signal, 3 WARP jobs, evaluation
     assert printed.count("--fresh: deleted the earlier job's results") == 3
+
+
+def test_the_evaluation_in_two_processes_gives_the_rows_of_one(reproduction):
+    """evaluate_seed's process pool: the same rows, in the same order, as the in-process evaluation
+    that wrote results.json (every task draws from its own seeded generator)."""
+    source, out = reproduction
+    args = reproduce.parse_args(["--source", source, "--out_dir", out, *TINY, "--workers", "2"])
+    rows = json.loads(json.dumps(rounded(evaluation.evaluate_seed(args, 0)["rows"])))  # as results.json stores them
+    assert rows == json.load(open(os.path.join(out, "results.json")))["evaluations"]["0"]["rows"]
 
 
 def test_sft_reviews_are_cut_after_their_last_whole_sentence(bpe_dir):
