@@ -32,7 +32,6 @@ memory above what the process held before the step (models, data), as bench/logp
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fresh_process  # noqa: E402
 from nanowarp.config import Config, flag, parse_args as parse_flags  # noqa: E402
 from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig  # noqa: E402
 from nanowarp.gpt2 import GPT2, GPT2Config  # noqa: E402
@@ -262,22 +263,18 @@ def check_rl_step(shape, device, dtype, rloo_k, steps, folder):
 
 # ---- the CPU memory of an RL step --------------------------------------------------------------------
 
-def rss_mib():
-    with open("/proc/self/statm") as f:  # Linux: sizes in pages; the second is the resident set
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def memory_worker(args, shape):
     """One RL step on the CPU with --memory-worker as micro-batch size: prints its extra peak RSS."""
     device = torch.device("cpu")
     with tempfile.TemporaryDirectory() as folder:
         theta, res = random_resources(shape, device, torch.float32, folder)
         cfg = rl_config(shape, torch.float32, args.rloo_k, 1, args.memory_worker)
-        before = rss_mib()
-        high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        before = fresh_process.status_mib("VmRSS")
+        fresh_process.reset_peak()
+        high_water = fresh_process.status_mib("VmHWM")
         t0 = time.perf_counter()
         rl_run(theta, 0, 0, cfg, res)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = fresh_process.status_mib("VmHWM")
     print(json.dumps({"micro_batch_size": args.memory_worker, "resident_before_mib": before,
                       "high_water_before_mib": high_water, "peak_mib": peak, "extra_peak_mib": peak - before,
                       "seconds": time.perf_counter() - t0}))
@@ -289,18 +286,15 @@ def cpu_memory(args, shape):
           f"shapes; each setting in a fresh process")
     results = []
     for micro in (0, args.micro_batch_size):
-        cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", str(micro), "--rloo-k", str(args.rloo_k)]
-        cmd += ["--small"] if args.small else []
-        cmd += ["--threads", str(args.threads)] if args.threads else []
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        flags = ["--memory-worker", micro, "--rloo-k", args.rloo_k] + (["--small"] if args.small else [])
+        results.append(fresh_process.run_worker(__file__, flags + (["--threads", args.threads] if args.threads else [])))
     print(f"\n{'micro-batch size':>16s} {'resident before (MiB)':>22s} {'peak (MiB)':>11s} {'step extra peak (MiB)':>22s}")
     for r in results:
         print(f"{r['micro_batch_size'] or 'whole batch':>16} {r['resident_before_mib']:22.0f} {r['peak_mib']:11.0f} "
               f"{r['extra_peak_mib']:22.0f}")
     whole, micro = results
-    print(f"\nmicro-batches of {args.micro_batch_size}: {micro['peak_mib'] / whole['peak_mib']:.2f}x the whole "
-          f"batch's peak, {micro['extra_peak_mib'] / whole['extra_peak_mib']:.2f}x its step's extra peak")
+    print(f"\nmicro-batches of {args.micro_batch_size}: {fresh_process.ratio(micro['peak_mib'], whole['peak_mib'])} the "
+          f"whole batch's peak, {fresh_process.ratio(micro['extra_peak_mib'], whole['extra_peak_mib'])} its step's extra peak")
 
 
 # ---- main ------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -36,6 +35,8 @@ from dataclasses import dataclass, fields
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fresh_process  # noqa: E402
 from nanowarp.config import flag, parse_args as parse_flags  # noqa: E402
 from nanowarp.logprobs import token_logprobs  # noqa: E402
 
@@ -67,15 +68,6 @@ def fused(chunk_size):
     return lambda hidden, weight, targets: token_logprobs(hidden, weight, targets, chunk_size=chunk_size or None)
 
 
-def peak_rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def rss_mib():
-    with open("/proc/self/statm") as f:  # Linux: sizes in pages; the second is the resident set
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def cpu_seconds():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -101,14 +93,16 @@ def worker(args):
 
     step(*inputs(2, 8, 1000, args.dim))  # warm-up: thread pools, kernels
     x = inputs(args.batch, args.seq, args.vocab, args.dim)
-    before, high_water = rss_mib(), peak_rss_mib()
-    # the extra peak is only seen if the run goes above the high-water mark so far: keep that
-    # mark (warm-up, input creation) within a few MiB of what is resident now
+    before = fresh_process.status_mib("VmRSS")
+    fresh_process.reset_peak()
+    # the extra peak is only seen if the run goes above the high-water mark so far: that mark (warm-up,
+    # input creation) must be within a few MiB of what is resident now
+    high_water = fresh_process.status_mib("VmHWM")
     assert high_water - before < 16, f"high-water mark {high_water:.0f} MiB above the resident {before:.0f} MiB"
     t0, c0 = time.perf_counter(), cpu_seconds()
     step(*x)
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "extra_peak_mib": peak_rss_mib() - before,
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "extra_peak_mib": fresh_process.status_mib("VmHWM") - before,
                       "baseline_mib": before}))
 
 
@@ -124,12 +118,11 @@ def main():
     for r in range(args.repeats):
         for case in cases:
             for variant in variants[r % 2:] + variants[:r % 2]:  # alternate which goes first
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--case", case]
+                flags = ["--worker", variant, "--case", case]
                 for f in fields(Args):
                     if f.name not in ("worker", "case", "cases", "repeats"):
-                        cmd += [f"--{f.name.replace('_', '-')}", str(getattr(args, f.name))]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                res = json.loads(out.strip().splitlines()[-1])
+                        flags += [f"--{f.name.replace('_', '-')}", getattr(args, f.name)]
+                res = fresh_process.run_worker(__file__, flags)
                 results[case, variant].append(res)
                 print(f"  repeat {r}  {case:14s} {variant:6s} {res['seconds']:7.2f} s  cpu {res['cpu_seconds']:7.2f} s  "
                       f"extra peak {res['extra_peak_mib']:8.1f} MiB  (inputs {res['baseline_mib']:.0f} MiB)", flush=True)
@@ -141,7 +134,8 @@ def main():
                    statistics.median(x["extra_peak_mib"] for x in results[case, v])) for v in variants}
         for v in variants:
             t, m = med[v]
-            print(f"{case:14s} {v:8s} {t:9.2f} {m:17.1f} {t / med['naive'][0]:13.2f}x {100 * m / med['naive'][1]:15.1f}%")
+            share = f"{100 * m / med['naive'][1]:.1f}%" if med["naive"][1] > 0 else "n/a"  # as fresh_process.ratio
+            print(f"{case:14s} {v:8s} {t:9.2f} {m:17.1f} {t / med['naive'][0]:13.2f}x {share:>16s}")
 
 
 if __name__ == "__main__":

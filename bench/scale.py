@@ -31,7 +31,6 @@ warmed by reading it once, so that every loader reads from memory.
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fresh_process  # noqa: E402
 from nanowarp import hub, models  # noqa: E402
 from nanowarp.config import Config, flag, parse_args as parse_flags  # noqa: E402
 from nanowarp.llama_config import LlamaConfig  # noqa: E402
@@ -91,24 +91,6 @@ def parse_args(argv=None):
 
 # ---- memory as Linux reports it ----------------------------------------------------------------
 
-def status_mib(field):
-    """VmRSS (resident now) or VmHWM (the peak resident set) of this process, MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def reset_peak():
-    """Start the peak resident set (VmHWM) again from the resident set now, where Linux allows it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # then VmHWM holds the process's earlier peak too: an upper bound
-
-
 def checkpoint_bytes(folder):
     return sum(os.path.getsize(os.path.join(folder, f)) for f in hub.weight_files(folder))
 
@@ -128,12 +110,12 @@ def copying_load(folder):
 def load_worker(args):
     loader = {"copying load": copying_load, "from_pretrained": models.from_pretrained,
               "from_pretrained bf16": lambda folder: models.from_pretrained(folder, torch.bfloat16)}[args.worker]
-    before = status_mib("VmRSS")
-    reset_peak()
+    before = fresh_process.status_mib("VmRSS")
+    fresh_process.reset_peak()
     t0 = time.perf_counter()
     loaded = loader(args.folder)
     seconds = time.perf_counter() - t0
-    return dict(seconds=seconds, before_mib=before, peak_mib=status_mib("VmHWM"), kept=len(loaded.state_dict())
+    return dict(seconds=seconds, before_mib=before, peak_mib=fresh_process.status_mib("VmHWM"), kept=len(loaded.state_dict())
                 if hasattr(loaded, "state_dict") else len(loaded))
 
 
@@ -149,26 +131,22 @@ def step_worker(args):
                  gradient_checkpointing=args.worker.endswith("checkpointing"))
     with tempfile.TemporaryDirectory() as reward_folder:
         resources = resources_for(config, REWARD, device, dtype, reward_folder)
-        before = status_mib("VmRSS")
-        reset_peak()
+        before = fresh_process.status_mib("VmRSS")
+        fresh_process.reset_peak()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         rl_run(theta, 0, 0, cfg, resources)
         seconds = time.perf_counter() - t0
     gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return dict(seconds=seconds, before_mib=before, peak_mib=status_mib("VmHWM"), gpu_peak_mib=gpu)
+    return dict(seconds=seconds, before_mib=before, peak_mib=fresh_process.status_mib("VmHWM"), gpu_peak_mib=gpu)
 
 
 def measure(args, what):
     """Run one worker in a fresh process; its JSON."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", what, "--folder", args.folder,
-           "--device", args.device, "--batch", str(args.batch), "--new-tokens", str(args.new_tokens),
-           "--lora-rank", str(args.lora_rank), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"{what} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return fresh_process.run_worker(__file__, ["--worker", what, "--folder", args.folder, "--device", args.device,
+                                               "--batch", args.batch, "--new-tokens", args.new_tokens,
+                                               "--lora-rank", args.lora_rank, "--threads", args.threads])
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -210,7 +188,7 @@ def bench_shape(args, shape):
     peaks = {what: r["gpu_peak_mib"] if r["gpu_peak_mib"] is not None else r["peak_mib"] - r["before_mib"]
              for what, r in results.items()}
     for what, r in results.items():
-        ratio = f"{peaks[what] / peaks['float32']:9.2f}x" if "float32" in peaks else ""
+        ratio = f"{fresh_process.ratio(peaks[what], peaks['float32']):>10s}" if "float32" in peaks else ""
         target = "  target ≤ 0.60x" if what == "bfloat16" else ""
         print(f"{what:24s} {r['seconds']:8.2f} {peaks[what]:23.0f} {ratio}{target}", flush=True)
 
