@@ -18,6 +18,8 @@ from nanowarp.models import save_policy
 from nanowarp.tokenizer import EOS
 from nanowarp.study import tiny
 
+pytest_plugins = ["pytester"]  # test_no_silent_skips.py runs a pytest session inside the suite's
+
 # No silent skips: with CI set (.ci/run sets it), a test dependency that fails to import (pytest's
 # importorskip: transformers, hypothesis, matplotlib, ...) fails the suite instead of skipping a module
 # of parity tests in silence. A skip that is meant (an optional extra outside dev, a missing compiler)

@@ -1,35 +1,17 @@
-"""The M runs of an iteration side by side: `--workers 2` (torch.multiprocessing) and
-`torchrun --nproc_per_node=2` (gloo) give the weights of the sequential loop, bit for bit; a worker
-that fails stops the job with its error."""
-
-import os
-import subprocess
-import sys
+"""The M runs of an iteration side by side: a worker that fails stops the job with its error.
+That `--workers 2` (torch.multiprocessing) and `torchrun --nproc_per_node=2` (gloo) give the weights of
+the sequential loop, bit for bit, is tested once, with a reward model and a reward function that every
+process loads (test_rewards.py: test_two_workers_..., test_torchrun_ranks_...); several machines and
+restarts: test_distributed.py; signals: test_faults.py."""
 
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_weights, final_weights, in_process
 from nanowarp.config import parse_args
 from nanowarp.data import DataError
 from nanowarp.parallel import RemoteTraceback, WorkerPool
 from nanowarp.rl import load_resources
 from nanowarp.runner import train_worker_run
-from nanowarp.warp import warp
-
-
-def test_two_workers_give_the_sequential_weights(job_flags, reference, tmp_path):
-    in_process(warp, parse_args(job_flags + ["--out_dir", str(tmp_path), "--workers", "2"]), None, lambda *a: None)
-    assert_same_weights(final_weights(str(tmp_path)), reference)
-
-
-def test_torchrun_with_two_ranks_gives_the_sequential_weights(job_flags, reference, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *job_flags, "--out_dir", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert_same_weights(final_weights(str(tmp_path)), reference)
-    assert done.stdout.count("iter 2: merged") == 1  # only rank 0 logs
 
 
 def test_a_failing_worker_stops_the_job_with_its_error(job_flags, tmp_path):

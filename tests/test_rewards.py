@@ -216,6 +216,7 @@ def test_torchrun_ranks_give_the_sequential_weights_with_a_reward_function(job_f
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert_same_weights(final_weights(out), final_weights(reward_job))
+    assert done.stdout.count("iter 2: merged") == 1  # only rank 0 logs
 
 
 FLAKY = """import os
