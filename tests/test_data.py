@@ -4,6 +4,7 @@ from a folder or a tarball, order, labels, cleaning, filtering, prompts, safety,
 import io
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tarfile
@@ -198,12 +199,23 @@ def test_loaders_say_to_run_prepare_first(tmp_path):
             load(tmp_path / "missing")
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "data/imdb/prepare.py", *args], cwd=ROOT, capture_output=True, text=True)
+def run_cli(capsys, monkeypatch, *args):
+    """`python data/imdb/prepare.py ARGS`, run as __main__ in this process (a process start spared):
+    its exit status, stdout and stderr."""
+    script = os.path.join(ROOT, "data", "imdb", "prepare.py")
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(script, code, out.out, out.err)
 
 
-def test_cli_writes_the_files(imdb_tarball, bpe_dir, tmp_path):
-    result = run_cli("--source", imdb_tarball, "--tokenizer", bpe_dir, "--out", str(tmp_path), "--n_eval", "2")
+def test_cli_writes_the_files(imdb_tarball, bpe_dir, tmp_path, capsys, monkeypatch):
+    result = run_cli(capsys, monkeypatch, "--source", imdb_tarball, "--tokenizer", bpe_dir, "--out", str(tmp_path), "--n_eval", "2")
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path)) == sorted(FILES)
     assert "train: 12 reviews, 8 with >= 200 characters" in result.stdout
@@ -211,7 +223,9 @@ def test_cli_writes_the_files(imdb_tarball, bpe_dir, tmp_path):
 
 
 def test_cli_missing_source_is_one_line_and_exit_2(bpe_dir, tmp_path):
-    result = run_cli("--source", str(tmp_path / "nope.tar.gz"), "--tokenizer", bpe_dir, "--out", str(tmp_path / "o"))
+    # a process of its own: the script run from the repo root, and what a user sees of an error
+    result = subprocess.run([sys.executable, "data/imdb/prepare.py", "--source", str(tmp_path / "nope.tar.gz"),
+                             "--tokenizer", bpe_dir, "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert "no IMDB data at" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

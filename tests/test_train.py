@@ -3,18 +3,16 @@ the metrics are written, eval.py reads them; and bad input stops it before anyth
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train
+from conftest import in_process
 from nanowarp.gpt2 import GPT2
 from nanowarp import merging
 from nanowarp.merging import task_vector
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +81,11 @@ def test_same_seed_same_result(flags, job, tmp_path):
 
 def test_eval_reads_the_checkpoints(job, tiny_gpt2_dir, tiny_reward_dir, prepared_imdb_dir, tmp_path):
     out = tmp_path / "results.json"
-    cmd = [sys.executable, "eval.py", "--models", os.path.join(job, "iter_2", "liti"), os.path.join(job, "iter_2", "slerp"),
-           "--ref", tiny_gpt2_dir, "--reward_model", tiny_reward_dir, "--data", prepared_imdb_dir,
-           "--n_prompts", "4", "--seed", "0", "--out", str(out), "--max_new_tokens", "8", "--device", "cpu"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    import eval as eval_cli  # run here: a process start spared (scripts run from the root: test_merge_cli.py)
+    argv = ["--models", os.path.join(job, "iter_2", "liti"), os.path.join(job, "iter_2", "slerp"), "--ref", tiny_gpt2_dir,
+            "--reward_model", tiny_reward_dir, "--data", prepared_imdb_dir, "--n_prompts", "4", "--seed", "0",
+            "--out", str(out), "--max_new_tokens", "8", "--device", "cpu"]
+    in_process(eval_cli.main, argv)
     rows = json.loads(out.read_text())
     assert len(rows) == 2 and all({"model", "kl", "reward", "finished"} <= set(r) for r in rows)
 
