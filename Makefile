@@ -13,8 +13,9 @@ BIN = $(VENV)/bin
 demo: $(VENV)/.installed-plot
 	$(BIN)/python reproduce.py $(ARGS)
 
+# on every core (pytest-xdist), a test file per worker: its module fixtures are built once
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n auto --dist loadfile $(ARGS)
 
 $(VENV)/.installed-torch:
 	$(PYTHON) -m venv $(VENV)
