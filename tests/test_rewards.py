@@ -33,16 +33,20 @@ KEYWORDS = ["e", "a"]  # the `keyword` column of the tests' prompts: row i's is 
 
 
 def load_with_columns(cfg, device=None):
-    """rl.load_resources, the prompts given a `keyword` column (what a prompt file's rows would hold).
-    Module level: the worker processes and torchrun ranks import it by name."""
+    """rl.load_resources, --data's prompts given a `keyword` column, for rl_run called here (a job reads
+    its columns from a prompt file: keyword_prompts)."""
     resources = load_resources(cfg, device)
     return dataclasses.replace(resources, columns={"keyword": [KEYWORDS[i % 2] for i in range(len(resources.prompts))]})
 
 
-@pytest.fixture
-def with_columns(monkeypatch):
-    import nanowarp.runner
-    monkeypatch.setattr(nanowarp.runner, "load_resources", load_with_columns)
+@pytest.fixture(scope="session")
+def keyword_prompts(tmp_path_factory):
+    """A prompt file as users keep one: each row a prompt and the `keyword` column the reward function
+    reads, which every worker process and torchrun rank loads with the prompts."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    rows = [dict(prompt=" ".join(review.split()[:4]), keyword=KEYWORDS[i % 2]) for i, review in enumerate(REVIEWS)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
 
 
 # ---- reward models ------------------------------------------------------------------------------
@@ -170,21 +174,19 @@ def test_reward_fn_specs_are_checked(tmp_path):
 
 # ---- the tiny job with a reward model and a keyword function: logged, and the same everywhere -----
 
-def reward_flags(job_flags, *source):
-    """The tiny job (conftest.job_flags: its reward model), plus a second source weighted 0.5, without
-    the −1 rule (its random policy never ends a completion: every reward would be −1)."""
-    return job_flags + [*source, "--reward_weights", "1", "0.5", "--no_eos_penalty", "none"]
+def reward_flags(job_flags, prompts, *source):
+    """The tiny job (conftest.job_flags: its reward model) on the prompts of keyword_prompts, plus a
+    second source weighted 0.5, without the −1 rule (its random policy never ends a completion: every
+    reward would be −1)."""
+    return job_flags + ["--prompts", prompts, *source, "--reward_weights", "1", "0.5", "--no_eos_penalty", "none"]
 
 
 @pytest.fixture(scope="session")
-def reward_job(job_flags, tmp_path_factory):
+def reward_job(job_flags, keyword_prompts, tmp_path_factory):
     """The tiny job rewarded by its reward model + 0.5 × the keyword function, run sequentially here."""
     out = str(tmp_path_factory.mktemp("reward_job"))
-    with pytest.MonkeyPatch.context() as mp:
-        import nanowarp.runner
-        mp.setattr(nanowarp.runner, "load_resources", load_with_columns)
-        in_process(warp, parse_args(reward_flags(job_flags, "--reward_fn", KEYWORD) + ["--out_dir", out]), None,
-                   lambda *a: None)
+    in_process(warp, parse_args(reward_flags(job_flags, keyword_prompts, "--reward_fn", KEYWORD) + ["--out_dir", out]),
+               None, lambda *a: None)
     return out
 
 
@@ -198,21 +200,17 @@ def test_each_source_is_logged_and_the_reward_combines_them(reward_job, referenc
     assert any(not torch.equal(theta[k], reference[k]) for k in theta)  # the keyword reward changed the job
 
 
-def test_two_workers_give_the_sequential_weights_with_a_reward_function(job_flags, reward_job, with_columns, tmp_path):
-    flags = reward_flags(job_flags, "--reward_fn", KEYWORD) + ["--out_dir", str(tmp_path), "--workers", "2"]
+def test_two_workers_give_the_sequential_weights_with_a_reward_function(job_flags, keyword_prompts, reward_job, tmp_path):
+    flags = reward_flags(job_flags, keyword_prompts, "--reward_fn", KEYWORD) + ["--out_dir", str(tmp_path), "--workers", "2"]
     in_process(warp, parse_args(flags), None, lambda *a: None)
     assert_same_weights(final_weights(str(tmp_path)), final_weights(reward_job))
 
 
-def test_torchrun_ranks_give_the_sequential_weights_with_a_reward_function(job_flags, reward_job, tmp_path):
-    script = tmp_path / "train_with_columns.py"  # train.py, its prompts given the keyword column
-    script.write_text(f"import os, sys\nsys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]\n"
-                      "import nanowarp.runner, test_rewards, train\n"
-                      "nanowarp.runner.load_resources = test_rewards.load_with_columns\n"
-                      "code = train.main()\nsys.stdout.flush()\nsys.stderr.flush()\nos._exit(code)\n")
+def test_torchrun_ranks_give_the_sequential_weights_with_a_reward_function(job_flags, keyword_prompts, reward_job,
+                                                                        tmp_path):
     out = str(tmp_path / "job")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           *reward_flags(job_flags, "--reward_fn", KEYWORD), "--out_dir", out]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
+           *reward_flags(job_flags, keyword_prompts, "--reward_fn", KEYWORD), "--out_dir", out]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert_same_weights(final_weights(out), final_weights(reward_job))
@@ -236,11 +234,11 @@ def flaky(prompts, completions, keyword, **columns):
 @pytest.mark.parametrize("kind, message", [("raise", "raised RuntimeError: the checker crashed"),
                                            ("count", "returned 3 rewards for 4 completions"),
                                            ("nan", "returned nan at row 1")])
-def test_a_failing_reward_function_stops_the_job_and_a_rerun_resumes(job_flags, reward_job, with_columns, tmp_path,
+def test_a_failing_reward_function_stops_the_job_and_a_rerun_resumes(job_flags, keyword_prompts, reward_job, tmp_path,
                                                                      monkeypatch, capsys, kind, message):
     (tmp_path / "flaky.py").write_text(FLAKY)
     out = str(tmp_path / "job")
-    flags = reward_flags(job_flags, "--reward_fn", f"{tmp_path / 'flaky.py'}:flaky") + ["--out_dir", out]
+    flags = reward_flags(job_flags, keyword_prompts, "--reward_fn", f"{tmp_path / 'flaky.py'}:flaky") + ["--out_dir", out]
     monkeypatch.setenv("FLAKY_KIND", kind)
     monkeypatch.setenv("FLAKY_AT", "5")  # step 2 of iter_1/run_1: run 0 is done
     assert in_process(train.main, flags) == 2

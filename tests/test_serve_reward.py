@@ -16,7 +16,7 @@ import serve_reward
 import train
 from conftest import ROOT, assert_same_weights, final_weights, in_process
 from nanowarp.reward import Reward, RewardError, RewardFunction, RewardServer
-from test_rewards import COLUMNS, KEYWORD, TEXTS, reward_flags, reward_job, with_columns  # noqa: F401 (fixtures)
+from test_rewards import COLUMNS, KEYWORD, TEXTS, keyword_prompts, reward_flags, reward_job  # noqa: F401 (fixtures)
 
 
 # ---- serve_reward.py --------------------------------------------------------------------------------
@@ -90,13 +90,13 @@ def start_server(port=0):
 
 
 def test_a_job_whose_server_dies_stops_clearly_and_resumes_to_the_in_process_weights(
-        job_flags, reward_job, with_columns, tmp_path, monkeypatch, capsys):
+        job_flags, keyword_prompts, reward_job, tmp_path, monkeypatch, capsys):
     import nanowarp.job
     proc, port = start_server()
     url = f"http://127.0.0.1:{port}/get_reward"
     monkeypatch.setattr(RewardServer, "BACKOFF", 0.05)
     monkeypatch.setattr(nanowarp.job, "kill_point", lambda name: proc.kill() if name == "iter_1/run_1/step_1" else None)
-    flags = reward_flags(job_flags, "--reward_url", url) + ["--out_dir", str(tmp_path)]
+    flags = reward_flags(job_flags, keyword_prompts, "--reward_url", url) + ["--out_dir", str(tmp_path)]
     try:
         assert in_process(train.main, flags) == 2
         assert f"train.py: error: iter_1/run_1: the reward server {url} failed 4 times, last with URLError" in \
