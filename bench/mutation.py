@@ -32,7 +32,7 @@ MODULES = {
     "logprobs": (["tests/test_logprobs.py", "tests/test_objective.py"], None),
     "sampling": (["tests/test_sampling.py", "tests/test_objective.py"], None),
     "lora": (["tests/test_lora.py", "tests/test_rl.py", "tests/test_objective.py"], None),
-    "rl": (["tests/test_objective.py", "tests/test_rl.py",
+    "rl": (["tests/test_objective.py", "tests/test_rl.py", "tests/test_rl_wiring.py",
             "tests/test_prompt_datasets.py::test_the_prompt_set_of_a_job_holds_the_columns",
             "tests/test_prompt_datasets.py::test_train_truncate_left_keeps_the_last_tokens",
             "tests/test_scale.py::test_rl_models_are_built_from_theta_but_leave_the_random_stream_as_a_random_build",
