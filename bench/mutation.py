@@ -45,7 +45,7 @@ MODULES = {
     "reward": (["tests/test_rewards.py", "tests/test_reward_sources.py", "tests/test_serve_reward.py",
                 "tests/test_objective.py"],
                "not workers and not torchrun and not stops_the_job and not dies and not example and not rises"),
-    "warp": (["tests/test_train.py"], None),
+    "warp": (["tests/test_warp_loop.py"], None),  # test_train.py runs whole jobs: in the suite
 }
 # torch.compile cannot trace mutmut's trampolines: the compiled sampler's test runs in the suite only
 DESELECT = ["tests/test_sampling.py::test_compiled_decoding_samples_what_eager_decoding_samples"]
