@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nanowarp.gpt2 import GPT2, GPT2Config
-from nanowarp.lora import LoRALinear, add_lora, dense_state_dict, effective_state_dict, folded, lora_modules
+from nanowarp.lora import (LoRALinear, add_lora, default_targets, dense_state_dict, effective_state_dict, folded,
+                           lora_modules, named_targets)
 from nanowarp.sampling import sample, sample_micro_batches
 
 CONFIG = GPT2Config(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
@@ -91,6 +92,24 @@ def test_dropout_is_off_by_default_and_on_when_asked():
     assert isinstance(adapted.transformer.h[0].mlp.c_fc.dropout, torch.nn.Identity)
     layer = LoRALinear(torch.nn.Linear(8, 8), rank=2, alpha=2, dropout=0.5)
     assert isinstance(layer.dropout, torch.nn.Dropout)
+
+
+def test_named_targets_picks_block_layers_by_their_own_name_in_model_order():
+    model = GPT2(CONFIG)
+    assert named_targets(model, "all") == default_targets(model)
+    assert named_targets(model, "c_fc,c_attn") == [f"transformer.h.{i}.{m}" for i in range(2)
+                                                   for m in ("attn.c_attn", "mlp.c_fc")]
+    with pytest.raises(ValueError, match=r"^--lora_targets q_proj: the model has no such layer in its blocks; it has "
+                                         r"c_attn, c_fc, c_proj \(or give all\)$"):
+        named_targets(model, "c_fc,q_proj")
+
+
+def test_alpha_defaults_to_the_rank_and_the_layer_says_its_rank_and_scale():
+    torch.manual_seed(0)
+    adapted = add_lora(GPT2(CONFIG), rank=4, targets=["transformer.h.0.mlp.c_fc"])
+    (name, layer), = lora_modules(adapted)
+    assert layer.scale == 1.0 and layer.extra_repr() == "32, 128, rank=4, scale=1"
+    assert LoRALinear(torch.nn.Linear(8, 6), rank=2, alpha=3).extra_repr() == "8, 6, rank=2, scale=1.5"
 
 
 def test_adding_lora_twice_is_refused():
