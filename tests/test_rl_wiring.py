@@ -5,6 +5,7 @@ LoRA flags, the loss it logs and the non-finite values that stop it; the bf16 an
 and the anchor's shared and own weights."""
 
 import dataclasses
+import signal
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from nanowarp.data import DataError
 from nanowarp.gpt2 import linear
 from nanowarp.lora import add_lora, lora_modules, named_targets
 from nanowarp.models import eos_ids, from_config, load_config, load_theta
+from nanowarp.parallel import Interrupted
 from nanowarp.prompts import load_prompt_dataset, max_prompt_tokens
 from nanowarp.rl import AnchorLinear, build_anchor, build_policy, check_finite, load_resources, rl_run
 from nanowarp.sampling import sample_micro_batches
@@ -44,7 +46,7 @@ class Scored:
         rewards = torch.full((len(texts),), self.value) if self.value is not None else \
             torch.tensor([sum(map(ord, c)) % 7 / 7 for c in texts.completions])
         self.calls.append((list(texts.prompts), columns, rewards))
-        return rewards, {}
+        return rewards, {"own": rewards * 2}
 
 
 def run(flags, reward, seed=3, log=None, **resources):
@@ -144,7 +146,39 @@ def test_the_logged_loss_of_the_first_step_is_the_objective(flags, monkeypatch):
     r = rewards.view(-1, 2)
     adv = (r - r.flip(1)).view(-1)  # the leave-one-out baseline of a pair is the other one
     assert adv.abs().sum() > 0 and abs(row["kl"]) < 1e-5
+    assert row["reward/own"] == pytest.approx(2 * rewards.mean().item())  # each source's part, logged
     assert row["loss"] == pytest.approx(-(adv * lp).mean().item(), rel=1e-4, abs=1e-6)
+
+
+def test_completions_and_states_are_kept_every_so_many_steps(flags):
+    """--log_completions 3 and --save_every 3 over 5 steps: the completions of step 3 are shown, the state
+    after step 3 is saved (never after the last step)."""
+    cfg = parse_args(flags + ["--steps", "5", "--rloo_k", "1", "--log_completions", "3", "--save_every", "3"])
+    shown, saved = [], []
+    resources = dataclasses.replace(load_resources(cfg), reward=Scored())
+    rl_run(load_theta(cfg.policy), 0, 3, cfg, resources, log_completions=lambda step, rows: shown.append(step),
+           save_state=lambda state: saved.append(state["step"]))
+    assert shown == [3] and saved == [3]
+
+
+@pytest.mark.parametrize("steps, stop_from, stopped_at", [(3, 1, 1), (2, 1, 1), (2, 2, None)])
+def test_a_stop_request_ends_the_run_after_its_step_with_its_state_saved(flags, monkeypatch, steps, stop_from,
+                                                                          stopped_at):
+    """SIGTERM asked for during step `stop_from`: the run saves its state and raises Interrupted after that
+    step, unless it was the last one (then the run just ends)."""
+    done = []
+    monkeypatch.setattr(nanowarp.rl, "stop_requested", lambda: signal.SIGTERM if len(done) >= stop_from else 0)
+    cfg = parse_args(flags + ["--steps", str(steps), "--rloo_k", "1", "--save_every", "10"])
+    resources = dataclasses.replace(load_resources(cfg), reward=Scored())
+    saved = []
+    args = (load_theta(cfg.policy), 0, 3, cfg, resources, done.append, None, lambda state: saved.append(state["step"]))
+    if stopped_at is None:
+        rl_run(*args)
+        assert saved == [] and len(done) == steps
+    else:
+        with pytest.raises(Interrupted) as stopped:
+            rl_run(*args)
+        assert (stopped.value.signum, stopped.value.step) == (signal.SIGTERM, stopped_at) and saved == [stopped_at]
 
 
 @pytest.mark.parametrize("value, name", [(float("nan"), "reward"), (3e38, "loss"), (1e25, "gradient")])
