@@ -181,6 +181,20 @@ def test_a_stop_request_ends_the_run_after_its_step_with_its_state_saved(flags, 
         assert (stopped.value.signum, stopped.value.step) == (signal.SIGTERM, stopped_at) and saved == [stopped_at]
 
 
+def test_a_bf16_run_returns_theta_init_in_float32_plus_its_lora_update(flags, monkeypatch):
+    policies = []
+    monkeypatch.setattr(nanowarp.rl, "add_lora", lambda *a, **k: policies.append(add_lora(*a, **k)) or policies[-1])
+    cfg = parse_args(flags + ["--dtype", "bfloat16", "--lr", "0.05", "--lora_targets", "c_fc"])
+    theta = load_theta(cfg.policy)
+    got = run(flags + ["--dtype", "bfloat16", "--lr", "0.05", "--lora_targets", "c_fc"], Scored())
+    policy, = policies
+    delta = policy.hf_state_dict({f"{name}.weight": m.delta_weight().detach() for name, m in lora_modules(policy)})
+    assert delta and set(delta) < set(theta) and all(got[k].dtype == torch.float32 for k in got)
+    for k in theta:
+        assert torch.equal(got[k], theta[k].float() + delta[k] if k in delta else theta[k].float()), k
+    assert all(delta[k].abs().max() > 0 for k in delta)
+
+
 @pytest.mark.parametrize("value, name", [(float("nan"), "reward"), (3e38, "loss"), (1e25, "gradient")])
 def test_a_non_finite_value_stops_the_run_naming_it_and_the_step(flags, value, name):
     with pytest.raises(FloatingPointError, match=rf"^non-finite {name} at step 1: stopping this run \(lower --lr, "
