@@ -32,6 +32,7 @@ class Job:
         return None if i in self.done else list(range(self.runs))
 
     def load_liti(self, i):
+        assert self.leader, "only rank 0 reads θ_init back: the others get it by broadcast"
         return self.saved[i]
 
     def train_runs(self, i, missing, theta_init):
@@ -56,7 +57,11 @@ def job(monkeypatch):
 
     def make(**kwargs):
         made["job"] = Job(**kwargs)
-        monkeypatch.setattr(nanowarp.warp, "open_job", lambda cfg, resources, log: contextlib.nullcontext(made["job"]))
+
+        def open_job(cfg, resources, log):
+            made["job"].opened = (cfg, resources, log)
+            return contextlib.nullcontext(made["job"])
+        monkeypatch.setattr(nanowarp.warp, "open_job", open_job)
         return made["job"]
     return make
 
@@ -83,9 +88,12 @@ def cfg(*flags):
 @pytest.mark.parametrize("merge", ["slerp", "lerp"])
 def test_each_iteration_merges_its_runs_and_moves_theta_init_by_liti(job, merge):
     j = job(runs=3)
-    final = warp(cfg("--merge", merge), log=None)
+    config, resources = cfg("--merge", merge), object()
+    final = warp(config, resources, log=print)
+    assert j.opened == (config, resources, print)  # the job of these flags, with the runs' resources
     want = expected(2, 3, 0.3, getattr(merging, merge))
     assert same(final, want[1]) and same(j.saved[1], want[0]) and same(j.saved[2], want[1])
+    assert list(j.merged) == [1, 2] and same(merging.liti(SFT, j.merged[1], 0.3), want[0])  # θ_slerp of each saved
     assert [i for i, _ in j.trained] == [1, 2] and same(j.trained[0][1], SFT) and same(j.trained[1][1], want[0])
     other = expected(2, 3, 0.3, merging.lerp if merge == "slerp" else merging.slerp)
     assert not same(final, other[1])  # the two merges differ on these runs
@@ -98,10 +106,13 @@ def test_an_iteration_done_before_a_restart_is_read_back_not_trained(job):
     assert [i for i, _ in j.trained] == [2] and same(j.trained[0][1], want1) and same(final, expected(2, 3, 0.3)[1])
 
 
-def test_only_the_leader_merges(job):
+def test_only_the_leader_merges_and_reads_theta_init_back(job):
     j = job(runs=3, leader=False)
     final = warp(cfg(), log=None)
     assert j.saved == {} and j.merged == {} and same(final, SFT)  # the other ranks get θ_init by broadcast
+    j = job(runs=3, leader=False, done={1})
+    warp(cfg(), log=None)  # iteration 1 done: not trained, and θ_init not read back here (load_liti asserts)
+    assert [i for i, _ in j.trained] == [2]
 
 
 def test_the_loop_validates_its_flags_first(job):
