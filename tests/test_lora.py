@@ -112,6 +112,16 @@ def test_alpha_defaults_to_the_rank_and_the_layer_says_its_rank_and_scale():
     assert LoRALinear(torch.nn.Linear(8, 6), rank=2, alpha=3).extra_repr() == "8, 6, rank=2, scale=1.5"
 
 
+def test_delta_weight_is_what_the_effective_weight_adds_to_w0():
+    _, adapted = base_and_adapted(rank=4, alpha=8)  # scale 2
+    layer = adapted.transformer.h[0].mlp.c_fc
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.lora_B)
+    delta = layer.delta_weight()
+    assert torch.allclose(delta, 2.0 * layer.lora_B @ layer.lora_A) and delta.abs().max() > 0
+    assert torch.allclose(layer.weight + delta, layer.effective_weight(), atol=1e-6)
+
+
 def test_adding_lora_twice_is_refused():
     _, adapted = base_and_adapted()
     with pytest.raises(ValueError, match="not a plain nn.Linear"):
