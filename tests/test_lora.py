@@ -122,10 +122,58 @@ def test_delta_weight_is_what_the_effective_weight_adds_to_w0():
     assert torch.allclose(layer.weight + delta, layer.effective_weight(), atol=1e-6)
 
 
+def test_a_lora_layer_alone_adds_the_scaled_update_to_its_biased_layer_and_trains_only_the_factors():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 6)
+    torch.nn.init.normal_(base.bias)
+    layer = LoRALinear(base, rank=8, alpha=4)
+    assert isinstance(layer.dropout, torch.nn.Identity)  # dropout 0 unless asked
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    bound = 1 / 64 ** 0.5  # nn.Linear's initialisation: U(-1/√in, 1/√in)
+    assert 0.97 * bound < layer.lora_A.abs().max() <= bound
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 64)
+    want = torch.nn.functional.linear(x, base.weight, base.bias) + 0.5 * x @ layer.lora_A.T @ layer.lora_B.T
+    layer.eval()
+    assert torch.allclose(layer(x), want, atol=1e-5)
+    with folded(layer):
+        assert torch.allclose(layer(x), want, atol=1e-5)
+    assert torch.allclose(layer.effective_weight(base=torch.zeros(6, 64)), layer.delta_weight())
+
+
+def test_lora_factors_take_the_layers_dtype_unless_given_and_rank_one_is_the_least():
+    bf16 = torch.nn.Linear(8, 6).to(torch.bfloat16)
+    assert LoRALinear(bf16, rank=1, alpha=1).lora_A.dtype == torch.bfloat16
+    layer = LoRALinear(bf16, rank=1, alpha=1, dtype=torch.float32)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.lora_B)
+    assert layer.effective_weight().dtype == torch.float32
+    assert torch.equal(layer.effective_weight(), bf16.weight.float() + layer.delta_weight())
+    with pytest.raises(AssertionError, match="^LoRA rank must be at least 1$"):
+        LoRALinear(bf16, rank=0, alpha=1)
+
+
+def test_default_targets_of_the_llama_layout_are_every_block_linear():
+    from nanowarp.llama import Llama
+    from nanowarp.llama_config import LlamaConfig
+    model = Llama(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1))
+    assert default_targets(model) == [f"model.layers.{i}.{m}" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")]
+
+
 def test_adding_lora_twice_is_refused():
     _, adapted = base_and_adapted()
     with pytest.raises(ValueError, match="not a plain nn.Linear"):
         add_lora(adapted, rank=2)
+    with pytest.raises(ValueError, match=r"^cannot add LoRA to 'transformer.h.0.attn.c_attn': it is a LoRALinear, "
+                                         r"not a plain nn.Linear$"):
+        add_lora(adapted, rank=2, targets=["transformer.h.0.attn.c_attn"])
+    with pytest.raises(ValueError, match=r"^cannot add LoRA to 'transformer.h.0.ln_1': it is a LayerNorm"):
+        add_lora(GPT2(CONFIG), rank=2, targets=["transformer.h.0.ln_1"])
 
 
 # ---- folded for sampling -------------------------------------------------------------------------
