@@ -144,7 +144,8 @@ def test_a_lora_layer_alone_adds_the_scaled_update_to_its_biased_layer_and_train
 
 def test_lora_factors_take_the_layers_dtype_unless_given_and_rank_one_is_the_least():
     bf16 = torch.nn.Linear(8, 6).to(torch.bfloat16)
-    assert LoRALinear(bf16, rank=1, alpha=1).lora_A.dtype == torch.bfloat16
+    own = LoRALinear(bf16, rank=1, alpha=1)
+    assert own.lora_A.dtype == own.lora_B.dtype == torch.bfloat16
     layer = LoRALinear(bf16, rank=1, alpha=1, dtype=torch.float32)
     assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
     with torch.no_grad():
