@@ -30,12 +30,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = {
     "merging": (["tests/test_merging.py", "tests/test_merge_cli.py"], None),
     "logprobs": (["tests/test_logprobs.py", "tests/test_objective.py"], None),
-    "sampling": (["tests/test_sampling.py", "tests/test_objective.py"], None),
+    "sampling": (["tests/test_sampling.py", "tests/test_objective.py", "tests/test_precision.py", "tests/test_lora.py"],
+                 # of test_precision.py, the micro-batched and the bf16 sampler
+                 "test_sampling or test_objective or test_lora or sampling_in_micro_batches or bf16_logprobs"),
     "lora": (["tests/test_lora.py", "tests/test_rl.py", "tests/test_objective.py"], None),
-    "rl": (["tests/test_objective.py", "tests/test_rl.py"], None),
-    "reward": (["tests/test_rewards.py", "tests/test_serve_reward.py", "tests/test_objective.py"],
+    "rl": (["tests/test_objective.py", "tests/test_rl.py", "tests/test_rl_wiring.py", "tests/test_prompt_datasets.py",
+            "tests/test_scale.py", "tests/test_precision.py", "tests/test_eval.py"],
+           # all of the first three; of the others, the fast tests of load_resources' prompts, the anchor,
+           # micro-batches, bf16's master and decode (-k also matches a test's file name)
+           "test_objective or test_rl or the_prompt_set_of_a_job or truncate_left_keeps or rl_models_are_built or "
+           "anchor_shares or micro_batch or ema_anchor_needs or bf16_run_resumes or metrics_match_a_by_hand"),
+    "reward": (["tests/test_rewards.py", "tests/test_reward_sources.py", "tests/test_serve_reward.py",
+                "tests/test_objective.py"],
                "not workers and not torchrun and not stops_the_job and not dies and not example and not rises"),
-    "warp": (["tests/test_train.py"], None),
+    "warp": (["tests/test_warp_loop.py"], None),  # test_train.py runs whole jobs: in the suite
 }
 # torch.compile cannot trace mutmut's trampolines: the compiled sampler's test runs in the suite only
 DESELECT = ["tests/test_sampling.py::test_compiled_decoding_samples_what_eager_decoding_samples"]

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nanowarp.gpt2 import GPT2, GPT2Config
-from nanowarp.lora import LoRALinear, add_lora, dense_state_dict, effective_state_dict, folded, lora_modules
+from nanowarp.lora import (LoRALinear, add_lora, default_targets, dense_state_dict, effective_state_dict, folded,
+                           lora_modules, named_targets)
 from nanowarp.sampling import sample, sample_micro_batches
 
 CONFIG = GPT2Config(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
@@ -93,10 +94,87 @@ def test_dropout_is_off_by_default_and_on_when_asked():
     assert isinstance(layer.dropout, torch.nn.Dropout)
 
 
+def test_named_targets_picks_block_layers_by_their_own_name_in_model_order():
+    model = GPT2(CONFIG)
+    assert named_targets(model, "all") == default_targets(model)
+    assert named_targets(model, "c_fc,c_attn") == [f"transformer.h.{i}.{m}" for i in range(2)
+                                                   for m in ("attn.c_attn", "mlp.c_fc")]
+    with pytest.raises(ValueError, match=r"^--lora_targets q_proj: the model has no such layer in its blocks; it has "
+                                         r"c_attn, c_fc, c_proj \(or give all\)$"):
+        named_targets(model, "c_fc,q_proj")
+
+
+def test_alpha_defaults_to_the_rank_and_the_layer_says_its_rank_and_scale():
+    torch.manual_seed(0)
+    adapted = add_lora(GPT2(CONFIG), rank=4, targets=["transformer.h.0.mlp.c_fc"])
+    (name, layer), = lora_modules(adapted)
+    assert layer.scale == 1.0 and layer.extra_repr() == "32, 128, rank=4, scale=1"
+    assert LoRALinear(torch.nn.Linear(8, 6), rank=2, alpha=3).extra_repr() == "8, 6, rank=2, scale=1.5"
+
+
+def test_delta_weight_is_what_the_effective_weight_adds_to_w0():
+    _, adapted = base_and_adapted(rank=4, alpha=8)  # scale 2
+    layer = adapted.transformer.h[0].mlp.c_fc
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.lora_B)
+    delta = layer.delta_weight()
+    assert torch.allclose(delta, 2.0 * layer.lora_B @ layer.lora_A) and delta.abs().max() > 0
+    assert torch.allclose(layer.weight + delta, layer.effective_weight(), atol=1e-6)
+
+
+def test_a_lora_layer_alone_adds_the_scaled_update_to_its_biased_layer_and_trains_only_the_factors():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 6)
+    torch.nn.init.normal_(base.bias)
+    layer = LoRALinear(base, rank=8, alpha=4)
+    assert isinstance(layer.dropout, torch.nn.Identity)  # dropout 0 unless asked
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    bound = 1 / 64 ** 0.5  # nn.Linear's initialisation: U(-1/√in, 1/√in)
+    assert 0.97 * bound < layer.lora_A.abs().max() <= bound
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 64)
+    want = torch.nn.functional.linear(x, base.weight, base.bias) + 0.5 * x @ layer.lora_A.T @ layer.lora_B.T
+    layer.eval()
+    assert torch.allclose(layer(x), want, atol=1e-5)
+    with folded(layer):
+        assert torch.allclose(layer(x), want, atol=1e-5)
+    assert torch.allclose(layer.effective_weight(base=torch.zeros(6, 64)), layer.delta_weight())
+
+
+def test_lora_factors_take_the_layers_dtype_unless_given_and_rank_one_is_the_least():
+    bf16 = torch.nn.Linear(8, 6).to(torch.bfloat16)
+    own = LoRALinear(bf16, rank=1, alpha=1)
+    assert own.lora_A.dtype == own.lora_B.dtype == torch.bfloat16
+    layer = LoRALinear(bf16, rank=1, alpha=1, dtype=torch.float32)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.lora_B)
+    assert layer.effective_weight().dtype == torch.float32
+    assert torch.equal(layer.effective_weight(), bf16.weight.float() + layer.delta_weight())
+    with pytest.raises(AssertionError, match="^LoRA rank must be at least 1$"):
+        LoRALinear(bf16, rank=0, alpha=1)
+
+
+def test_default_targets_of_the_llama_layout_are_every_block_linear():
+    from nanowarp.llama import Llama
+    from nanowarp.llama_config import LlamaConfig
+    model = Llama(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1))
+    assert default_targets(model) == [f"model.layers.{i}.{m}" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")]
+
+
 def test_adding_lora_twice_is_refused():
     _, adapted = base_and_adapted()
     with pytest.raises(ValueError, match="not a plain nn.Linear"):
         add_lora(adapted, rank=2)
+    with pytest.raises(ValueError, match=r"^cannot add LoRA to 'transformer.h.0.attn.c_attn': it is a LoRALinear, "
+                                         r"not a plain nn.Linear$"):
+        add_lora(adapted, rank=2, targets=["transformer.h.0.attn.c_attn"])
+    with pytest.raises(ValueError, match=r"^cannot add LoRA to 'transformer.h.0.ln_1': it is a LayerNorm"):
+        add_lora(GPT2(CONFIG), rank=2, targets=["transformer.h.0.ln_1"])
 
 
 # ---- folded for sampling -------------------------------------------------------------------------

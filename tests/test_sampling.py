@@ -261,3 +261,25 @@ def test_near_zero_temperature_is_greedy():
     logits = torch.randn(500, 50, generator=g) * 2
     token, logprob = sample_next(logits, temperature=1e-4, generator=g)
     assert torch.equal(token, logits.argmax(-1))
+
+
+# ---- micro-batches ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("micro", [0, 1, 2, 3, 4])
+def test_micro_batches_sample_the_whole_batch_padded_as_it_pads(micro):
+    """Pieces of different prompt and completion lengths (EOS likely, a pad id that is not 0) give the
+    whole batch's Samples: every tensor, its padding included, and where the generator is left."""
+    from nanowarp.sampling import sample_micro_batches
+    model, eos = eos_likely_model(7, 4.0), [7, 3]
+    g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    whole = sample(model, PROMPTS, 8, eos_token_id=eos, generator=g1)
+    pieces = sample_micro_batches(model, PROMPTS, 8, micro, g2, eos_token_id=eos)
+    lengths = whole.mask.sum(1)
+    assert lengths.min() < lengths.max() and whole.finished.any()  # rows end at different steps
+    for name in ("tokens", "mask", "finished", "prompt", "prompt_mask"):
+        assert torch.equal(getattr(whole, name), getattr(pieces, name)), name
+    assert torch.allclose(whole.logprobs, pieces.logprobs, atol=1e-5) and (pieces.logprobs[~pieces.mask] == 0).all()
+    assert torch.equal(g1.get_state(), g2.get_state())
+    one = sample_micro_batches(model, PROMPTS, 1, micro, torch.Generator().manual_seed(2), eos_token_id=eos)
+    assert torch.equal(one.tokens, sample(model, PROMPTS, 1, eos_token_id=eos,
+                                          generator=torch.Generator().manual_seed(2)).tokens)
