@@ -30,6 +30,11 @@ PEFT_TARGETS = {"gpt2": (["c_attn", "c_proj", "c_fc"], True),
                 "llama": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False)}
 
 
+# a model of each --model's layout small enough for the test suite (SmolLM2's 3 query heads per key head kept)
+SMOKE = {"gpt2": dict(vocab_size=500, n_embd=32, n_head=4),
+         "smollm2": dict(vocab_size=500, hidden_size=48, intermediate_size=64, num_attention_heads=6, num_key_value_heads=2)}
+
+
 def policy_config(model, **overrides):
     """nanowarp's config of a --model, its fields (transformers' names for smollm2) overridden."""
     if model not in MODELS:

@@ -57,7 +57,7 @@ from nanowarp.lora import add_lora, folded, lora_modules  # noqa: E402
 from nanowarp.models import from_config  # noqa: E402
 from nanowarp.padding import left_pad  # noqa: E402
 from nanowarp.sampling import lm_head, sample, sample_next  # noqa: E402
-from policies import MODELS, block_linears, hf_model, parity, policy_config, width  # noqa: E402
+from policies import MODELS, SMOKE, block_linears, hf_model, parity, policy_config, width  # noqa: E402
 
 
 @dataclass
@@ -65,6 +65,8 @@ class Args:
     model: str = flag("gpt2", f"the policy's shape, random weights: {' or '.join(MODELS)} (GPT-2 124M, or a Llama "
                               "of SmolLM2-135M's shape)")
     layers: int = flag(0, "keep only the first N layers of --model (a quick check); 0 keeps them all")
+    smoke: bool = flag(False, "a narrow model of --model's layout (width 32 or 48, vocabulary 500): a check that the "
+                              "script runs, in seconds, not a measurement")
     shapes: str = flag("64x32,16x64", "comma-separated BATCHxNEW_TOKENS")
     prompt_len: int = flag(16, "tokens per prompt")
     repeats: int = flag(3, "timed calls per contender and shape; medians are reported")
@@ -206,11 +208,11 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     layers = {"n_layer" if args.model == "gpt2" else "num_hidden_layers": args.layers} if args.layers else {}
-    model = from_config(policy_config(args.model, **layers)).eval()  # random weights
+    model = from_config(policy_config(args.model, **layers, **(SMOKE[args.model] if args.smoke else {}))).eval()
     hf = load_hf(model, args.seed) if args.hf else None
     print(f"{time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads, --model "
-          f"{args.model}{f' ({args.layers} layers)' if args.layers else ''}"
+          f"{args.model}{f' ({args.layers} layers)' if args.layers else ''}{', --smoke' if args.smoke else ''}"
           + (f", transformers {sys.modules['transformers'].__version__}" if hf is not None else ""))
 
     contenders = {"nanowarp": lambda idx, n, g: sample(model, idx.tolist(), n, generator=g).tokens}

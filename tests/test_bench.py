@@ -63,7 +63,7 @@ def test_a_worker_runs_in_a_process_of_its_own(tmp_path, monkeypatch):
 
 
 def test_sampling_bench_prints_rates_ratios_and_the_matmul_bound(run):
-    out = run("sampling.py", "--layers", "2", "--shapes", "4x3", "--prompt-len", "4", "--repeats", "1",
+    out = run("sampling.py", "--layers", "2", "--smoke", "--shapes", "4x3", "--prompt-len", "4", "--repeats", "1",
               "--threads", "1", "--profile", "--lora-ranks", "2", "--lora-unfolded")
     for contender in ("nanowarp", "nanowarp LoRA 2", "LoRA 2 unfolded", "generate", "no cache"):
         assert re.search(rf"4 x 3 +{contender} +[\d.]+ +[\d.]+x +[\d.]+x +1\n", out), (contender, out)
@@ -74,7 +74,7 @@ def test_sampling_bench_prints_rates_ratios_and_the_matmul_bound(run):
 
 
 def test_sampling_bench_runs_a_llama_of_smollm2s_shape(run):
-    out = run("sampling.py", "--model", "smollm2", "--layers", "2", "--shapes", "4x3", "--prompt-len", "4",
+    out = run("sampling.py", "--model", "smollm2", "--layers", "2", "--smoke", "--shapes", "4x3", "--prompt-len", "4",
               "--repeats", "1", "--threads", "1", "--no-cache-repeats", "0", "--lora-ranks", "2", "--profile")
     assert "--model smollm2 (2 layers)" in out.splitlines()[0]
     for contender in ("nanowarp", "nanowarp LoRA 2", "generate"):

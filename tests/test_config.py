@@ -10,7 +10,8 @@ import pytest
 
 import eval as eval_cli
 import merge
-from conftest import assert_same_weights, final_weights, train_py
+import train
+from conftest import assert_same_weights, final_weights, in_process
 from nanowarp.config import PRESETS, Config, parse_args
 
 
@@ -31,8 +32,7 @@ def test_replaying_a_jobs_job_json_gives_the_same_weights(reference_job, referen
     """job.json holds every flag of the job (out_dir, fresh and preset too): with --out_dir changed,
     the same job again."""
     out = str(tmp_path / "replay")
-    done = train_py(["--config", os.path.join(reference_job, "job.json"), "--out_dir", out])
-    assert done.returncode == 0, done.stderr
+    assert in_process(train.main, ["--config", os.path.join(reference_job, "job.json"), "--out_dir", out]) == 0
     assert_same_weights(final_weights(out), reference)
     earlier, now = (json.load(open(os.path.join(folder, "job.json"))) for folder in (reference_job, out))
     assert {k: v for k, v in now.items() if k != "out_dir"} == {k: v for k, v in earlier.items() if k != "out_dir"}
