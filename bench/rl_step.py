@@ -65,7 +65,7 @@ from nanowarp.config import Config, flag, parse_args as parse_flags  # noqa: E40
 from nanowarp.padding import left_pad  # noqa: E402
 from nanowarp.rl import build_policy, rl_run, rloo_advantages  # noqa: E402
 from nanowarp.study import tiny  # noqa: E402
-from policies import MODELS, PEFT_TARGETS, SMOLLM2_135M, family, hf_model, parity  # noqa: E402
+from policies import MODELS, PEFT_TARGETS, SMOKE, SMOLLM2_135M, family, hf_model, parity  # noqa: E402
 from update_profile import profile_update  # noqa: E402
 
 DISTILBERT_BASE = dict(vocab_size=28996, dim=768, n_layers=6, n_heads=12, hidden_dim=3072)
@@ -76,14 +76,12 @@ SHAPES = {  # by --model; "gpt2" holds GPT2Config's fields, "llama" config.json'
                      distilbert=dict(vocab_size=tiny.REWARD_VOCAB, **tiny.DISTILBERT_ARCH), batch=64, new_tokens=40),
         "gpt2": dict(gpt2=dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
                      distilbert=DISTILBERT_BASE, batch=16, new_tokens=32),
-        "smoke": dict(gpt2=dict(vocab_size=500, n_positions=64, n_embd=32, n_layer=2, n_head=4),
+        "smoke": dict(gpt2=dict(SMOKE["gpt2"], n_positions=64, n_layer=2),
                       distilbert=SMOKE_DISTILBERT, batch=8, new_tokens=6),
     },
     "smollm2": {
         "smollm2": dict(llama=SMOLLM2_135M, distilbert=DISTILBERT_BASE, batch=16, new_tokens=32),
-        "smoke": dict(llama=dict(SMOLLM2_135M, vocab_size=500, hidden_size=48, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
-                                 max_position_embeddings=64),  # SmolLM2's 3 query heads per key head
+        "smoke": dict(llama=dict(SMOLLM2_135M, **SMOKE["smollm2"], num_hidden_layers=2, max_position_embeddings=64),
                       distilbert=SMOKE_DISTILBERT, batch=8, new_tokens=6),
     },
 }
