@@ -151,7 +151,10 @@ def test_lora_factors_take_the_layers_dtype_unless_given_and_rank_one_is_the_lea
     with torch.no_grad():
         torch.nn.init.normal_(layer.lora_B)
     assert layer.effective_weight().dtype == torch.float32
-    assert torch.equal(layer.effective_weight(), bf16.weight.float() + layer.delta_weight())
+    # W0 upcast to float32, then s·B·A added (addmm may fuse the product and the sum: one rounding
+    # instead of two, so up to an ulp apart); W0 + s·B·A rounded to bf16 would be ~1e-3 off
+    torch.testing.assert_close(layer.effective_weight(), bf16.weight.float() + layer.delta_weight(),
+                               rtol=2e-7, atol=1e-7)
     with pytest.raises(AssertionError, match="^LoRA rank must be at least 1$"):
         LoRALinear(bf16, rank=0, alpha=1)
 
