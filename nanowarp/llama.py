@@ -74,18 +74,20 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        # contiguous: a no-op unless `linear` transposed (few rows), where it makes the rotation and
+        # attention of a decoding step ~4x faster (SDPA on strided queries takes a slow path on a CPU)
+        heads = lambda t, n: t.contiguous().view(B, T, n, self.head_dim).transpose(1, 2)  # noqa: E731
+        q = heads(self.q_proj(x), self.n_head)  # (B, H, T, hd)
+        k, v = heads(self.k_proj(x), self.n_kv_head), heads(self.v_proj(x), self.n_kv_head)  # (B, KV, T, hd)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
             k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # the slots the mask covers
-        groups = self.n_head // self.n_kv_head  # each key/value head serves `groups` query heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        if self.softcap is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        if self.softcap is None:  # each key/value head serves its group of query heads (enable_gqa: no copies)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         else:  # Gemma 2: scores -> c·tanh(scores / c) before the softmax, which SDPA cannot do
+            groups = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             scores = q @ k.transpose(-2, -1) * self.scale  # (B, H, T, S)
             scores = torch.tanh(scores / self.softcap) * self.softcap
             probs = scores.masked_fill(~mask, -float("inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
