@@ -239,6 +239,32 @@ def test_top_k_and_top_p_never_sample_outside_their_sets():
     assert (n_keep > 1).any() and (n_keep < 50).all()
 
 
+def test_truncation_at_its_edges():
+    """top_k = 1 is greedy; a top_k above the batch's rows (but not the vocabulary) keeps k tokens,
+    one above the vocabulary all of them; a token whose preceding mass is exactly top_p is outside
+    the nucleus."""
+    from nanowarp.sampling import truncate
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 50, generator=g) * 2
+    assert torch.equal(sample_next(logits, top_k=1, generator=g)[0], logits.argmax(-1))
+    probs = torch.softmax(torch.randn(2, 10, generator=g), -1)
+    assert ((truncate(probs, 5, 1.0) > 0).sum(-1) == 5).all()
+    assert torch.equal(truncate(probs, 50, 1.0), probs)
+    exact = torch.tensor([[0.125, 0.5, 0.125, 0.25]])  # binary fractions: every sum is exact
+    assert torch.equal(truncate(exact, 0, 0.5), torch.tensor([[0.0, 0.5, 0.0, 0.0]]))
+    assert torch.equal(truncate(exact, 0, 0.75), torch.tensor([[0.0, 0.5, 0.0, 0.25]]))
+
+
+def test_the_pad_id_is_the_first_stop_id_or_zero():
+    """Prompts are left-padded, and finished rows padded, with the first of several stop ids;
+    without a stop id, prompts are padded with 0."""
+    model = eos_likely_model(7, 4.0)
+    s = sample(model, PROMPTS, 8, eos_token_id=[7, 3], generator=torch.Generator().manual_seed(2))
+    assert (~s.mask).any() and (s.tokens[~s.mask] == 7).all() and (s.prompt[~s.prompt_mask] == 7).all()
+    s = sample(model, PROMPTS, 2, generator=torch.Generator().manual_seed(2))
+    assert (~s.prompt_mask).any() and (s.prompt[~s.prompt_mask] == 0).all()
+
+
 def test_returned_logprobs_ignore_truncation_and_use_the_temperature():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(200, 50, generator=g) * 2
