@@ -16,9 +16,11 @@ import dataclasses
 import errno
 import json
 import os
+import pathlib
 import re
 import tempfile
 import typing
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -56,11 +58,9 @@ def _is_hub_id(name):
 
 
 def resolve(name_or_path, weights=True, revision=None):
-    """Return a local folder holding `config.json` (and the weights, if `weights`) of a checkpoint.
-
-    A local folder is used as it is; anything else of the form "owner/name" is a Hub id, whose
-    files are fetched into (or read from) the huggingface_hub cache.
-    """
+    """Return a local folder holding `config.json` (and the weights, if `weights`) of a checkpoint: a
+    local folder as it is; anything else of the form "owner/name" is a Hub id, whose files are
+    fetched into (or read from) the huggingface_hub cache."""
     name_or_path = os.fspath(name_or_path)
     if os.path.isdir(name_or_path):
         return name_or_path
@@ -183,15 +183,21 @@ def seal(folder):
 def load_state_dict(folder, dtype=None):
     """Read the weights of a checkpoint folder: (state_dict, path of the file read). Each tensor is
     read into memory of its own, its floating-point ones converted to `dtype` (when given) one at a
-    time: at the peak, the weights in `dtype` and one tensor as the file stores it."""
-    verify(folder)
+    time. The checksums are computed beside the read, in a thread (hashlib lets go of the GIL; hashing
+    takes about as long as reading), and checked before anything is returned or another error raised."""
+    with ThreadPoolExecutor(1) as pool:
+        checked = pool.submit(verify, folder)
+        try:
+            return _read_weights(folder, dtype)
+        finally:
+            checked.result()  # a file that differs from its checksums is the error, whatever the read made of it
+
+
+def _read_weights(folder, dtype):
     if os.path.isfile(os.path.join(folder, INDEX)):
         return load_sharded(folder, dtype)
-    for filename in WEIGHT_FILES:
-        path = os.path.join(folder, filename)
-        if os.path.isfile(path):
-            break
-    else:
+    path = next((p for p in (os.path.join(folder, f) for f in WEIGHT_FILES) if os.path.isfile(p)), None)
+    if path is None:
         raise CheckpointError(f"{folder} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
     try:
         if path.endswith(".safetensors"):
@@ -213,7 +219,7 @@ def check_readable(folder):
         return
     path = os.path.join(folder, WEIGHT_FILES[0])
     if not os.path.isfile(path):
-        load_state_dict(folder)  # a .bin, read whole, or none
+        _read_weights(folder, None)  # a .bin, read whole, or none
         return
     try:
         with safe_open(path, "pt") as f:
@@ -278,18 +284,12 @@ def atomic_write(path, write, size=None):
 def write_bytes(path, data):
     """Write bytes to path atomically (serialise in memory first, so that a full disk is an OSError
     with its errno, which the libraries' own file writers do not keep)."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    atomic_write(path, write, size=len(data))
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_bytes(data), size=len(data))
 
 
 def write_text(path, text):
     """Write text (UTF-8, "\n" line ends) to path atomically."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8", newline="\n"))
 
 
 def write_json(path, obj, sort_keys=False):
