@@ -50,7 +50,9 @@ class LoRALinear(nn.Linear):
         # float32 factors on a bf16 layer: the low-rank branch runs in float32, its output added in bf16
         # (the casts are no-ops when everything has one dtype)
         update = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
-        return linear(x, self.weight, self.bias) + (self.scale * update).to(x.dtype)
+        if self.scale != 1.0:  # alpha = rank (the default) skips a pass over (rows, out) each way, exactly
+            update = self.scale * update
+        return linear(x, self.weight, self.bias) + update.to(x.dtype)
 
     def effective_weight(self, base=None):
         """W0 + s·B·A, (out, in), in the factors' dtype. base: W0 to use instead of the layer's own
