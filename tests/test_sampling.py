@@ -102,11 +102,25 @@ def test_eos_bookkeeping():
     assert torch.equal(s.prompt, prompt) and torch.equal(s.prompt_mask, prompt_mask)
 
 
-def test_loop_stops_when_every_row_has_finished():
-    eos = 96
-    model = eos_likely_model(eos, strength=8.0)  # EOS nearly certain
+def counting_decoder(monkeypatch):
+    """The decoding steps that `sample` runs from now on, counted (nanowarp.sampling.decode_one_token spied on)."""
+    import nanowarp.sampling as sampling
+    steps, real = [], sampling.decode_one_token
+    monkeypatch.setattr(sampling, "decode_one_token", lambda *a: steps.append(1) or real(*a))
+    return steps
+
+
+def test_loop_stops_when_every_row_has_finished(monkeypatch):
+    """No decoding step after the one that sampled the last row's EOS (a step feeds the token just
+    sampled, for the next); without EOS, max_new_tokens - 1 steps after the prefill."""
+    eos, steps = 96, counting_decoder(monkeypatch)
+    model = eos_likely_model(eos, strength=2.0)  # rows end at different steps
     s = sample(model, PROMPTS, 30, eos_token_id=eos, generator=torch.Generator().manual_seed(0))
-    assert s.finished.all() and s.tokens.size(1) < 30
+    lengths = s.mask.sum(1)
+    assert s.finished.all() and lengths.min() < lengths.max() < 30 and len(steps) == lengths.max() - 1
+    steps.clear()
+    sample(model, PROMPTS, 5, generator=torch.Generator().manual_seed(0))
+    assert len(steps) == 4
 
 
 def test_without_eos_every_row_gets_max_new_tokens():
@@ -151,13 +165,36 @@ def test_caches_are_cleared_and_the_model_trains_afterwards():
     assert model.transformer.wte.weight.grad is not None
 
 
-def test_bad_arguments_raise_value_errors():
-    model = tiny_model()
-    for kwargs in [dict(prompts=[[1], []]), dict(max_new_tokens=0), dict(temperature=0.0),
-                   dict(top_k=-1), dict(top_p=0.0), dict(prompts=[[1, 97]])]:
-        args = dict(prompts=PROMPTS, max_new_tokens=4) | kwargs
-        with pytest.raises(ValueError):
-            sample(model, **args)
+def test_bad_arguments_raise_value_errors_that_say_what_is_wrong():
+    model = tiny_model()  # vocabulary 97, 64 positions
+    top = r"^need top_k >= 0 \(0: off\) and 0 < top_p <= 1 \(1: off\), got top_k={}, top_p={}$"
+    for kwargs, message in [
+            (dict(prompts=[[1], []]), r"^every prompt needs at least one token \(GPT-2: start an empty prompt with "
+                                      r"its BOS token, 50256\)$"),
+            (dict(max_new_tokens=0), r"^max_new_tokens must be at least 1, got 0$"),
+            (dict(temperature=0.0), r"^temperature must be > 0, got 0.0$"),
+            (dict(top_k=-1), top.format(-1, "1.0")), (dict(top_p=0.0), top.format(0, "0.0")),
+            (dict(top_p=1.5), top.format(0, "1.5")),
+            (dict(prompts=[[1, 97]]), r"^prompt token ids must lie in \[0, 97\), the model's vocabulary$")]:
+        with pytest.raises(ValueError, match=message):
+            sample(model, **(dict(prompts=PROMPTS, max_new_tokens=4) | kwargs))
+    # the edges that are allowed: token id 0, a prompt and its completion filling every position
+    assert sample(model, [[0, 96]], 62).tokens.shape == (1, 62)
+
+
+def test_a_bf16_model_samples_from_float32_logits(monkeypatch):
+    """The LM head of a bf16 model runs in float32 while sampling (see nanowarp.sampling.lm_head)."""
+    import nanowarp.sampling as sampling
+    dtypes, real = [], sampling.lm_head
+
+    def spy(*args):
+        logits = real(*args)
+        dtypes.append(logits.dtype)
+        return logits
+    monkeypatch.setattr(sampling, "lm_head", spy)
+    model = tiny_model().to(torch.bfloat16)
+    s = sample(model, PROMPTS, 3, generator=torch.Generator().manual_seed(0))
+    assert dtypes == [torch.float32] * 3 and s.logprobs.dtype == torch.float32 and model.head_fp32 is None
 
 
 # ---- the distribution sampled ------------------------------------------------------------------
