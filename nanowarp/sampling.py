@@ -177,15 +177,15 @@ def decode_n_tokens(model, logits, attention_mask, max_new_tokens, eos_token_id,
     Returns tokens (B, N), mask (B, N), finished (B,), logprobs (B, N); N = max_new_tokens."""
     (B, V), device = logits.shape, logits.device
     P = attention_mask.size(1) - max_new_tokens
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=device)
-    logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens = logits.new_full((B, max_new_tokens), pad_id, dtype=torch.long)  # on the logits' device
+    mask = logits.new_zeros((B, max_new_tokens), dtype=torch.bool)
+    logprobs = logits.new_zeros((B, max_new_tokens), dtype=torch.float32)
+    finished = logits.new_zeros(B, dtype=torch.bool)
     slots = torch.arange(P, P + max_new_tokens, device=device)
     # the logits and probabilities of every step go to the same two buffers: a fresh 13 MB tensor
     # per step (GPT-2, B = 64) costs page faults worth as much as the sampling itself on a CPU
-    probs_buffer = torch.empty((B, V), dtype=torch.float32, device=device)
-    logits_buffer = None if static_shapes else torch.empty((V, B), dtype=logits.dtype, device=device)
+    probs_buffer = logits.new_empty((B, V), dtype=torch.float32)
+    logits_buffer = None if static_shapes else logits.new_empty((V, B))
     check_every = 1 if device.type == "cpu" else GPU_STOP_CHECK_EVERY
     eos_ids = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id or 0],
                            device=device)

@@ -45,6 +45,25 @@ def row_logprobs(model, prompt, completion, temperature):
     return torch.log_softmax(logits, -1).gather(1, idx[0, len(prompt):, None]).squeeze(1)
 
 
+def test_a_soft_capped_model_samples_from_its_capped_logits():
+    """Gemma 2's final soft cap applies while sampling: the sampler's log-probs are those of the
+    model's own (capped) logits, from one uncached forward pass of each row."""
+    from nanowarp.llama import Llama
+    from nanowarp.llama_config import LlamaConfig
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_hf(dict(
+        model_type="gemma2", vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True, norm_offset=True, embed_scale=True,
+        sandwich_norms=True, query_pre_attn_scalar=8, final_logit_softcapping=0.5))).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20)  # logits well beyond the cap, where it changes them
+    s = sample(model, PROMPTS, 5, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    for i, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(s.logprobs[i], row_logprobs(model, prompt, s.tokens[i].tolist(), 0.8),
+                                   rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("mask_prefix", [True, False])
 def test_cached_decoding_matches_full_forward_with_left_padding(mask_prefix):
     # mask_prefix: each step passes the mask up to its slot (the sampler); else the whole mask
@@ -302,11 +321,19 @@ def test_the_pad_id_is_the_first_stop_id_or_zero():
     assert (~s.prompt_mask).any() and (s.prompt[~s.prompt_mask] == 0).all()
 
 
-def test_returned_logprobs_ignore_truncation_and_use_the_temperature():
+def test_by_default_every_token_can_be_drawn():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3000, 5, generator=g)
+    token, _ = sample_next(logits, generator=g)  # temperature 1, no top_k, no top_p
+    assert (token != logits.argmax(-1)).float().mean() > 0.3 and token.unique().numel() == 5
+
+
+@pytest.mark.parametrize("temperature", [0.7, 2.0])
+def test_returned_logprobs_ignore_truncation_and_use_the_temperature(temperature):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(200, 50, generator=g) * 2
-    token, logprob = sample_next(logits, temperature=0.7, top_k=3, top_p=0.9, generator=g)
-    expected = torch.log_softmax(logits.double() / 0.7, -1).gather(1, token[:, None]).squeeze(1)
+    token, logprob = sample_next(logits, temperature=temperature, top_k=3, top_p=0.9, generator=g)
+    expected = torch.log_softmax(logits.double() / temperature, -1).gather(1, token[:, None]).squeeze(1)
     torch.testing.assert_close(logprob.double(), expected, rtol=0, atol=1e-5)
 
 
