@@ -121,25 +121,62 @@ def test_eos_bookkeeping():
     assert torch.equal(s.prompt, prompt) and torch.equal(s.prompt_mask, prompt_mask)
 
 
-def counting_decoder(monkeypatch):
-    """The decoding steps that `sample` runs from now on, counted (nanowarp.sampling.decode_one_token spied on)."""
+def decoding_steps(monkeypatch):
+    """What each decoding step that `sample` runs from now on was given and gave: the width of its
+    attention mask and the address of its logits (nanowarp.sampling.decode_one_token spied on)."""
     import nanowarp.sampling as sampling
     steps, real = [], sampling.decode_one_token
-    monkeypatch.setattr(sampling, "decode_one_token", lambda *a: steps.append(1) or real(*a))
+
+    def spy(model, token, attention_mask, input_pos, logits_out=None):
+        logits = real(model, token, attention_mask, input_pos, logits_out)
+        steps.append((attention_mask.size(1), logits.data_ptr()))
+        return logits
+    monkeypatch.setattr(sampling, "decode_one_token", spy)
     return steps
 
 
 def test_loop_stops_when_every_row_has_finished(monkeypatch):
     """No decoding step after the one that sampled the last row's EOS (a step feeds the token just
-    sampled, for the next); without EOS, max_new_tokens - 1 steps after the prefill."""
-    eos, steps = 96, counting_decoder(monkeypatch)
+    sampled, for the next); without EOS, max_new_tokens - 1 steps after the prefill. Step i attends
+    to the P + i + 1 cache slots written so far, and writes its logits to the same buffer as every
+    other step (a fresh (B, V) tensor per step costs page faults on a CPU)."""
+    eos, steps = 96, decoding_steps(monkeypatch)
     model = eos_likely_model(eos, strength=2.0)  # rows end at different steps
     s = sample(model, PROMPTS, 30, eos_token_id=eos, generator=torch.Generator().manual_seed(0))
-    lengths = s.mask.sum(1)
+    lengths, P = s.mask.sum(1), max(map(len, PROMPTS))
     assert s.finished.all() and lengths.min() < lengths.max() < 30 and len(steps) == lengths.max() - 1
+    assert [width for width, _ in steps] == [P + i + 1 for i in range(len(steps))]
+    assert len({address for _, address in steps}) == 1
     steps.clear()
     sample(model, PROMPTS, 5, generator=torch.Generator().manual_seed(0))
     assert len(steps) == 4
+
+
+def test_compile_compiles_the_step_once_and_runs_it_on_fixed_shapes(monkeypatch):
+    """sample(compile=True), the GPU path, with torch.compile stood in for (the compiler itself is
+    test_compiled_decoding_samples_what_eager_decoding_samples'): decode_one_token is compiled once,
+    whole-graph, only when asked; every step gets the whole mask; the samples are eager's."""
+    import nanowarp.sampling as sampling
+    compiled, widths = [], []
+
+    def fake_compile(fn, **kwargs):
+        compiled.append((fn, kwargs))
+
+        def step(model, token, attention_mask, input_pos, logits_out=None):
+            widths.append(attention_mask.size(1))
+            return fn(model, token, attention_mask, input_pos, logits_out)
+        return step
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(sampling, "_compiled_decode", None)
+    model = tiny_model()
+    eager = sample(model, PROMPTS, 6, generator=torch.Generator().manual_seed(3))
+    assert compiled == []
+    for _ in range(2):
+        s = sample(model, PROMPTS, 6, generator=torch.Generator().manual_seed(3), compile=True)
+        assert torch.equal(s.tokens, eager.tokens)
+        torch.testing.assert_close(s.logprobs, eager.logprobs, rtol=0, atol=1e-5)
+    assert compiled == [(sampling.decode_one_token, dict(fullgraph=True))]
+    assert widths == [max(map(len, PROMPTS)) + 6] * 10  # 5 steps a call
 
 
 def test_without_eos_every_row_gets_max_new_tokens():
@@ -209,11 +246,14 @@ def test_a_bf16_model_samples_from_float32_logits(monkeypatch):
     def spy(*args):
         logits = real(*args)
         dtypes.append(logits.dtype)
+        addresses.append(logits.data_ptr())
         return logits
+    addresses = []
     monkeypatch.setattr(sampling, "lm_head", spy)
     model = tiny_model().to(torch.bfloat16)
-    s = sample(model, PROMPTS, 3, generator=torch.Generator().manual_seed(0))
-    assert dtypes == [torch.float32] * 3 and s.logprobs.dtype == torch.float32 and model.head_fp32 is None
+    s = sample(model, PROMPTS, 4, generator=torch.Generator().manual_seed(0))
+    assert dtypes == [torch.float32] * 4 and s.logprobs.dtype == torch.float32 and model.head_fp32 is None
+    assert len(set(addresses[1:])) == 1  # the decoding steps' logits in one buffer (the prefill's apart)
 
 
 # ---- the distribution sampled ------------------------------------------------------------------
