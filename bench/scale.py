@@ -12,7 +12,9 @@ save_pretrained), then measures, each in a fresh process (a process's high-water
 
 1. loading the file on the CPU: a copying load (safetensors' load_file, which maps the file and
    returns at once, then every tensor cloned: like with like), nanowarp's models.from_pretrained,
-   and from_pretrained(dtype=torch.bfloat16): seconds, and the peak resident set (VmHWM, which
+   and from_pretrained(dtype=torch.bfloat16); and, to show what the verification costs, the SHA-256
+   of the files alone (hub.verify) and from_pretrained of the same files in a folder without
+   checksums.sha256 (as a Hub download): seconds, and the peak resident set (VmHWM, which
    counts the mapped pages of the file that ru_maxrss may miss) above the resident set before
    loading, against the file's bytes. Targets: ≤ 1.2x the file (≤ 1.0x as bf16), time ≤ 1.5x the
    copying load's.
@@ -41,7 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fresh_process  # noqa: E402
-from nanowarp import hub, models  # noqa: E402
+from nanowarp import checksums, hub, models  # noqa: E402
 from nanowarp.config import Config, flag, parse_args as parse_flags  # noqa: E402
 from nanowarp.llama_config import LlamaConfig  # noqa: E402
 
@@ -65,7 +67,7 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
 }
 REWARD = dict(vocab_size=1000, dim=64, n_layers=2, n_heads=4, hidden_dim=128)  # a small random DistilBERT
-LOADERS = ("copying load", "from_pretrained", "from_pretrained bf16")
+LOADERS = ("copying load", "from_pretrained", "from_pretrained bf16", "checksums alone", "unverified")
 STEPS = ("float32", "bfloat16", "bfloat16 + checkpointing")
 TARGETS = {"from_pretrained": 1.2, "from_pretrained bf16": 1.0}  # peak resident set / the file's bytes
 
@@ -108,13 +110,21 @@ def copying_load(folder):
 
 
 def load_worker(args):
-    loader = {"copying load": copying_load, "from_pretrained": models.from_pretrained,
-              "from_pretrained bf16": lambda folder: models.from_pretrained(folder, torch.bfloat16)}[args.worker]
-    before = fresh_process.status_mib("VmRSS")
-    fresh_process.reset_peak()
-    t0 = time.perf_counter()
-    loaded = loader(args.folder)
-    seconds = time.perf_counter() - t0
+    loader = {"copying load": copying_load, "from_pretrained": models.from_pretrained, "unverified": models.from_pretrained,
+              "from_pretrained bf16": lambda folder: models.from_pretrained(folder, torch.bfloat16),
+              "checksums alone": lambda folder: {"problem": hub.verify(folder)}}[args.worker]
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.folder))) as bare:
+        folder = args.folder
+        if args.worker == "unverified":  # the same files (hard links) without checksums.sha256
+            for name in os.listdir(folder):
+                if name != checksums.NAME:
+                    os.link(os.path.join(folder, name), os.path.join(bare, name))
+            folder = bare
+        before = fresh_process.status_mib("VmRSS")
+        fresh_process.reset_peak()
+        t0 = time.perf_counter()
+        loaded = loader(folder)
+        seconds = time.perf_counter() - t0
     return dict(seconds=seconds, before_mib=before, peak_mib=fresh_process.status_mib("VmHWM"), kept=len(loaded.state_dict())
                 if hasattr(loaded, "state_dict") else len(loaded))
 

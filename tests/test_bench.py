@@ -140,6 +140,8 @@ def test_scale_bench_prints_load_and_step_memory_next_to_the_targets(run, worker
     for loader, target in (("from_pretrained", "1.2"), ("from_pretrained bf16", "1.0")):
         assert re.search(rf"\n{loader} +[\d.]+ +[\d.]+x +-?\d+ +-?[\d.]+x +≤ {target}x file, ≤ 1\.5x copying's time",
                          out), (loader, out)
+    for loader in ("checksums alone", "unverified"):
+        assert re.search(rf"\n{loader} +[\d.]+ +[\d.]+x +-?\d+ +-?[\d.]+x +\n", out), (loader, out)
     assert re.search(r"\nfloat32 +[\d.]+ +-?\d+ +(1\.00x|n/a)\n", out), out
     assert re.search(r"\nbfloat16 +[\d.]+ +-?\d+ +(-?[\d.]+x|n/a) +target ≤ 0\.60x\n", out), out
     assert re.search(r"\nbfloat16 \+ checkpointing +[\d.]+ +-?\d+ +(-?[\d.]+x|n/a)", out), out
