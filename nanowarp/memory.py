@@ -68,11 +68,17 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
+# a tensor read in another dtype goes through a scratch buffer of this many bytes as stored: a bf16 load
+# of a float32 file never holds a whole float32 tensor (Qwen2.5's embedding alone is 545 MB in float32)
+CONVERT_BYTES = 64 * 2**20
+
+
 def read_safetensors(path, dtype=None, names=None):
     """The tensors of a .safetensors file (those in `names`, when given), each read from the file into
     a tensor of its own: one copy, and no mapping of the file (safetensors' load_file maps it, and
     every page read stays resident beside the copies made from it). Floating-point tensors are
-    converted to `dtype`, when given, one at a time. The header is checked by safetensors first."""
+    converted to `dtype`, when given, CONVERT_BYTES at a time as they are read (the same rounding as
+    `.to(dtype)`). The header is checked by safetensors first."""
     with safe_open(path, "pt") as f:  # a header that disagrees with the file's length fails here
         keys = [k for k in f.keys() if names is None or k in names]
     with open(path, "rb", buffering=0) as f:
@@ -83,13 +89,23 @@ def read_safetensors(path, dtype=None, names=None):
             info = header[name]
             if info["dtype"] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"'{name}' is stored as {info['dtype']}, a type nanowarp does not read")
-            t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            stored = SAFETENSORS_DTYPES[info["dtype"]]
+            convert = dtype is not None and stored.is_floating_point and dtype != stored
+            t = torch.empty(info["shape"], dtype=dtype if convert else stored)
             start, end = info["data_offsets"]
-            f.seek(8 + header_size + start)
-            buffer = memoryview(t.view(-1).view(torch.uint8).numpy())  # the tensor's own bytes (little-endian)
-            if end - start != len(buffer) or f.readinto(buffer) != len(buffer):
+            if end - start != t.numel() * stored.itemsize:
                 raise ValueError(f"'{name}' ends before its bytes do")
-            tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            f.seek(8 + header_size + start)
+            flat, step = t.view(-1), max(1, CONVERT_BYTES // stored.itemsize if convert else t.numel())
+            scratch = torch.empty(min(step, t.numel()), dtype=stored) if convert else flat
+            for i in range(0, t.numel(), step):
+                piece = scratch[:min(step, t.numel() - i)]
+                buffer = memoryview(piece.view(torch.uint8).numpy())  # the bytes as stored (little-endian)
+                if f.readinto(buffer) != len(buffer):
+                    raise ValueError(f"'{name}' ends before its bytes do")
+                if convert:
+                    flat[i:i + len(piece)].copy_(piece)
+            tensors[name] = t
     return {k: tensors[k] for k in keys}
 
 

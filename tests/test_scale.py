@@ -143,6 +143,25 @@ def test_reading_a_file_gives_each_tensor_its_own_memory(checkpoints):
     assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in tensors.values())
 
 
+def test_a_file_read_in_another_dtype_is_converted_piece_by_piece_as_to_would(tmp_path, monkeypatch):
+    """read_safetensors(dtype=...) converts through a scratch buffer (memory.CONVERT_BYTES), never
+    holding a whole tensor as stored: the same bits as reading it whole and `.to(dtype)`, whatever the
+    pieces (here 7 float32 numbers, so that pieces end inside a row), and every other tensor as stored."""
+    from safetensors.torch import save_file
+    from nanowarp import memory
+    g = torch.Generator().manual_seed(0)
+    stored = {"w": torch.randn(13, 5, generator=g) * 1e3, "b": torch.randn(3, generator=g), "scalar": torch.tensor(2.5),
+              "ids": torch.arange(10), "empty": torch.zeros(0, 4), "half": torch.randn(4, generator=g).half()}
+    save_file(stored, str(tmp_path / "m.safetensors"))
+    monkeypatch.setattr(memory, "CONVERT_BYTES", 28)
+    read = hub.read_safetensors(str(tmp_path / "m.safetensors"), torch.bfloat16)
+    for k, v in stored.items():
+        want = v.to(torch.bfloat16) if v.is_floating_point() else v
+        assert read[k].dtype == want.dtype and read[k].shape == want.shape and torch.equal(read[k], want), k
+    as_stored = hub.read_safetensors(str(tmp_path / "m.safetensors"))
+    assert all(torch.equal(as_stored[k], v) and as_stored[k].dtype == v.dtype for k, v in stored.items())
+
+
 def test_a_tensor_type_nanowarp_does_not_read_is_named(tmp_path):
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(2, 2).to(torch.float8_e4m3fn)}, str(tmp_path / "model.safetensors"))
