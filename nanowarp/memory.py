@@ -68,9 +68,9 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-# a tensor read in another dtype goes through a scratch buffer of this many bytes as stored: a bf16 load
+# a tensor read in another dtype goes through one scratch buffer of this many bytes as stored: a bf16 load
 # of a float32 file never holds a whole float32 tensor (Qwen2.5's embedding alone is 545 MB in float32)
-CONVERT_BYTES = 64 * 2**20
+CONVERT_BYTES = 16 * 2**20
 
 
 def read_safetensors(path, dtype=None, names=None):
@@ -84,7 +84,7 @@ def read_safetensors(path, dtype=None, names=None):
     with open(path, "rb", buffering=0) as f:
         header_size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_size))
-        tensors = {}
+        tensors, scratch = {}, None  # one scratch buffer for the file: one per tensor fragments the heap
         for name in sorted(keys, key=lambda k: header[k]["data_offsets"][0]):  # in file order
             info = header[name]
             if info["dtype"] not in SAFETENSORS_DTYPES:
@@ -96,17 +96,24 @@ def read_safetensors(path, dtype=None, names=None):
             if end - start != t.numel() * stored.itemsize:
                 raise ValueError(f"'{name}' ends before its bytes do")
             f.seek(8 + header_size + start)
-            flat, step = t.view(-1), max(1, CONVERT_BYTES // stored.itemsize if convert else t.numel())
-            scratch = torch.empty(min(step, t.numel()), dtype=stored) if convert else flat
-            for i in range(0, t.numel(), step):
-                piece = scratch[:min(step, t.numel() - i)]
-                buffer = memoryview(piece.view(torch.uint8).numpy())  # the bytes as stored (little-endian)
-                if f.readinto(buffer) != len(buffer):
-                    raise ValueError(f"'{name}' ends before its bytes do")
-                if convert:
-                    flat[i:i + len(piece)].copy_(piece)
+            if not convert:
+                _read_exactly(f, t.view(-1).view(torch.uint8), name)  # the tensor's own bytes (little-endian)
+            else:
+                scratch = torch.empty(max(CONVERT_BYTES, 8), dtype=torch.uint8) if scratch is None else scratch
+                flat, step = t.view(-1), max(1, CONVERT_BYTES // stored.itemsize)
+                for i in range(0, t.numel(), step):
+                    raw = scratch[:min(step, t.numel() - i) * stored.itemsize]
+                    _read_exactly(f, raw, name)
+                    flat[i:i + raw.numel() // stored.itemsize].copy_(raw.view(stored))
             tensors[name] = t
     return {k: tensors[k] for k in keys}
+
+
+def _read_exactly(f, t, name):
+    """Fill the uint8 tensor t with the next bytes of the file f."""
+    buffer = memoryview(t.numpy())
+    if f.readinto(buffer) != len(buffer):
+        raise ValueError(f"'{name}' ends before its bytes do")
 
 
 def converted(state_dict, dtype):
