@@ -30,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = {
     "merging": (["tests/test_merging.py", "tests/test_merge_cli.py"], None),
     "logprobs": (["tests/test_logprobs.py", "tests/test_objective.py"], None),
-    "sampling": (["tests/test_sampling.py", "tests/test_objective.py", "tests/test_precision.py", "tests/test_lora.py"],
+    "sampling": (["tests/test_sampling.py", "tests/test_sampling_distribution.py", "tests/test_objective.py",
+                  "tests/test_precision.py", "tests/test_lora.py"],
                  # of test_precision.py, the micro-batched and the bf16 sampler
                  "test_sampling or test_objective or test_lora or sampling_in_micro_batches or bf16_logprobs"),
     "lora": (["tests/test_lora.py", "tests/test_rl.py", "tests/test_objective.py"], None),

@@ -3,6 +3,7 @@ Hugging Face layouts, so every test runs offline in seconds; and a tiny WARP job
 weights every other way of running it (killed and resumed, workers, torchrun) must give."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -309,3 +310,8 @@ def leftovers(out_dir):
         if folder != out_dir and not subfolders and "config.json" not in files:
             found.append(folder)
     return found
+
+
+def chi_square_critical(dof, z=3.09):
+    """Upper critical value of chi-square at alpha = 0.001 (z = 3.09), Wilson-Hilferty approximation."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3

@@ -1,15 +1,15 @@
 """Tests for nanowarp.sampling on tiny random GPT-2 models: cached decoding, padding invariance,
 EOS bookkeeping, reproducibility, and the distribution the sampler draws from."""
 
-import math
 import shutil
 
 import pytest
 import torch
 
+from conftest import chi_square_critical
 from nanowarp.gpt2 import GPT2, GPT2Config
 from nanowarp.padding import left_pad
-from nanowarp.sampling import decode_one_token, inverse_cdf, prefill, sample, sample_next
+from nanowarp.sampling import decode_one_token, prefill, sample
 
 PROMPTS = [[5, 17, 3], [40, 2, 9, 11, 60, 7, 21], [33], [8, 8, 1, 90, 4]]  # mixed lengths
 
@@ -256,17 +256,17 @@ def test_a_bf16_model_samples_from_float32_logits(monkeypatch):
     assert len(set(addresses[1:])) == 1  # the decoding steps' logits in one buffer (the prefill's apart)
 
 
-# ---- the distribution sampled ------------------------------------------------------------------
+def test_the_pad_id_is_the_first_stop_id_or_zero():
+    """Prompts are left-padded, and finished rows padded, with the first of several stop ids;
+    without a stop id, prompts are padded with 0."""
+    model = eos_likely_model(7, 4.0)
+    s = sample(model, PROMPTS, 8, eos_token_id=[7, 3], generator=torch.Generator().manual_seed(2))
+    assert (~s.mask).any() and (s.tokens[~s.mask] == 7).all() and (s.prompt[~s.prompt_mask] == 7).all()
+    s = sample(model, PROMPTS, 2, generator=torch.Generator().manual_seed(2))
+    assert (~s.prompt_mask).any() and (s.prompt[~s.prompt_mask] == 0).all()
 
-def chi_square_critical(dof, z=3.09):
-    """Upper critical value of chi-square at alpha = 0.001 (z = 3.09), Wilson-Hilferty approximation."""
-    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
 
-
-def test_chi_square_critical_value_approximation():
-    assert chi_square_critical(1) == pytest.approx(10.83, rel=0.05)
-    assert chi_square_critical(10) == pytest.approx(29.59, rel=0.01)
-
+# ---- the distribution sampled, end to end (one token's draw: test_sampling_distribution.py) ----
 
 def truncated(p, top_k, top_p):
     """The distribution top-k then top-p sampling draws from, written out token by token."""
@@ -306,91 +306,6 @@ def test_sampled_frequencies_pass_a_chi_square_test(temperature, top_k, top_p):
     obs, exp = obs[exp > 0], exp[exp > 0]
     stat = ((obs - exp) ** 2 / exp).sum().item()
     assert stat < chi_square_critical(len(exp) - 1), (stat, obs, exp)
-
-
-@pytest.mark.parametrize("block", [3, 4, 16])
-def test_two_level_inverse_cdf_draws_proportionally_to_the_weights(block):
-    # 10 weights: blocks of 3 leave a last block of 1, of 4 one of 2; 16 is a single short block
-    weights = torch.tensor([0.5, 0.0, 2.0, 1.0, 0.05, 3.0, 0.0, 0.7, 1.5, 0.25])
-    n = 20000
-    token = inverse_cdf(weights.expand(n, -1).contiguous(), torch.Generator().manual_seed(0), block=block)
-    counts = torch.bincount(token, minlength=10).double()
-    assert counts[weights == 0].sum() == 0
-    expected = n * weights.double() / weights.sum()
-    stat = ((counts - expected)[weights > 0] ** 2 / expected[weights > 0]).sum().item()
-    assert stat < chi_square_critical(int((weights > 0).sum()) - 1)
-
-
-def test_top_k_and_top_p_never_sample_outside_their_sets():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3000, 50, generator=g) * 2
-    p = torch.softmax(logits.double(), -1)
-    token, _ = sample_next(logits, top_k=5, generator=g)
-    assert (p.gather(1, token[:, None]) >= p.topk(5, -1).values[:, -1:]).all()
-    token, _ = sample_next(logits, top_p=0.7, generator=g)
-    sorted_p = p.sort(-1, descending=True).values
-    # the nucleus: the most likely tokens whose preceding mass is < 0.7
-    n_keep = ((sorted_p.cumsum(-1) - sorted_p) < 0.7).sum(-1, keepdim=True)
-    assert (p.gather(1, token[:, None]) >= sorted_p.gather(1, n_keep - 1)).all()
-    assert (n_keep > 1).any() and (n_keep < 50).all()
-
-
-def test_truncation_at_its_edges():
-    """top_k = 1 is greedy; a top_k above the batch's rows (but not the vocabulary) keeps k tokens,
-    one above the vocabulary all of them; a token whose preceding mass is exactly top_p is outside
-    the nucleus."""
-    from nanowarp.sampling import truncate
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(300, 50, generator=g) * 2
-    assert torch.equal(sample_next(logits, top_k=1, generator=g)[0], logits.argmax(-1))
-    probs = torch.softmax(torch.randn(2, 10, generator=g), -1)
-    assert ((truncate(probs, 5, 1.0) > 0).sum(-1) == 5).all()
-    assert torch.equal(truncate(probs, 50, 1.0), probs)
-    exact = torch.tensor([[0.125, 0.5, 0.125, 0.25]])  # binary fractions: every sum is exact
-    assert torch.equal(truncate(exact, 0, 0.5), torch.tensor([[0.0, 0.5, 0.0, 0.0]]))
-    assert torch.equal(truncate(exact, 0, 0.75), torch.tensor([[0.0, 0.5, 0.0, 0.25]]))
-
-
-def test_the_pad_id_is_the_first_stop_id_or_zero():
-    """Prompts are left-padded, and finished rows padded, with the first of several stop ids;
-    without a stop id, prompts are padded with 0."""
-    model = eos_likely_model(7, 4.0)
-    s = sample(model, PROMPTS, 8, eos_token_id=[7, 3], generator=torch.Generator().manual_seed(2))
-    assert (~s.mask).any() and (s.tokens[~s.mask] == 7).all() and (s.prompt[~s.prompt_mask] == 7).all()
-    s = sample(model, PROMPTS, 2, generator=torch.Generator().manual_seed(2))
-    assert (~s.prompt_mask).any() and (s.prompt[~s.prompt_mask] == 0).all()
-
-
-def test_by_default_every_token_can_be_drawn():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3000, 5, generator=g)
-    token, _ = sample_next(logits, generator=g)  # temperature 1, no top_k, no top_p
-    assert (token != logits.argmax(-1)).float().mean() > 0.3 and token.unique().numel() == 5
-
-
-@pytest.mark.parametrize("temperature", [0.7, 2.0])
-def test_returned_logprobs_ignore_truncation_and_use_the_temperature(temperature):
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(200, 50, generator=g) * 2
-    token, logprob = sample_next(logits, temperature=temperature, top_k=3, top_p=0.9, generator=g)
-    expected = torch.log_softmax(logits.double() / temperature, -1).gather(1, token[:, None]).squeeze(1)
-    torch.testing.assert_close(logprob.double(), expected, rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.8])
-def test_a_probability_buffer_changes_nothing_but_the_buffer(temperature):
-    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
-    original, buffer = logits.clone(), torch.empty(6, 50)
-    a = sample_next(logits, temperature, generator=torch.Generator().manual_seed(1))
-    b = sample_next(logits, temperature, generator=torch.Generator().manual_seed(1), probs_out=buffer)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(logits, original)
-
-
-def test_near_zero_temperature_is_greedy():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(500, 50, generator=g) * 2
-    token, logprob = sample_next(logits, temperature=1e-4, generator=g)
-    assert torch.equal(token, logits.argmax(-1))
 
 
 # ---- micro-batches ------------------------------------------------------------------------------
