@@ -182,9 +182,9 @@ def seal(folder):
 
 def load_state_dict(folder, dtype=None):
     """Read the weights of a checkpoint folder: (state_dict, path of the file read). Each tensor is
-    read into memory of its own, its floating-point ones converted to `dtype` (when given) one at a
-    time. The checksums are computed beside the read, in a thread (hashlib lets go of the GIL; hashing
-    takes about as long as reading), and checked before anything is returned or another error raised."""
+    read into memory of its own, its floating-point ones converted to `dtype` (when given) as they are
+    read. The checksums are computed beside the read, in a thread (hashlib lets go of the GIL; hashing
+    takes as long as reading or longer), and checked before anything is returned or another error raised."""
     with ThreadPoolExecutor(1) as pool:
         checked = pool.submit(verify, folder)
         try:

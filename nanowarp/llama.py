@@ -75,7 +75,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape
         # contiguous: a no-op unless `linear` transposed (few rows), where it makes the rotation and
-        # attention of a decoding step ~4x faster (SDPA on strided queries takes a slow path on a CPU)
+        # attention of a decoding step several times faster (SDPA takes a slow path on strided queries on a CPU)
         heads = lambda t, n: t.contiguous().view(B, T, n, self.head_dim).transpose(1, 2)  # noqa: E731
         q = heads(self.q_proj(x), self.n_head)  # (B, H, T, hd)
         k, v = heads(self.k_proj(x), self.n_kv_head), heads(self.v_proj(x), self.n_kv_head)  # (B, KV, T, hd)
