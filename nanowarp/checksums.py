@@ -19,6 +19,7 @@ CheckpointError.
 import hashlib
 import os
 import re
+import threading
 
 NAME = "checksums.sha256"
 UNLISTED = ("state.pt", "state.pt.sha256", NAME)  # a training state changes, and goes, after the folder is done
@@ -81,6 +82,28 @@ def problem(folder, sums_file=NAME):
             return (f"{path} is damaged: its bytes differ from those it was saved with "
                     f"({os.path.join(folder, sums_file)} holds their SHA-256); save it again, or restore it from a copy")
     return None
+
+
+def problem_in_background(folder):
+    """Start `problem(folder)` in a thread of its own (hashlib lets go of the GIL: the hashing runs
+    beside whatever the caller does) and return a function that waits for it and gives its result, or
+    raises what it raised. A daemon thread: an interrupted caller does not wait for the hashing to end."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(problem(folder))
+        except BaseException as e:  # handed to the caller
+            outcome.append(e)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+    return result
 
 
 def lists(folder, name):

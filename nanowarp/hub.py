@@ -20,7 +20,6 @@ import pathlib
 import re
 import tempfile
 import typing
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -168,11 +167,11 @@ def check_size(folder, n_weights, where):
                                   f"({format_size(size)}) cannot hold: they do not belong together")
 
 
-def verify(folder):
-    """Raise CheckpointError, naming the file, if a file of the folder differs from its checksums.sha256."""
-    problem = checksums.problem(folder)
-    if problem:
-        raise CheckpointError(problem)
+def verify(folder, problem=checksums.problem):
+    """Raise CheckpointError, naming the file, if a file of the folder differs from its checksums.sha256
+    (problem: checksums.problem, or the result of one already started for the folder)."""
+    if found := problem(folder):
+        raise CheckpointError(found)
 
 
 def seal(folder):
@@ -185,12 +184,14 @@ def load_state_dict(folder, dtype=None):
     read into memory of its own, its floating-point ones converted to `dtype` (when given) as they are
     read. The checksums are computed beside the read, in a thread (hashlib lets go of the GIL; hashing
     takes as long as reading or longer), and checked before anything is returned or another error raised."""
-    with ThreadPoolExecutor(1) as pool:
-        checked = pool.submit(verify, folder)
-        try:
-            return _read_weights(folder, dtype)
-        finally:
-            checked.result()  # a file that differs from its checksums is the error, whatever the read made of it
+    result = checksums.problem_in_background(folder)  # (an interrupt, not an Exception, waits for nothing)
+    try:
+        loaded = _read_weights(folder, dtype)
+    except Exception:
+        verify(folder, lambda _: result())  # a file differing from its checksums is the error to report
+        raise
+    verify(folder, lambda _: result())
+    return loaded
 
 
 def _read_weights(folder, dtype):

@@ -157,3 +157,27 @@ def test_a_training_state_carries_its_checksum_and_a_changed_byte_is_named(tmp_p
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(hub.CheckpointError, match=f"{path} is damaged: its bytes differ"):
         read_state(path)
+
+
+def test_the_checksums_are_computed_beside_the_read_and_an_interrupt_waits_for_neither(policy, monkeypatch):
+    """hub.load_state_dict hashes in a thread while it reads; what the hashing raises comes out; an
+    interrupt during the read comes out at once, without waiting for the hashing to end."""
+    import threading
+    import time
+    read_started, hashing, read = threading.Event(), checksums.problem, hub.read_safetensors
+    monkeypatch.setattr(hub, "read_safetensors", lambda *a: read_started.set() or read(*a))
+    monkeypatch.setattr(checksums, "problem", lambda folder: hashing(folder) if read_started.wait(10) else "hashed alone")
+    assert set(hub.load_state_dict(policy)[0]) == set(load_file(os.path.join(policy, "model.safetensors")))
+
+    monkeypatch.setattr(checksums, "problem", lambda folder: (_ for _ in ()).throw(OSError("the disk is gone")))
+    with pytest.raises(OSError, match="the disk is gone"):
+        hub.load_state_dict(policy)
+
+    never = threading.Event()
+    monkeypatch.setattr(checksums, "problem", lambda folder: never.wait(30))
+    monkeypatch.setattr(hub, "read_safetensors", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        hub.load_state_dict(policy)
+    assert time.perf_counter() - start < 5
+    never.set()
