@@ -167,11 +167,14 @@ def check_size(folder, n_weights, where):
                                   f"({format_size(size)}) cannot hold: they do not belong together")
 
 
-def verify(folder, problem=checksums.problem):
-    """Raise CheckpointError, naming the file, if a file of the folder differs from its checksums.sha256
-    (problem: checksums.problem, or the result of one already started for the folder)."""
-    if found := problem(folder):
-        raise CheckpointError(found)
+def verify(folder):
+    """Raise CheckpointError, naming the file, if a file of the folder differs from its checksums.sha256."""
+    refuse(checksums.problem(folder))
+
+
+def refuse(problem):  # a checksums.problem's message, if it found one, raised as a CheckpointError
+    if problem:
+        raise CheckpointError(problem)
 
 
 def seal(folder):
@@ -180,17 +183,16 @@ def seal(folder):
 
 
 def load_state_dict(folder, dtype=None):
-    """Read the weights of a checkpoint folder: (state_dict, path of the file read). Each tensor is
-    read into memory of its own, its floating-point ones converted to `dtype` (when given) as they are
-    read. The checksums are computed beside the read, in a thread (hashlib lets go of the GIL; hashing
-    takes as long as reading or longer), and checked before anything is returned or another error raised."""
-    result = checksums.problem_in_background(folder)  # (an interrupt, not an Exception, waits for nothing)
+    """Read the weights of a checkpoint folder: (state_dict, path of the file read), each tensor into
+    memory of its own, converted to `dtype` (when given) as it is read; the checksums are computed beside
+    the read and checked before anything is returned or another error raised (an interrupt waits for nothing)."""
+    problem = checksums.problem_in_background(folder)
     try:
         loaded = _read_weights(folder, dtype)
     except Exception:
-        verify(folder, lambda _: result())  # a file differing from its checksums is the error to report
+        refuse(problem())  # a file differing from its checksums is the error to report
         raise
-    verify(folder, lambda _: result())
+    refuse(problem())
     return loaded
 
 
@@ -360,9 +362,8 @@ def load_sharded(folder, dtype=None):
 
 def weight_files(folder):
     """The weight files in a checkpoint folder: single-file, pickled, or an index and its shards."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted(f for f in os.listdir(folder) if f in WEIGHT_FILES or f == INDEX or SHARD.fullmatch(f))
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(f for f in names if f in WEIGHT_FILES or f == INDEX or SHARD.fullmatch(f))
 
 
 def save_weights(folder, config, state_dict, max_shard_bytes=MAX_SHARD_BYTES):

@@ -169,13 +169,17 @@ def test_the_checksums_are_computed_beside_the_read_and_an_interrupt_waits_for_n
     monkeypatch.setattr(checksums, "problem", lambda folder: hashing(folder) if read_started.wait(10) else "hashed alone")
     assert set(hub.load_state_dict(policy)[0]) == set(load_file(os.path.join(policy, "model.safetensors")))
 
-    monkeypatch.setattr(checksums, "problem", lambda folder: (_ for _ in ()).throw(OSError("the disk is gone")))
+    def raising(error):
+        def fail(*args):
+            raise error
+        return fail
+    monkeypatch.setattr(checksums, "problem", raising(OSError("the disk is gone")))
     with pytest.raises(OSError, match="the disk is gone"):
         hub.load_state_dict(policy)
 
     never = threading.Event()
     monkeypatch.setattr(checksums, "problem", lambda folder: never.wait(30))
-    monkeypatch.setattr(hub, "read_safetensors", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(hub, "read_safetensors", raising(KeyboardInterrupt()))
     start = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         hub.load_state_dict(policy)

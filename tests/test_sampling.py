@@ -241,14 +241,13 @@ def test_bad_arguments_raise_value_errors_that_say_what_is_wrong():
 def test_a_bf16_model_samples_from_float32_logits(monkeypatch):
     """The LM head of a bf16 model runs in float32 while sampling (see nanowarp.sampling.lm_head)."""
     import nanowarp.sampling as sampling
-    dtypes, real = [], sampling.lm_head
+    dtypes, addresses, real = [], [], sampling.lm_head
 
     def spy(*args):
         logits = real(*args)
         dtypes.append(logits.dtype)
         addresses.append(logits.data_ptr())
         return logits
-    addresses = []
     monkeypatch.setattr(sampling, "lm_head", spy)
     model = tiny_model().to(torch.bfloat16)
     s = sample(model, PROMPTS, 4, generator=torch.Generator().manual_seed(0))
