@@ -2,10 +2,9 @@
 Every hyperparameter of a WARP job in one dataclass, with the defaults of the reference
 reproduction (SPEC §2: GPT-2 on IMDB), and presets as plain data.
 
-`parse_args` turns the dataclass into command-line flags: one flag per field, its help the
-field's one-line comment, so `python train.py --help` documents everything; `validate` rejects
-impossible values, and `resolve_device` turns --device into a torch.device. Every script parses
-its own `Args` dataclass the same way, and reports a user error with `fail` (or `user_error`).
+`parse_args` turns the dataclass into command-line flags: one flag per field, its help the field's one-line
+comment, so `python train.py --help` documents everything; `validate` rejects impossible values, `resolve_device`
+turns --device into a torch.device. Every script parses its `Args` the same way, and reports a user error with `fail`.
 """
 
 import argparse
@@ -76,9 +75,15 @@ class Config:
     batch_size: int = flag(64, "completions per step (prompts per step = batch_size / rloo_k)")
     rloo_k: int = flag(1, "completions per prompt: 1 = REINFORCE, k > 1 = RLOO with a leave-one-out baseline")
     whiten: bool = flag(False, "whiten advantages over the batch")
+    kl_per_token: bool = flag(False, "token t pays the KL from t on, not before (same expected gradient, less noise)")
     max_new_tokens: int = flag(128, "maximum completion length")
     temperature: float = flag(1.0, "sampling temperature (also used for every log-prob)")
-    lr: float = flag(1e-4, "AdamW peak learning rate")
+    lr: float = flag(1e-4, "the RL optimizer's peak learning rate")
+    optimizer: str = flag("adamw", "RL: adamw, or momentum (Adam without 2nd moment; --adam_beta1 0: SGD)",
+                          choices=["adamw", "momentum"])
+    adam_beta1: float = flag(0.9, "the RL optimizer's beta1, the gradients' moving average")
+    adam_beta2: float = flag(0.999, "AdamW's beta2 in the RL runs, the squared gradients' moving average")
+    adam_epsilon: float = flag(1e-8, "AdamW's epsilon in the RL runs")
     warmup: int = flag(20, "linear warm-up steps, then linear decay to 0")
     weight_decay: float = flag(0.0, "AdamW weight decay")
     grad_clip: float = flag(0.0, "clip the gradient norm to this value; 0 = no clipping")
@@ -101,9 +106,8 @@ class Config:
                                      "$NANOWARP_REWARD_API_KEY (never written to job.json)", metavar="TOKEN")
     micro_batch_size: int = flag(0, "completions sampled, scored and back-propagated at a time, gradients accumulated "
                                     "(same result, less memory); a multiple of rloo_k; 0 = the whole batch")
-    gradient_checkpointing: bool = flag(False, "recompute each transformer block's activations in the backward pass "
-                                               "instead of keeping them: less memory, one more forward of the blocks, "
-                                               "the same gradients (RL update, --stage reward/sft)")
+    gradient_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass: less memory, "
+                                               "one more forward of the blocks, the same gradients (RL, reward, sft)")
     # reward-model and SFT stages
     reward_base: str = flag("distilbert-base-cased", "--stage reward: the base model to fine-tune")
     epochs: float = flag(1.0, "--stage reward/sft: passes over the training reviews")
@@ -111,9 +115,8 @@ class Config:
     train_lr: float = flag(1.41e-5, "--stage reward/sft: AdamW learning rate, linear decay to 0")
     train_warmup: int = flag(0, "--stage reward/sft: linear warm-up steps before the decay (at most a tenth of the run)")
     max_length: int = flag(512, "--stage reward/sft: truncate training texts to this many tokens")
-    train_split: str = flag("all", "--stage reward: the training reviews it learns from: all, or one of two "
-                                   "disjoint halves (a: even positions, b: odd; both labels in each), e.g. for a "
-                                   "reward model and an independent judge", choices=["all", "a", "b"])
+    train_split: str = flag("all", "--stage reward: all the training reviews, or one of two disjoint halves (a: even "
+                                   "positions, b: odd; both labels in each)", choices=["all", "a", "b"])
     windows: int = flag(0, "--stage reward: also learn from N random windows of consecutive words of each review, "
                            "labelled as the review: texts as short as the completions it will score")
     min_window_words: int = flag(5, "--stage reward: the shortest window, in words")
@@ -142,7 +145,6 @@ class Config:
     log_completions: int = flag(0, "every N steps, write a few (prompt, completion, reward, kl) rows to "
                                    "OUT/completions.jsonl; 0 = off", metavar="N")
     test_limit: int = flag(0, "--stage reward/sft: score N test reviews, evenly spaced; 0 = all", metavar="N")
-    # crash safety
     save_every: int = flag(0, "also save a run's (or --stage reward/sft's) training state every N steps, to resume "
                               "inside it; 0 = off")
     fresh: bool = flag(False, "delete the earlier job's results in --out_dir and start over, instead of resuming it")
@@ -170,14 +172,13 @@ def keep_api_key(token):
 
 
 # Flags a resumed job may change: they do not change what the job computes (--device, --threads and
-# --micro_batch_size only in the last bits; --gradient_checkpointing not at all). --iterations may grow: iteration i never depends on I, so a finished job
-# can be extended. --preset is not compared, the values it sets are. reward_base .. max_window_words are other
-# stages'; the last two only log.
+# --micro_batch_size only in the last bits; --gradient_checkpointing not at all). --iterations may grow: iteration
+# i never depends on I, so a finished job can be extended. --preset is not compared, the values it sets are.
+# reward_base .. max_window_words are other stages'; the last two only log.
 RESUME_FREE = ("out_dir", "fresh", "preset", "iterations", "workers", "threads", "device", "micro_batch_size",
-               "gradient_checkpointing",
-               "log_every", "save_every",
-               "reward_base", "epochs", "train_batch_size", "train_lr", "train_warmup", "max_length", "test_limit", "train_split",
-               "windows", "min_window_words", "max_window_words", "report_to", "log_completions", "reward_api_key")
+               "gradient_checkpointing", "log_every", "save_every", "reward_base", "epochs", "train_batch_size",
+               "train_lr", "train_warmup", "max_length", "test_limit", "train_split", "windows", "min_window_words",
+               "max_window_words", "report_to", "log_completions", "reward_api_key")
 
 def same_flag(name):
     """A fresh field of Config's flag `name`, for another script's flags that mean the same (eval.py, sample.py)."""
@@ -218,7 +219,10 @@ def validate(cfg):
         (cfg.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {cfg.max_new_tokens}"),
         (cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}"),
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (not (cfg.kl_per_token and cfg.whiten), "--kl_per_token and --whiten together: choose one"),
         (cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
+        (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1 and cfg.adam_epsilon > 0, f"--adam_beta1 and --adam_beta2 "
+         f"must be in [0, 1), --adam_epsilon > 0; got {cfg.adam_beta1}, {cfg.adam_beta2}, {cfg.adam_epsilon}"),
         (cfg.lora_rank >= 1, f"--lora_rank must be >= 1, got {cfg.lora_rank}"),
         (cfg.workers >= 0, f"--workers must be >= 0 (0 = one per CUDA device), got {cfg.workers}"),
         (cfg.threads >= 0, f"--threads must be >= 0 (0 = automatic), got {cfg.threads}"),

@@ -1,6 +1,8 @@
 """
 The optimizer of every training stage (the RL runs, the reward model, SFT): AdamW, its learning
 rate warmed up linearly to the peak over `warmup` steps, then decayed linearly to 0 at the last step.
+The RL runs may also take Adam without its second moment (`Momentum`: the bias-corrected moving
+average of the gradients, β1 = 0 being plain SGD), and AdamW's β1, β2 and ε (--optimizer, --adam_*).
 """
 
 import torch
@@ -48,7 +50,37 @@ class AdamW(torch.optim.Optimizer):
                 p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))  # p ← p − lr · m̂ / (√v̂ + ε)
 
 
-def adamw(params, lr, weight_decay, warmup, total):
-    """AdamW over `params` and its schedule (lr · lr_factor(step, warmup, total)): step both once per update."""
-    opt = AdamW(params, lr=lr, weight_decay=weight_decay)
+class Momentum(AdamW):
+    """Adam without its second moment: p ← p · (1 − lr · λ) − lr · m̂, m̂ the bias-corrected moving average
+    of the gradients (β1; 0 is plain SGD). Its step is the gradient's size, not a per-coordinate unit."""
+
+    def __init__(self, params, lr, weight_decay=0.01, beta1=0.9):
+        super().__init__(params, lr, weight_decay, betas=(beta1, None), eps=None)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, (beta1, _) = group["lr"], group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                p.mul_(1 - lr * group["weight_decay"])
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                p.add_(state["exp_avg"], alpha=-lr / (1 - beta1 ** state["step"].item()))
+
+
+def adamw(params, lr, weight_decay, warmup, total, optimizer="adamw", betas=(0.9, 0.999), eps=1e-8):
+    """The optimizer over `params` (AdamW with `betas` and `eps`, or Momentum with β1 = betas[0]) and its
+    schedule (lr · lr_factor(step, warmup, total)): step both once per update."""
+    if optimizer == "adamw":
+        opt = AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    elif optimizer == "momentum":
+        opt = Momentum(params, lr=lr, weight_decay=weight_decay, beta1=betas[0])
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}: adamw or momentum")
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, total))

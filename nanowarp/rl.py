@@ -216,7 +216,8 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
         master = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in lora_modules(policy)}
     anchor = build_anchor(policy, resources.model_config, cfg.anchor == "ema", master)
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt, sched = adamw(params, cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps)
+    opt, sched = adamw(params, cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps, cfg.optimizer,
+                       (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
     generator = torch.Generator(device).manual_seed(seed)  # this run's sampling
     order = np.random.default_rng(seed)  # this run's prompt order
     n_prompts = cfg.batch_size // k
@@ -260,6 +261,9 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
         adv = rloo_advantages(r_beta, k)
         if cfg.whiten:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        if cfg.kl_per_token:  # token t is charged only the KL from t on: add back β · the KL before it
+            before = ((sampled.logprobs - anchor_lp) * mask).cumsum(1)
+            adv = adv[:, None] + cfg.kl_coef * (before - (sampled.logprobs - anchor_lp) * mask)
         t_anchor = time.perf_counter()
 
         # 4. policy-gradient step on −mean[A · Σ_k log π_θ(y_k|…)], one micro-batch at a time:
@@ -270,7 +274,10 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
         for c in chunks:
             logp = completion_logprobs(policy, sampled.prompt[c], sampled.prompt_mask[c], sampled.tokens[c],
                                        cfg.temperature)
-            part = -(adv[c] * (logp * mask[c]).sum(1)).sum() / len(prompts)  # bit for bit .mean() of one chunk
+            if cfg.kl_per_token:  # A_t = r − β · Σ_{j ≥ t} log π/π_ema − baseline, per token
+                part = -(adv[c] * logp * mask[c]).sum() / len(prompts)
+            else:
+                part = -(adv[c] * (logp * mask[c]).sum(1)).sum() / len(prompts)  # bit for bit .mean() of one chunk
             check_finite(step + 1, reward=rewards, loss=part)
             part.backward()
             loss = loss + part.detach()

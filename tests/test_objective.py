@@ -71,7 +71,7 @@ def eos_mask(tokens):
 
 
 def reference_gradient(dense, scale, factors, anchor, sampled, rewards, k, whiten=False, kl_sign=1.0,
-                       baseline=True, temperature=TEMPERATURE, masked=True):
+                       baseline=True, temperature=TEMPERATURE, masked=True, per_token=False):
     """∇ of L at the LoRA factors ({name: tensor}) in float64; dense: θ_init's float64 model, anchor:
     the anchor's adapted weights. The keyword arguments change one thing, for the negative checks."""
     params = {n: p.double().requires_grad_() for n, p in factors.items()}
@@ -89,7 +89,8 @@ def reference_gradient(dense, scale, factors, anchor, sampled, rewards, k, white
     mask = eos_mask(sampled.tokens) if masked else torch.ones(sampled.tokens.shape, dtype=torch.float64)
     lp = logprobs(policy)
     with torch.no_grad():
-        kl = ((lp - logprobs(anchor)) * mask).sum(1)
+        token_kl = (lp - logprobs(anchor)) * mask
+        kl = token_kl.sum(1)
     r_beta = rewards.double() - kl_sign * BETA * kl
     adv = r_beta
     if baseline and k > 1:
@@ -97,7 +98,12 @@ def reference_gradient(dense, scale, factors, anchor, sampled, rewards, k, white
         adv = (r - (r.sum(1, keepdim=True) - r) / (k - 1)).view(-1)
     if whiten:
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-    (-(adv * (lp * mask).sum(1)).mean()).backward()
+    if per_token:  # A_t = r − β · Σ_{j ≥ t} KL_j − the same baseline as above
+        kl_from_t = token_kl.flip(1).cumsum(1).flip(1)
+        adv = rewards.double()[:, None] - kl_sign * BETA * kl_from_t - (r_beta - adv)[:, None]
+        (-(adv * lp * mask).sum(1).mean()).backward()
+    else:
+        (-(adv * (lp * mask).sum(1)).mean()).backward()
     return {n: p.grad for n, p in params.items()}
 
 
@@ -160,6 +166,19 @@ def test_rl_step_gradient_is_the_papers_objective(monkeypatch, base_flags, k, wh
         wrong.append(dict(whiten=not whiten))
         for change in wrong:
             assert relative_error(grads, reference_gradient(*args, **{"whiten": whiten, **change})) > 1e-2, change
+
+
+@pytest.mark.parametrize("k", [1, 4], ids=["reinforce", "rloo"])
+def test_kl_per_token_charges_each_token_the_kl_from_it_on(monkeypatch, base_flags, k):
+    rec, dense, scale = two_steps(monkeypatch, base_flags + ["--rloo_k", str(k), "--kl_per_token"])
+    factors = {n: v for n, (v, _) in rec.steps[1].items()}
+    grads = {n: g for n, (_, g) in rec.steps[1].items()}
+    anchor = ema_anchor(dense, scale, factors)  # step 2: the anchor has moved away from the policy
+    args = (dense, scale, factors, anchor, rec.samples[1], rec.rewards[1], k)
+    assert relative_error(grads, reference_gradient(*args, per_token=True)) < 1e-4
+    for change in (dict(per_token=False), dict(per_token=True, kl_sign=-1.0), dict(per_token=True, baseline=False)):
+        if k > 1 or "baseline" not in change:
+            assert relative_error(grads, reference_gradient(*args, **change)) > 1e-2, change
 
 
 def test_the_logged_regularised_reward_is_the_reward_minus_beta_kl(monkeypatch, base_flags):

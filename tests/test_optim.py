@@ -1,6 +1,7 @@
 """nanowarp.optim.AdamW against torch.optim.AdamW: the same weights bit for bit after every step (with
-weight decay, a warm-up schedule, a parameter without gradient), the same state_dict, either loading the
-other's; and no import of torch._dynamo in a process that trains."""
+weight decay, a warm-up schedule, a parameter without gradient, other betas and eps), the same state_dict,
+either loading the other's; Momentum against torch.optim.SGD and a float64 computation; the flags that
+choose them; and no import of torch._dynamo in a process that trains."""
 
 import subprocess
 import sys
@@ -8,7 +9,10 @@ import sys
 import torch
 
 from conftest import ROOT
-from nanowarp.optim import AdamW, lr_factor
+import pytest
+
+from nanowarp.config import parse_args, validate
+from nanowarp.optim import AdamW, Momentum, adamw, lr_factor
 
 
 def params(seed):
@@ -17,10 +21,10 @@ def params(seed):
             torch.nn.Parameter(torch.randn(2, generator=g))]
 
 
-def train(opt_class, steps, state=None):
+def train(opt_class, steps, state=None, **settings):
     """`steps` AdamW steps from params(0), or from a state this returned; the params and that state."""
     ps = params(0)
-    opt = opt_class(ps, lr=3e-2, weight_decay=0.1)
+    opt = opt_class(ps, **{"lr": 3e-2, "weight_decay": 0.1, **settings})
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 2, 6))
     if state:
         with torch.no_grad():
@@ -65,3 +69,54 @@ def test_training_does_not_import_the_compiler():
             "opt.load_state_dict(opt.state_dict())\nprint(any(m.startswith('torch._dynamo') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_adamw_takes_other_betas_and_eps_as_torchs_does():
+    settings = dict(betas=(0.5, 0.9), eps=1e-3)
+    for a, b in zip(train(AdamW, 5, **settings)[0], train(torch.optim.AdamW, 5, **settings)[0]):
+        assert torch.equal(a, b)
+    ps = params(0)
+    opt, _ = adamw(ps, 1e-2, 0.0, 1, 3, "adamw", (0.5, 0.9), 1e-3)
+    assert isinstance(opt, AdamW) and opt.param_groups[0]["betas"] == (0.5, 0.9) and opt.param_groups[0]["eps"] == 1e-3
+
+
+def test_momentum_without_momentum_is_plain_sgd():
+    mine, _ = train(Momentum, 5, weight_decay=0.0, beta1=0.0)
+    torchs, _ = train(torch.optim.SGD, 5, weight_decay=0.0)
+    for a, b in zip(mine, torchs):
+        assert torch.equal(a, b)
+
+
+def test_momentum_is_adam_without_its_second_moment():
+    """p ← p · (1 − lr · λ) − lr · m / (1 − β1^t), m ← β1 m + (1 − β1) g, in float64 beside it."""
+    beta1, lr, wd, steps = 0.8, 3e-2, 0.1, 5
+    mine, state = train(Momentum, steps, beta1=beta1)
+    expected = [p.detach().double() for p in params(0)]
+    moments = [torch.zeros_like(p) for p in expected]
+    for t in range(steps):
+        g = torch.Generator().manual_seed(t)
+        rate = lr * lr_factor(t, 2, 6)
+        for p, m in zip(expected[:2], moments):
+            grad = (torch.randn(p.shape, generator=g) * 10 ** torch.randint(-3, 3, (), generator=g)).double()
+            m.mul_(beta1).add_(grad, alpha=1 - beta1)
+            p.mul_(1 - rate * wd).sub_(rate * m / (1 - beta1 ** (t + 1)))
+    for a, b in zip(mine, expected):
+        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-7)
+    assert torch.equal(mine[2], params(0)[2])  # no gradient: untouched, weight decay included
+    assert set(state["opt"]["state"][0]) == {"step", "exp_avg"}  # no second moment kept
+    resumed, _ = train(Momentum, 2, train(Momentum, 3, beta1=beta1)[1], beta1=beta1)
+    for a, b in zip(resumed, mine):
+        assert torch.equal(a, b)
+
+
+def test_the_optimizer_flags_reach_the_optimizer_and_bad_values_are_refused(tmp_path):
+    ps = params(0)
+    opt, _ = adamw(ps, 1e-2, 0.0, 1, 3, "momentum", (0.5, 0.999), 1e-8)
+    assert type(opt) is Momentum and opt.param_groups[0]["betas"][0] == 0.5
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
+        adamw(ps, 1e-2, 0.0, 1, 3, "lion")
+    cfg = parse_args(["--optimizer", "momentum", "--adam_beta1", "0.99", "--adam_beta2", "0.9", "--adam_epsilon", "1e-6"])
+    assert (cfg.optimizer, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon) == ("momentum", 0.99, 0.9, 1e-6)
+    for name, bad in (("adam_beta1", "1.0"), ("adam_beta2", "-0.1"), ("adam_epsilon", "0")):
+        with pytest.raises(ValueError, match="--adam_beta1 and --adam_beta2 must be in \\[0, 1\\), --adam_epsilon > 0"):
+            validate(parse_args([f"--{name}", bad]))

@@ -10,6 +10,7 @@ import signal
 import pytest
 import torch
 
+import nanowarp.optim
 import nanowarp.rl
 from conftest import chat_checkpoint
 from nanowarp.config import parse_args
@@ -131,6 +132,17 @@ def test_lora_flags_reach_the_policy(flags, monkeypatch):
     assert names == named_targets(policy, "c_fc") and all(name.endswith("c_fc") for name in names)
     assert [m.scale for _, m in lora_modules(policy)] == [4.0] * len(names)
     assert policy.gradient_checkpointing is True
+
+
+def test_optimizer_flags_reach_the_optimizer(flags, monkeypatch):
+    made = []
+    monkeypatch.setattr(nanowarp.rl, "adamw", lambda *a: made.append(a) or nanowarp.optim.adamw(*a))
+    run(flags + ["--lr", "0.02", "--weight_decay", "0.1", "--steps", "3", "--warmup", "1", "--optimizer", "momentum",
+                 "--adam_beta1", "0.5", "--adam_beta2", "0.9", "--adam_epsilon", "1e-3"], Scored())
+    (params, *settings), = made
+    assert settings == [0.02, 0.1, 1, 3, "momentum", (0.5, 0.9), 1e-3]
+    assert all(p.requires_grad for p in params) and len(params) == 2 * len(named_targets(from_config(
+        load_config(flags[1])), "all"))
 
 
 def test_the_logged_loss_of_the_first_step_is_the_objective(flags, monkeypatch):

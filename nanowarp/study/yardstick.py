@@ -1,0 +1,159 @@
+"""
+A cheap yardstick of how well RL spends its KL on signal (docs/reproduction.md#the-yardstick): one
+WARP iteration of the sentiment setting, shortened (M = 2 runs of T steps, seeds S and S + 1, μ = 1/T),
+on the reproduction's own models; then, on the eval prompts (each twice), the judge's gain over the
+SFT model, the exact KL to it, the gain per unit of KL, the share of best-of-N's judge gain at the
+same KL, for each run and for their SLERP, and the cosine of the two runs' task vectors.
+
+    python reproduce.py --setting sentiment --source aclImdb_v1.tar.gz   # the models (stages 1-6)
+    python -m nanowarp.study.yardstick --name base
+    python -m nanowarp.study.yardstick --name lr1e-2 -- --lr 1e-2        # after --: train.py's flags
+
+Each call appends a row to OUT/yardstick/rows.jsonl and prints the table of every row so far; the
+best-of-N reference (N = 1, 2, 4, 8 of the SFT model, the same prompts) is computed once and kept.
+"""
+
+import datetime
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanowarp.config import flag, parse_args
+from nanowarp.data import load_prompts
+from nanowarp.evaluate import best_of_n, evaluate
+from nanowarp.merging import task_vector_stats
+from nanowarp.models import from_config, from_pretrained, load_theta
+from nanowarp.reward import Reward, RewardModel
+from nanowarp.tokenizer import load_tokenizer
+from nanowarp.warp import warp
+
+BEST_OF = (1, 2, 4, 8)
+
+
+@dataclass
+class Args:
+    name: str = flag(None, "the row's name: OUT/yardstick/NAME holds its WARP job", required=True)
+    out_dir: str = flag("runs/sentiment", "the sentiment reproduction's folder: sft, reward_model, judge, data")
+    steps: int = flag(300, "T: RL steps of each of the two runs (the sentiment setting's 600 halved)")
+    seed: int = flag(0, "train.py --seed: the runs' seeds are S and S + 1")
+    n_prompts: int = flag(1000, "eval prompts, each completed twice")
+    threads: int = flag(2, "CPU threads of the evaluation (the runs take one each, side by side)")
+
+
+def train_flags(args, extra):
+    """train.py's flags of the row's job: --preset tiny_sentiment, one iteration of two runs of T steps
+    with μ·T = 1, then the flags after `--` (which win)."""
+    out = args.out_dir
+    return ["--preset", "tiny_sentiment", "--policy", f"{out}/sft", "--reward_model", f"{out}/reward_model",
+            "--data", f"{out}/data", "--out_dir", f"{out}/yardstick/{args.name}", "--iterations", "1", "--runs", "2",
+            "--steps", str(args.steps), "--ema_rate", repr(1 / args.steps), "--seed", str(args.seed),
+            "--workers", "2", "--threads", "1", "--log_every", str(max(1, args.steps // 4)), *extra]
+
+
+class Judging:
+    """The SFT model, its tokenizer, the reward model, the judge and the eval prompts (each twice),
+    loaded once; `row(theta)` evaluates a policy's weights as eval.py would (seed 0)."""
+
+    def __init__(self, args, max_new_tokens):
+        out = args.out_dir
+        self.ref = from_pretrained(f"{out}/sft").eval()
+        self.policy = from_config(self.ref.config).eval()
+        self.tokenizer, self.eos = load_tokenizer(f"{out}/sft"), self.ref.config.eos_token_id
+        self.prompts = load_prompts(f"{out}/data", "eval")[:args.n_prompts] * 2
+        self.reward = Reward([RewardModel(f"{out}/reward_model", torch.device("cpu"), batch_size=64)])
+        self.settings = dict(max_new_tokens=max_new_tokens, temperature=1.0, batch_size=64, seed=0,
+                             judge=RewardModel(f"{out}/judge", torch.device("cpu"), batch_size=64))
+
+    def row(self, theta):
+        self.policy.load_hf_state_dict(theta)
+        r = evaluate(self.policy, self.ref, self.reward, self.prompts, self.tokenizer, self.eos, **self.settings)
+        return {k: r[k] for k in ("kl", "kl_exact", "kl_exact_se", "reward", "judge", "judge_se")}
+
+    def best_of_n(self):
+        return best_of_n(self.ref, self.reward, self.prompts, self.tokenizer, self.eos, BEST_OF, **self.settings)
+
+
+def bon_gain(reference, kl):
+    """Best-of-N's judge gain over N = 1 at `kl`, linear between its points (KL = log N − (N − 1)/N)."""
+    points = [(r["kl"], r["judge"] - reference[0]["judge"]) for r in reference]
+    for (k0, g0), (k1, g1) in zip(points, points[1:]):
+        if kl <= k1:
+            return g0 + (g1 - g0) * (kl - k0) / (k1 - k0)
+    return None  # beyond the largest N's KL
+
+
+def summary(row, reference):
+    """The row's judge gain, KL and their ratio, for the runs (mean ± half their difference: the standard
+    error of a mean of two) and for the SLERP, and best-of-N's fraction of each."""
+    sft = reference[0]["judge"]
+    out = {}
+    for who, models in (("runs", ("run_0", "run_1")), ("slerp", ("slerp",))):
+        gains = [row["models"][m]["judge"] - sft for m in models]
+        kls = [row["models"][m]["kl_exact"] for m in models]
+        per_kl = [g / k for g, k in zip(gains, kls)]
+        bon = [g / b if (b := bon_gain(reference, k)) else None for g, k in zip(gains, kls)]
+        mean = lambda v: sum(v) / len(v)  # noqa: E731
+        half = lambda v: abs(v[0] - v[-1]) / 2  # noqa: E731
+        out[who] = dict(gain=mean(gains), gain_se=half(gains), kl=mean(kls), per_kl=mean(per_kl),
+                        per_kl_se=half(per_kl), bon_fraction=None if None in bon else mean(bon))
+    return out
+
+
+def table(rows, reference):
+    """Markdown: one line per row, the runs then the SLERP."""
+    def cell(x, fmt):
+        return "n/a" if x is None else format(x, fmt)
+    lines = ["| row | flags | T | judge gain, runs | KL, runs | gain / KL, runs | of best-of-N, runs | judge gain, "
+             "SLERP | KL, SLERP | of best-of-N, SLERP | cos(δ_1, δ_2) | min |", "|---" * 12 + "|"]
+    for row in rows:
+        s = summary(row, reference)
+        r, m = s["runs"], s["slerp"]
+        lines.append(f"| {row['name']} | {' '.join(row['flags']) or '(preset)'} | {row['steps']} | "
+                     f"{r['gain']:+.3f} ± {r['gain_se']:.3f} | {r['kl']:.3f} | {r['per_kl']:.3f} ± {r['per_kl_se']:.3f} | "
+                     f"{cell(r['bon_fraction'], '.2f')} | {m['gain']:+.3f} | {m['kl']:.3f} | "
+                     f"{cell(m['bon_fraction'], '.2f')} | {cell(row['cos'], '.3f')} | {row['minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = parse_args(own, Args, presets=None, description=__doc__)
+    for folder in ("sft", "reward_model", "judge", "data"):
+        if not os.path.isdir(os.path.join(args.out_dir, folder)):
+            sys.exit(f"yardstick: {args.out_dir}/{folder} is missing: run `python reproduce.py --setting sentiment` "
+                     f"first (its stages up to the judge), or give --out_dir")
+    torch.set_num_threads(args.threads)
+    root = os.path.join(args.out_dir, "yardstick")
+    os.makedirs(root, exist_ok=True)
+    start = time.perf_counter()
+    cfg = parse_args(train_flags(args, extra))
+    print("$ python train.py " + shlex.join(train_flags(args, extra)), flush=True)
+    warp(cfg)
+    minutes = (time.perf_counter() - start) / 60
+    judging = Judging(args, cfg.max_new_tokens)
+    reference_path = os.path.join(root, f"best_of_n_{args.n_prompts}x2_{cfg.max_new_tokens}.json")
+    if not os.path.exists(reference_path):
+        with open(reference_path, "w") as f:
+            json.dump(judging.best_of_n(), f)
+    reference = json.load(open(reference_path))
+    folder = os.path.join(cfg.out_dir, "iter_1")
+    models = {m: judging.row(load_theta(os.path.join(folder, m))) for m in ("run_0", "run_1", "slerp")}
+    stats = task_vector_stats(load_theta(cfg.policy), [load_theta(os.path.join(folder, f"run_{m}")) for m in (0, 1)],
+                              load_theta(os.path.join(folder, "slerp")))
+    row = dict(name=args.name, flags=extra, steps=args.steps, seed=args.seed, n_prompts=args.n_prompts,
+               date=datetime.date.today().isoformat(), command="python -m nanowarp.study.yardstick " + shlex.join(argv),
+               models=models, cos=stats["cos"], minutes=minutes)
+    with open(os.path.join(root, "rows.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in open(os.path.join(root, "rows.jsonl"))]
+    print(table([r for r in rows if r["n_prompts"] == args.n_prompts], reference))
+
+
+if __name__ == "__main__":
+    main()
