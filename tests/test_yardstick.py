@@ -29,6 +29,8 @@ def test_summary_averages_the_two_runs_and_keeps_the_slerp_apart():
     assert s["runs"]["kl"] == pytest.approx(0.2)
     assert s["runs"]["per_kl"] == pytest.approx((0.3 + 0.05 / 0.3) / 2)
     assert s["runs"]["per_kl_se"] == pytest.approx(abs(0.3 - 0.05 / 0.3) / 2)
+    assert s["runs"]["per_root_kl"] == pytest.approx((0.03 / 0.1 ** 0.5 + 0.05 / 0.3 ** 0.5) / 2)
+    assert s["runs"]["per_root_kl_se"] == pytest.approx(abs(0.03 / 0.1 ** 0.5 - 0.05 / 0.3 ** 0.5) / 2)
     bon_1, bon_2 = 0.03 / yardstick.bon_gain(REFERENCE, 0.1), 0.05 / yardstick.bon_gain(REFERENCE, 0.3)
     assert s["runs"]["bon_fraction"] == pytest.approx((bon_1 + bon_2) / 2)
     assert s["slerp"]["gain"] == pytest.approx(0.06) and s["slerp"]["gain_se"] == 0
@@ -63,7 +65,9 @@ def test_each_call_appends_a_judged_row_and_prints_every_row(reproduction, capsy
     assert rows[0]["models"] != rows[1]["models"]
     reference = json.load(open(os.path.join(reproduction, "yardstick", "best_of_n_3x2_4.json")))
     assert [r["best_of"] for r in reference] == list(yardstick.BEST_OF) and reference[0]["n"] == 6
-    table = capsys.readouterr().out.split("| row |")[-1]
+    printed = capsys.readouterr().out
+    assert "best-of-N, N = 2, 4, 8: judge gain" in printed
+    table = printed.split("| row |")[-1]
     assert "| base | --workers 1" in table and "| fast |" in table and "--lr 1e-2 | 2 |" in table
 
 

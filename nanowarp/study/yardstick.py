@@ -96,11 +96,13 @@ def summary(row, reference):
         gains = [row["models"][m]["judge"] - sft for m in models]
         kls = [row["models"][m]["kl_exact"] for m in models]
         per_kl = [g / k for g, k in zip(gains, kls)]
+        per_root = [g / k ** 0.5 for g, k in zip(gains, kls)]
         bon = [g / b if (b := bon_gain(reference, k)) else None for g, k in zip(gains, kls)]
         mean = lambda v: sum(v) / len(v)  # noqa: E731
         half = lambda v: abs(v[0] - v[-1]) / 2  # noqa: E731
         out[who] = dict(gain=mean(gains), gain_se=half(gains), kl=mean(kls), per_kl=mean(per_kl),
-                        per_kl_se=half(per_kl), bon_fraction=None if None in bon else mean(bon))
+                        per_kl_se=half(per_kl), per_root_kl=mean(per_root), per_root_kl_se=half(per_root),
+                        bon_fraction=None if None in bon else mean(bon))
     return out
 
 
@@ -108,15 +110,22 @@ def table(rows, reference):
     """Markdown: one line per row, the runs then the SLERP."""
     def cell(x, fmt):
         return "n/a" if x is None else format(x, fmt)
-    lines = ["| row | flags | T | judge gain, runs | KL, runs | gain / KL, runs | of best-of-N, runs | judge gain, "
-             "SLERP | KL, SLERP | of best-of-N, SLERP | cos(δ_1, δ_2) | min |", "|---" * 12 + "|"]
+    ns, kls = [str(r["best_of"]) for r in reference[1:]], [r["kl"] for r in reference[1:]]
+    gains = [r["judge"] - reference[0]["judge"] for r in reference[1:]]
+    lines = [f"best-of-N, N = {', '.join(ns)}: judge gain {', '.join(format(g, '+.3f') for g in gains)} at KL "
+             f"{', '.join(format(k, '.3f') for k in kls)}; gain / √KL "
+             f"{', '.join(format(g / k ** 0.5, '.3f') for g, k in zip(gains, kls))}", "",
+             "| row | flags | T | judge gain, runs | KL, runs | gain / KL, runs | gain / √KL, runs | of best-of-N, "
+             "runs | judge gain, SLERP | KL, SLERP | gain / √KL, SLERP | of best-of-N, SLERP | cos(δ_1, δ_2) | min |",
+             "|---" * 14 + "|"]
     for row in rows:
         s = summary(row, reference)
         r, m = s["runs"], s["slerp"]
         lines.append(f"| {row['name']} | {' '.join(row['flags']) or '(preset)'} | {row['steps']} | "
                      f"{r['gain']:+.3f} ± {r['gain_se']:.3f} | {r['kl']:.3f} | {r['per_kl']:.3f} ± {r['per_kl_se']:.3f} | "
-                     f"{cell(r['bon_fraction'], '.2f')} | {m['gain']:+.3f} | {m['kl']:.3f} | "
-                     f"{cell(m['bon_fraction'], '.2f')} | {cell(row['cos'], '.3f')} | {row['minutes']:.1f} |")
+                     f"{r['per_root_kl']:.3f} ± {r['per_root_kl_se']:.3f} | {cell(r['bon_fraction'], '.2f')} | "
+                     f"{m['gain']:+.3f} | {m['kl']:.3f} | {m['per_root_kl']:.3f} | {cell(m['bon_fraction'], '.2f')} | "
+                     f"{cell(row['cos'], '.3f')} | {row['minutes']:.1f} |")
     return "\n".join(lines)
 
 
