@@ -1,5 +1,6 @@
 # Two commands on a fresh machine with Python >= 3.10, each setting up what it needs in .venv:
-#   make demo    the laptop reproduction, one seed (reproduce.py; ARGS="--source PATH" offline)
+#   make demo    the laptop reproduction's demo setting, one seed (reproduce.py --setting demo; ARGS="--source PATH"
+#                offline, ARGS="--setting fast" for the fast setting)
 #   make test    the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ BIN = $(VENV)/bin
 .PHONY: demo test
 
 demo: $(VENV)/.installed-plot
-	$(BIN)/python reproduce.py $(ARGS)
+	$(BIN)/python reproduce.py --setting demo $(ARGS)
 
 # on every core (pytest-xdist), a test file per worker: its module fixtures are built once
 test: $(VENV)/.installed-dev

@@ -7,10 +7,11 @@ RLOO, the evaluation, the tables, the plots, and the paper's claims checked, eve
     python reproduce.py --source aclImdb_v1.tar.gz --seeds 0 1 2    # three
     python reproduce.py --setting sentiment --source ... --seeds 0 1 2    # what WARP does to sentiment
 
-Two settings (nanowarp/study/tiny.py SETTINGS): `fast` (the default, ~12 minutes a seed) runs the whole
+Three settings (nanowarp/study/tiny.py SETTINGS): `fast` (the default, ~12 minutes a seed) runs the whole
 pipeline at 40 new tokens, where what RL learns is to end the review in time; `sentiment` runs at
 60 new tokens, where the SFT model ends every completion and only sentiment is left to learn, with
-ten times the completions per RL run (WARP + RLOO and its fixed-anchor ablation).
+ten times the completions per RL run (WARP + RLOO and its fixed-anchor ablation); `demo` (`make demo`'s)
+is the sentiment setting with runs half as long and no ablation.
 
 Only the models are small (nanowarp/study/tiny.py); every stage is the package's ordinary code path and
 every model an ordinary checkpoint that train.py, merge.py and eval.py take:
@@ -75,7 +76,8 @@ from nanowarp.study.tiny import job_settings, jobs, main_job  # noqa: E402
 @dataclass
 class Args:
     setting: str = flag("fast", "fast: the pipeline in minutes, 40 new tokens (RL learns to end in time); sentiment: "
-                                "60 new tokens, only sentiment to learn, 10x the completions per run (tiny.SETTINGS)",
+                                "60 new tokens, only sentiment to learn, 10x the completions per run; demo: sentiment "
+                                "with T = 300 and no ablation (tiny.SETTINGS)",
                         choices=list(tiny.SETTINGS))
     source: str = flag(IMDB_URL, "IMDB: the official aclImdb_v1.tar.gz URL, a local copy, or the folder it extracts to")
     out_dir: str = flag(None, "where everything goes; None: runs/tiny (fast) or runs/sentiment")
@@ -99,7 +101,7 @@ class Args:
     sft_epochs: float = flag(tiny.SFT["epochs"], "passes over the training reviews of the SFT stage")
     reward_epochs: float = flag(tiny.REWARD["epochs"], "passes over the training reviews of the reward stage")
     judge_epochs: float = flag(tiny.JUDGE["epochs"], "passes over its half of the training reviews of the judge")
-    steps: int = flag(None, "T: RL steps per WARP run; None: the setting's preset's (fast 60, sentiment 600)", type=int)
+    steps: int = flag(None, "T: RL steps per WARP run; None: the setting's (fast 60, sentiment 600, demo 300)", type=int)
     batch_size: int = flag(None, "completions per RL step; None: the preset's (64 in both)", type=int)
     max_new_tokens: int = flag(None, "completion length, in RL and evaluation; None: the preset's (fast 40, "
                                      "sentiment 60)", type=int)
@@ -121,7 +123,7 @@ def parse_args(argv=None):
     args = parse_flags(argv, Args, presets=None, description=__doc__)
     setting, preset = tiny.SETTINGS[args.setting], PRESETS[tiny.SETTINGS[args.setting]["preset"]]
     defaults = dict(out_dir=setting["out_dir"], best_of=setting["best_of"],
-                    **{k: preset[k] for k in ("steps", "batch_size", "max_new_tokens")})
+                    **{k: setting.get(k, preset[k]) for k in ("steps", "batch_size", "max_new_tokens")})
     return dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
 
 

@@ -165,11 +165,11 @@ def parse_problem(script, argv, config_file):
 
 @functools.lru_cache(maxsize=None)
 def make_targets():
-    """{target: the script its recipe runs with $(ARGS), or None} of the Makefile."""
+    """{target: (the script its recipe runs with $(ARGS), the arguments before them), or None} of the Makefile."""
     targets, text = {}, read(os.path.join(ROOT, "Makefile"))
     for name, recipe in re.findall(r"^([\w.-]+):[^=\n]*\n((?:\t.*\n?)*)", text, re.M):
-        script = re.search(r"python (\S+\.py) \$\(ARGS\)", recipe)
-        targets[name] = script[1] if script else None
+        script = re.search(r"python (\S+\.py)((?: [^ $]\S*)*) \$\(ARGS\)", recipe)
+        targets[name] = (script[1], shlex.split(script[2])) if script else None
     return targets
 
 
@@ -192,7 +192,8 @@ def command_problem(words, config_file):
             if target not in make_targets():
                 return f"make {target}: no such target in the Makefile"
             if make_targets()[target] and "ARGS" in variables:
-                if problem := parse_problem(make_targets()[target], shlex.split(variables["ARGS"]), config_file):
+                script, fixed = make_targets()[target]
+                if problem := parse_problem(script, fixed + shlex.split(variables["ARGS"]), config_file):
                     return problem
     return None
 

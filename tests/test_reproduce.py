@@ -178,3 +178,14 @@ def test_the_sentiment_setting_runs_rloo_and_its_fixed_anchor_ablation_at_60_tok
     assert sorted(geometry) == ["fixed_anchor/iter_1", "rloo/iter_1", "rloo/iter_1/lerp", "rloo/iter_2"]
     fast = reproduce.parse_args(["--steps", "5"])
     assert (fast.setting, fast.out_dir, fast.steps, fast.max_new_tokens) == ("fast", "runs/tiny", 5, 40)
+
+
+def test_the_demo_setting_is_the_sentiment_setting_with_runs_half_as_long_and_no_ablation():
+    args = reproduce.parse_args(["--setting", "demo"])
+    assert (args.out_dir, args.steps, args.batch_size, args.max_new_tokens) == ("runs/demo", 300, 64, 60)
+    assert tiny.jobs(args) == ["rloo"] and tiny.main_job(args) == "rloo"
+    sentiment = reproduce.parse_args(["--setting", "sentiment"])
+    assert tiny.job_settings(args, "rloo") == {**tiny.job_settings(sentiment, "rloo"), "steps": 300, "ema_rate": 1 / 300}
+    names = [name for name, _, _ in evaluation.seed_plan(args, 0)[0]]
+    assert "rloo/iter_2/slerp eta=0.6" in names and not any(n.startswith("fixed_anchor/") for n in names)
+    assert reproduce.parse_args(["--setting", "demo", "--steps", "7"]).steps == 7

@@ -60,14 +60,16 @@ JUDGE = dict(epochs=1.0, train_batch_size=128, train_lr=1e-3, train_warmup=20, m
 # Config overrides of `train.py` (WARP): `--preset tiny`, defined with the other presets
 WARP = PRESETS["tiny"]
 
-# The two settings of reproduce.py (--setting): the WARP preset, the jobs of each seed (name: Config
-# overrides on top of the preset), the main job (the WARP whose iterations get LITI sweeps, a LERP and
-# the claims), the best-of-N of the SFT model evaluated beside them, where the output goes, and the judge
-# gain the setting aims at (drawn in the plot).
+# The settings of reproduce.py (--setting): the WARP preset (and `steps`, T, where a setting shortens it), the
+# jobs of each seed (name: Config overrides on top of the preset), the main job (the WARP whose iterations get
+# LITI sweeps, a LERP and the claims), the best-of-N of the SFT model evaluated beside them, where the output
+# goes, and the judge gain the setting aims at (drawn in the plot).
 #   fast       the whole pipeline in ~12 minutes: 40 new tokens, where RL learns to end in time (reward
 #              hacking: the independent judge sees no change in sentiment);
 #   sentiment  60 new tokens, where the SFT model ends every completion, so only sentiment is left to
-#              learn, and ten times the completions per run: WARP + RLOO and its fixed-anchor ablation.
+#              learn, and ten times the completions per run: WARP + RLOO and its fixed-anchor ablation;
+#   demo       `make demo`: the sentiment setting with runs half as long (T = 300, μ = 1/300) and no
+#              ablation, to see WARP move sentiment, with the judge agreeing, in ~25 minutes.
 SETTINGS = {
     "fast": dict(preset="tiny", main="reinforce", out_dir="runs/tiny", best_of=(1, 2, 4, 8, 16), judge_target=0.30,
                  jobs={"reinforce": {}, "rloo": {"rloo_k": 4, "iterations": 2},
@@ -75,6 +77,8 @@ SETTINGS = {
     "sentiment": dict(preset="tiny_sentiment", main="rloo", out_dir="runs/sentiment", best_of=(1, 2, 4, 8, 16),
                       judge_target=0.10,
                       jobs={"rloo": {}, "fixed_anchor": {"anchor": "init", "iterations": 1}}),
+    "demo": dict(preset="tiny_sentiment", main="rloo", out_dir="runs/demo", best_of=(1, 2, 4, 8, 16), judge_target=0.10,
+                 steps=300, jobs={"rloo": {"ema_rate": 1 / 300}}),
 }
 
 
