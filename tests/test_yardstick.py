@@ -68,7 +68,7 @@ def test_each_call_appends_a_judged_row_and_prints_every_row(reproduction, capsy
     printed = capsys.readouterr().out
     assert "best-of-N, N = 2, 4, 8: judge gain" in printed
     table = printed.split("| row |")[-1]
-    assert "| base | --workers 1" in table and "| fast |" in table and "--lr 1e-2 | 2 |" in table
+    assert "| base | `--name base --out_dir " in table and "| fast |" in table and "--lr 1e-2` | 20" in table
 
 
 def test_a_folder_without_the_models_is_refused(tmp_path):

@@ -115,13 +115,14 @@ def table(rows, reference):
     lines = [f"best-of-N, N = {', '.join(ns)}: judge gain {', '.join(format(g, '+.3f') for g in gains)} at KL "
              f"{', '.join(format(k, '.3f') for k in kls)}; gain / √KL "
              f"{', '.join(format(g / k ** 0.5, '.3f') for g, k in zip(gains, kls))}", "",
-             "| row | flags | T | judge gain, runs | KL, runs | gain / KL, runs | gain / √KL, runs | of best-of-N, "
+             "| row | command: python -m nanowarp.study.yardstick ... | date | T | judge gain, runs | KL, runs | gain / KL, runs | gain / √KL, runs | of best-of-N, "
              "runs | judge gain, SLERP | KL, SLERP | gain / √KL, SLERP | of best-of-N, SLERP | cos(δ_1, δ_2) | min |",
-             "|---" * 14 + "|"]
+             "|---" * 15 + "|"]
     for row in rows:
         s = summary(row, reference)
         r, m = s["runs"], s["slerp"]
-        lines.append(f"| {row['name']} | {' '.join(row['flags']) or '(preset)'} | {row['steps']} | "
+        arguments = row["command"].removeprefix("python -m nanowarp.study.yardstick ")
+        lines.append(f"| {row['name']} | `{arguments}` | {row['date']} | {row['steps']} | "
                      f"{r['gain']:+.3f} ± {r['gain_se']:.3f} | {r['kl']:.3f} | {r['per_kl']:.3f} ± {r['per_kl_se']:.3f} | "
                      f"{r['per_root_kl']:.3f} ± {r['per_root_kl_se']:.3f} | {cell(r['bon_fraction'], '.2f')} | "
                      f"{m['gain']:+.3f} | {m['kl']:.3f} | {m['per_root_kl']:.3f} | {cell(m['bon_fraction'], '.2f')} | "
