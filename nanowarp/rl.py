@@ -262,8 +262,8 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
         if cfg.whiten:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
         if cfg.kl_per_token:  # token t is charged only the KL from t on: add back β · the KL before it
-            before = ((sampled.logprobs - anchor_lp) * mask).cumsum(1)
-            adv = adv[:, None] + cfg.kl_coef * (before - (sampled.logprobs - anchor_lp) * mask)
+            token_kl = (sampled.logprobs - anchor_lp) * mask
+            adv = adv[:, None] + cfg.kl_coef * (token_kl.cumsum(1) - token_kl)
         t_anchor = time.perf_counter()
 
         # 4. policy-gradient step on −mean[A · Σ_k log π_θ(y_k|…)], one micro-batch at a time:
