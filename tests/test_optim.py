@@ -120,3 +120,44 @@ def test_the_optimizer_flags_reach_the_optimizer_and_bad_values_are_refused(tmp_
     for name, bad in (("adam_beta1", "1.0"), ("adam_beta2", "-0.1"), ("adam_epsilon", "0")):
         with pytest.raises(ValueError, match="--adam_beta1 and --adam_beta2 must be in \\[0, 1\\), --adam_epsilon > 0"):
             validate(parse_args([f"--{name}", bad]))
+
+
+def test_the_schedule_warms_up_then_decays_to_zero_by_hand():
+    """lr_factor against its definition written out: (step + 1) / warmup while warming up, then
+    (total − step) / (total − warmup) down to 0 at `total` and after; one step of decay when
+    total − warmup is 1 (and none to divide by when it is 0)."""
+    assert [lr_factor(s, 3, 10) for s in range(12)] == pytest.approx(
+        [1 / 3, 2 / 3, 1.0, 1.0, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7, 0.0, 0.0])
+    assert [lr_factor(s, 3, 4) for s in (2, 3, 4, 5)] == [1.0, 1.0, 0.0, 0.0]
+    assert [lr_factor(s, 2, 2) for s in (0, 1, 2)] == [0.5, 1.0, 0.0]
+    assert [lr_factor(s, 0, 4) for s in (0, 2, 4)] == [1.0, 0.5, 0.0]  # no warm-up
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "momentum"])
+def test_adamw_builds_the_optimizer_and_schedule_it_is_given(optimizer):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt, sched = adamw([p], 0.5, 0.25, 2, 6, optimizer, (0.8, 0.95), 1e-6)
+    group = opt.param_groups[0]
+    assert type(opt) is {"adamw": AdamW, "momentum": Momentum}[optimizer]
+    assert group["weight_decay"] == 0.25 and group["betas"][0] == 0.8
+    if optimizer == "adamw":
+        assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6
+    lrs = []
+    for _ in range(7):
+        lrs.append(sched.get_last_lr()[0])
+        p.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.5 * lr_factor(s, 2, 6) for s in range(7)])
+    assert lrs[-1] == 0.0 and lrs[1] == 0.5  # the peak after warm-up, 0 at the last step
+
+
+def test_the_defaults_are_torchs_and_the_papers():
+    """adamw() without an optimizer is AdamW with torch's betas and eps; AdamW's and Momentum's own
+    defaults are torch.optim.AdamW's (weight decay 0.01, β1 0.9)."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt, _ = adamw([p], 1e-3, 0.0, 0, 10)
+    assert type(opt) is AdamW and opt.param_groups[0]["betas"] == (0.9, 0.999) and opt.param_groups[0]["eps"] == 1e-8
+    ours, theirs = AdamW([p], 1e-3).defaults, torch.optim.AdamW([p], 1e-3).defaults
+    assert {k: ours[k] for k in ("weight_decay", "betas", "eps")} == {k: theirs[k] for k in ("weight_decay", "betas", "eps")}
+    assert Momentum([p], 1e-3).defaults["weight_decay"] == 0.01 and Momentum([p], 1e-3).defaults["betas"][0] == 0.9
