@@ -59,18 +59,19 @@ from nanowarp import hub  # noqa: E402
 from nanowarp.config import (PRESETS, Config, changed_flags, command_line, fail, flag,  # noqa: E402
                              parse_args as parse_flags, resolve_device)
 from nanowarp.data import IMDB_URL, DataError, clean, prepare, read_imdb  # noqa: E402
-from nanowarp.gpt2 import GPT2  # noqa: E402
 from nanowarp.hub import write_json  # noqa: E402
-from nanowarp.parallel import Interrupted, WorkerError, stop_on_signals  # noqa: E402
-from nanowarp.supervised import train_reward_model, train_sft  # noqa: E402
-from nanowarp.tokenizer import load_tokenizer  # noqa: E402
-from nanowarp.warp import warp  # noqa: E402
+from nanowarp.jobs.parallel import WorkerError  # noqa: E402
+from nanowarp.models.gpt2 import GPT2  # noqa: E402
+from nanowarp.signals import Interrupted, stop_on_signals  # noqa: E402
 from nanowarp.study import tiny  # noqa: E402
 from nanowarp.study.diagnose import diagnose, gradient_signal  # noqa: E402
 from nanowarp.study.evaluation import evaluate_seed  # noqa: E402
 from nanowarp.study.report import write_results  # noqa: E402
 from nanowarp.study.stages import Stages  # noqa: E402
 from nanowarp.study.tiny import job_settings, jobs, main_job  # noqa: E402
+from nanowarp.supervised import train_reward_model, train_sft  # noqa: E402
+from nanowarp.tokenizer import load_tokenizer  # noqa: E402
+from nanowarp.warp import warp  # noqa: E402
 
 
 @dataclass

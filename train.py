@@ -21,8 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from anywh
 from nanowarp.config import parse_args, resolve_device, user_error, validate  # noqa: E402
 from nanowarp.data import DataError  # noqa: E402
 from nanowarp.hub import CheckpointError, DiskFullError  # noqa: E402
-from nanowarp.job import lock_out_dir  # noqa: E402
-from nanowarp.parallel import Interrupted, WorkerError, stop_on_signals  # noqa: E402
+from nanowarp.jobs.folder import lock_out_dir  # noqa: E402
+from nanowarp.jobs.parallel import WorkerError  # noqa: E402
+from nanowarp.signals import Interrupted, stop_on_signals  # noqa: E402
 from nanowarp.supervised import train_reward_model, train_sft  # noqa: E402
 from nanowarp.warp import warp  # noqa: E402
 

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from nanowarp import checksums, hub  # noqa: E402
-from nanowarp.gpt2 import GPT2, GPT2Config  # noqa: E402
+from nanowarp.models.gpt2 import GPT2, GPT2Config  # noqa: E402
 
 
 def save_without_checksums(folder, config, state_dict):

@@ -45,11 +45,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fresh_process  # noqa: E402
 from nanowarp.config import Config, flag, parse_args as parse_flags  # noqa: E402
-from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig  # noqa: E402
-from nanowarp.gpt2 import GPT2, GPT2Config  # noqa: E402
-from nanowarp.llama_config import LlamaConfig  # noqa: E402
-from nanowarp.logprobs import token_logprobs  # noqa: E402
+from nanowarp.fast.logprobs import fused_token_logprobs  # noqa: E402
 from nanowarp.models import from_config  # noqa: E402
+from nanowarp.models.distilbert import DistilBertClassifier, DistilBertConfig  # noqa: E402
+from nanowarp.models.gpt2 import GPT2, GPT2Config  # noqa: E402
+from nanowarp.models.llama_config import LlamaConfig  # noqa: E402
 from nanowarp.reward import Reward, RewardModel  # noqa: E402
 from nanowarp.rl import Resources, rl_run  # noqa: E402
 from nanowarp.sampling import sample  # noqa: E402
@@ -168,12 +168,12 @@ def check_parity(cpu_model, device, dtype):
     """Max |Δ| of next-token log-probs (fused log-prob, float32 arithmetic) against float32 on the CPU."""
     idx = torch.randint(0, cpu_model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref = token_logprobs(cpu_model.hidden_states(idx[:, :-1]), cpu_model.lm_head.weight, idx[:, 1:])
+        ref = fused_token_logprobs(cpu_model.hidden_states(idx[:, :-1]), cpu_model.lm_head.weight, idx[:, 1:])
         model = GPT2(cpu_model.config)
         model.load_state_dict(cpu_model.state_dict())
         model = model.to(device, dtype).eval()
         x = idx.to(device)
-        got = token_logprobs(model.hidden_states(x[:, :-1]), model.lm_head.weight, x[:, 1:])
+        got = fused_token_logprobs(model.hidden_states(x[:, :-1]), model.lm_head.weight, x[:, 1:])
     return (got.cpu() - ref).abs().max().item()
 
 
@@ -228,7 +228,7 @@ def check_logprobs(shape, device, dtype):
         (lp * upstream).sum().backward()
 
     def fused():
-        (token_logprobs(hidden, weight, targets) * upstream).sum().backward()
+        (fused_token_logprobs(hidden, weight, targets) * upstream).sum().backward()
 
     out = {}
     for name, fn in (("naive", naive), ("fused", fused)):

@@ -30,7 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # run from anywhere; the parity tests' models
 from nanowarp.config import flag, parse_args as parse_flags  # noqa: E402
-from nanowarp.llama import Llama  # noqa: E402
+from nanowarp.models.llama import Llama  # noqa: E402
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """
-Log-probs of given tokens, forward + backward: nanowarp's fused `token_logprobs` vs the naive
+Log-probs of given tokens, forward + backward: nanowarp's `fused_token_logprobs` vs the naive
 `log_softmax(hidden @ weightᵀ).gather(targets)`. Extra peak memory and time.
 
 Shapes of a WARP batch: B = 64 completions of T = 148 tokens, GPT-2's V = 50257 and d = 768,
@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fresh_process  # noqa: E402
 from nanowarp.config import flag, parse_args as parse_flags  # noqa: E402
-from nanowarp.logprobs import token_logprobs  # noqa: E402
+from nanowarp.fast.logprobs import fused_token_logprobs  # noqa: E402
 
 
 @dataclass
@@ -65,7 +65,7 @@ def naive(hidden, weight, targets):
 
 
 def fused(chunk_size):
-    return lambda hidden, weight, targets: token_logprobs(hidden, weight, targets, chunk_size=chunk_size or None)
+    return lambda hidden, weight, targets: fused_token_logprobs(hidden, weight, targets, chunk_size=chunk_size or None)
 
 
 def cpu_seconds():

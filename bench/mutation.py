@@ -9,6 +9,7 @@ is killed / (killed + survived + not covered); a mutant that times out counts as
     python bench/mutation.py                      every module of MODULES, one after the other
     python bench/mutation.py merging rl           some of them
     python bench/mutation.py rl --out runs/mut    survivors' diffs to runs/mut/rl.txt (default: mutation/)
+    python bench/mutation.py fast.logprobs        a module of a subpackage: nanowarp/fast/logprobs.py
 
 Each module runs in a fresh copy of the project (tracked and untracked, not ignored files) so that
 its own test selection applies; it takes minutes per module on 2 cores (about a mutant a second).
@@ -30,10 +31,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = {
     "merging": (["tests/test_merging.py", "tests/test_merge_cli.py"], None),
     "logprobs": (["tests/test_logprobs.py", "tests/test_objective.py"], None),
+    "fast.logprobs": (["tests/test_logprobs.py", "tests/test_objective.py"], None),
     "sampling": (["tests/test_sampling.py", "tests/test_sampling_distribution.py", "tests/test_objective.py",
                   "tests/test_precision.py", "tests/test_lora.py"],
                  # of test_precision.py, the micro-batched and the bf16 sampler
                  "test_sampling or test_objective or test_lora or sampling_in_micro_batches or bf16_logprobs"),
+    "fast.sampling": (["tests/test_sampling_distribution.py", "tests/test_sampling.py"], None),
     "lora": (["tests/test_lora.py", "tests/test_rl.py", "tests/test_objective.py"], None),
     "rl": (["tests/test_objective.py", "tests/test_rl.py", "tests/test_rl_wiring.py", "tests/test_prompt_datasets.py",
             "tests/test_scale.py", "tests/test_precision.py", "tests/test_eval.py"],
@@ -44,6 +47,7 @@ MODULES = {
     "reward": (["tests/test_rewards.py", "tests/test_reward_sources.py", "tests/test_serve_reward.py",
                 "tests/test_objective.py"],
                "not workers and not torchrun and not stops_the_job and not dies and not example and not rises"),
+    "optim": (["tests/test_optim.py"], None),
     "warp": (["tests/test_warp_loop.py"], None),  # test_train.py runs whole jobs: in the suite
 }
 # torch.compile cannot trace mutmut's trampolines: the compiled sampler's test runs in the suite only
@@ -65,7 +69,7 @@ def mutmut_config(module, tests, keyword=None):
     """The [tool.mutmut] table for one module, its test files, the deselected tests and the -k expression."""
     def toml_list(items):
         return "[" + ", ".join(f'"{i}"' for i in items) + "]"
-    return (f"\n[tool.mutmut]\nsource_paths = [\"nanowarp\"]\nonly_mutate = [\"nanowarp/{module}.py\"]\n"
+    return (f"\n[tool.mutmut]\nsource_paths = [\"nanowarp\"]\nonly_mutate = [\"nanowarp/{module.replace('.', '/')}.py\"]\n"
             f"also_copy = {toml_list(['train.py', 'merge.py', 'eval.py', 'sample.py', 'serve_reward.py', 'bench', 'data', 'examples'])}\n"
             f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
             f"pytest_add_cli_args = {toml_list(['--deselect=' + d for d in DESELECT] + (['-k', keyword] if keyword else []))}\n"
@@ -112,12 +116,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    print(f"{'module':<10} {'mutants':>7} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} {'score':>6}")
+    print(f"{'module':<14} {'mutants':>7} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} {'score':>6}")
     for module in args.modules or list(MODULES):
         c = run_module(module, args.out)
         caught = c["killed"] + c["timeout"]
         total = caught + c["survived"] + c["no tests"] + c["suspicious"] + c["segfault"]
-        print(f"{module:<10} {total:>7} {c['killed']:>7} {c['timeout']:>7} {c['survived']:>8} {c['no tests']:>8} "
+        print(f"{module:<14} {total:>7} {c['killed']:>7} {c['timeout']:>7} {c['survived']:>8} {c['no tests']:>8} "
               f"{caught / max(total, 1):>6.1%}", flush=True)
 
 

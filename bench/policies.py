@@ -3,7 +3,7 @@ The policies the benchmarks compare on, chosen by their `--model` flag, each bui
 same random weights: in nanowarp and in transformers (the `generate`, TRL and reference-way
 contenders).
 
-- gpt2:    GPT-2 124M (nanowarp.gpt2.GPT2Config's defaults), transformers' GPT2LMHeadModel;
+- gpt2:    GPT-2 124M (nanowarp.models.gpt2.GPT2Config's defaults), transformers' GPT2LMHeadModel;
 - smollm2: a Llama of SmolLM2-135M's shape, transformers' LlamaForCausalLM. The numbers are those
            of the config.json of HuggingFaceTB/SmolLM2-135M on the Hugging Face Hub (copied here,
            nothing is downloaded): hidden size 576, 30 layers, 9 query heads sharing 3 key/value
@@ -16,9 +16,9 @@ contenders).
 
 import torch
 
-from nanowarp.gpt2 import GPT2Config
-from nanowarp.llama_config import LlamaConfig, inv_freq
 from nanowarp.lora import default_targets
+from nanowarp.models.gpt2 import GPT2Config
+from nanowarp.models.llama_config import LlamaConfig, inv_freq
 
 MODELS = ("gpt2", "smollm2")
 SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,

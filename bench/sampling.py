@@ -52,9 +52,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nanowarp.config import flag, parse_args as parse_flags  # noqa: E402
-from nanowarp.gpt2 import linear  # noqa: E402
 from nanowarp.lora import add_lora, folded, lora_modules  # noqa: E402
 from nanowarp.models import from_config  # noqa: E402
+from nanowarp.fast.matmul import linear  # noqa: E402
 from nanowarp.padding import left_pad  # noqa: E402
 from nanowarp.sampling import lm_head, sample, sample_next  # noqa: E402
 from policies import MODELS, SMOKE, block_linears, hf_model, parity, policy_config, width  # noqa: E402
@@ -139,7 +139,7 @@ def breakdown(model, idx, new_tokens):
 def matmul_floor(model, B, P, new_tokens, repeats=5):
     """Seconds that the matmuls of one sample() call take on their own: every linear layer of the
     prefill (B·P rows) and of each decoding step (B rows), and the LM head of B rows, with the
-    orientations sample() uses (gpt2.linear, sampling.lm_head), on the model's weights and random
+    orientations sample() uses (fast.matmul.linear, sampling.lm_head), on the model's weights and random
     inputs; medians of `repeats`. No attention, norms, GELU, copies or sampling: a lower bound on
     the time of any sampler that does this arithmetic in fp32 with these kernels."""
     linears = block_linears(model)

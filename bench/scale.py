@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fresh_process  # noqa: E402
 from nanowarp import checksums, hub, models  # noqa: E402
 from nanowarp.config import Config, flag, parse_args as parse_flags  # noqa: E402
-from nanowarp.llama_config import LlamaConfig  # noqa: E402
+from nanowarp.models.llama_config import LlamaConfig  # noqa: E402
 
 # the numbers of each model's config.json on the Hugging Face Hub (copied here, nothing is downloaded)
 SHAPES = {

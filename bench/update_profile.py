@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from nanowarp.gpt2 import linear
 from nanowarp.logprobs import completion_logprobs
 from nanowarp.lora import add_lora, default_targets, folded
+from nanowarp.fast.matmul import linear
 from nanowarp.optim import AdamW
 from nanowarp.rl import build_policy, ema_update
 from nanowarp.sampling import sample
@@ -72,7 +72,7 @@ def update_floor(model, B, P, N, repeats=3):
     positions and the LM head over the B x N that predict completion tokens, and the policy's
     backward to the activations through the same matmuls (W0 and the head are frozen: no weight
     gradients but the LoRA factors', rank-r products left out, as is the low-rank branch of the
-    forward). Random inputs of the same shapes, the orientations gpt2.linear picks; medians of `repeats`."""
+    forward). Random inputs of the same shapes, the orientations fast.matmul.linear picks; medians of `repeats`."""
     rows = B * (P + N - 1)
     body = [model.get_submodule(name).weight.shape for name in default_targets(model)]
     head = model.lm_head.weight.shape

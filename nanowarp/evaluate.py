@@ -36,7 +36,8 @@ import torch
 from nanowarp import merging
 from nanowarp.logger import completion_rows, progress
 from nanowarp.data import load_reviews
-from nanowarp.logprobs import completion_hidden, final_softcap, sampled_kl, sequence_kl, token_logprobs
+from nanowarp.fast.logprobs import fused_sequence_kl, fused_token_logprobs
+from nanowarp.logprobs import completion_hidden, final_softcap, sampled_kl
 from nanowarp.reward import batch_columns, decode_texts
 from nanowarp.sampling import first_eos, sample
 from nanowarp.supervised import fit_review, perplexity, test_subset
@@ -106,13 +107,13 @@ def evaluate(policy, ref, reward, prompts, tokenizer, eos_id, max_new_tokens=128
         ref_tokens = sampled.tokens.to(ref_device)  # on the reference's device
         ref_hidden = completion_hidden(ref, sampled.prompt.to(ref_device), sampled.prompt_mask.to(ref_device),
                                        ref_tokens)
-        ref_logprobs = token_logprobs(ref_hidden, ref.lm_head.weight, ref_tokens, temperature,
+        ref_logprobs = fused_token_logprobs(ref_hidden, ref.lm_head.weight, ref_tokens, temperature,
                                       softcap=final_softcap(ref))
         mask = sampled.mask.to(ref_device)
         kls.append(sampled_kl(sampled.logprobs.to(ref_device), ref_logprobs, mask).cpu())
         # Σ_k KL(π(·|…) ‖ π_ref(·|…)) at the same positions, from one forward pass of the policy
         hidden = completion_hidden(policy, sampled.prompt, sampled.prompt_mask, sampled.tokens).to(ref_device)
-        kls_exact.append(sequence_kl(hidden, policy.lm_head.weight.to(ref_device), ref_hidden, ref.lm_head.weight,
+        kls_exact.append(fused_sequence_kl(hidden, policy.lm_head.weight.to(ref_device), ref_hidden, ref.lm_head.weight,
                                      mask, temperature, softcap=final_softcap(policy),
                                      ref_softcap=final_softcap(ref)).cpu())
         n_tokens = sampled.mask.sum(1)

@@ -1,5 +1,6 @@
 """
-LoRA (Hu et al. 2021, arXiv 2106.09685): a frozen weight W0 plus a trainable low-rank update,
+θ_m of Algorithm 1, the weights an RL run trains, as LoRA (Hu et al. 2021, arXiv 2106.09685): a frozen
+weight W0 plus a trainable low-rank update,
 
     y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ,      A: (r, in), B: (out, r), s = alpha / r.
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanowarp.gpt2 import linear
+from nanowarp.fast.matmul import linear
 
 
 class LoRALinear(nn.Linear):

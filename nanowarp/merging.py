@@ -1,5 +1,8 @@
 """
-Weight merging for WARP: task vectors, SLERP, LERP and LITI on dense state dicts.
+Weight merging for WARP, the last two lines of Algorithm 1's iteration, on dense state dicts:
+
+    θ_slerp ← SLERP(θ_init, {θ_m}, λ = 1/M)        of the task vectors δ_m = θ_m − θ_init
+    θ_init ← (1 − η) θ_init + η θ_slerp            LITI (LERP is the ablation of SLERP)
 
 References: Ramé et al. 2024, "WARP: On the Benefits of Weight Averaged Rewarded Policies"
 (arXiv 2406.16768), section 3 and appendix B.3; Shoemake 1985 for SLERP.

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 import torch
 
 from nanowarp import hub
-from nanowarp.distilbert import DistilBertClassifier
 from nanowarp.hub import CheckpointError
 from nanowarp.models import CLASSIFIERS as DECODER_CLASSIFIERS
+from nanowarp.models.distilbert import DistilBertClassifier
 from nanowarp.padding import right_pad
 from nanowarp.tokenizer import load_tokenizer
 

@@ -1,13 +1,15 @@
 """
 One RL run of WARP (Algorithm 1 of Ramé et al. 2024, lines 4–10): REINFORCE or RLOO on a LoRA
 policy, rewarded by nanowarp.reward's Reward (a classifier, reward functions, reward servers) and
-regularised by a KL penalty against an EMA anchor.
+regularised by a KL penalty against an EMA anchor. `rl_step` is one step, as the paper writes it:
 
     y ~ π_θ(·|x)
     r_β(x, y) = r(x, y) − β · Σ_k [log π_θ(y_k|x, y_<k) − log π_ema(y_k|x, y_<k)]
     A = r_β − b        (b = 0 for REINFORCE; the leave-one-out mean for RLOO)
-    θ ← AdamW(θ, ∇ −mean[A · Σ_k log π_θ(y_k|x, y_<k)])
-    θ_ema ← (1 − μ) θ_ema + μ θ
+    ∇ −mean[A · Σ_k log π_θ(y_k|x, y_<k)]
+
+and `rl_run` the loop around it: θ ← AdamW(θ, that gradient), θ_ema ← (1 − μ) θ_ema + μ θ, with the
+prompt order, precision, resuming, signals, logging and timing.
 
 The KL term is a single-sample, sequence-level estimate on the sampled tokens; it is part of
 the reward, so no gradient flows through it. The anchor is the EMA of the policy's *effective*
@@ -20,22 +22,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from nanowarp import hub
 from nanowarp.config import resolve_device
 from nanowarp.data import load_prepared_prompts
-from nanowarp.gpt2 import linear
 from nanowarp.logger import completion_rows
 from nanowarp.logprobs import completion_logprobs, sampled_kl
 from nanowarp.lora import add_lora, effective_state_dict, folded, lora_modules, named_targets
 from nanowarp.memory import build_empty, set_weights
 from nanowarp.models import eos_ids, from_config, load_config
 from nanowarp.optim import adamw
-from nanowarp.parallel import Interrupted, stop_requested
 from nanowarp.prompts import load_prompt_dataset, max_prompt_tokens
 from nanowarp.reward import batch_columns, decode_texts, load_reward
+from nanowarp.run_state import AnchorLinear, restore_training_state, training_state
 from nanowarp.sampling import sample_micro_batches
+from nanowarp.signals import Interrupted, stop_requested
 from nanowarp.tokenizer import load_tokenizer
 
 
@@ -100,20 +101,6 @@ def ema_update(anchor, policy, mu, master=None):
             master[name].lerp_(module.delta_weight(), mu)
 
 
-class AnchorLinear(nn.Module):
-    """bf16: an adapted matrix of the anchor, W0 + δ, never stored: W0 is the policy's frozen bf16
-    weight (shared), δ the float32 EMA master (a buffer); each forward rounds W0 + δ to bf16 once,
-    one matrix at a time, instead of a bf16 copy of every adapted matrix held beside the policy's."""
-
-    def __init__(self, linear_layer, delta):
-        super().__init__()
-        self.weight, self.bias = linear_layer.weight, linear_layer.bias
-        self.register_buffer("delta", delta, persistent=False)
-
-    def forward(self, x):
-        return linear(x, (self.weight.float() + self.delta).to(self.weight.dtype), self.bias)
-
-
 def decode(tokenizer, prompts, tokens, lengths):
     """Prompt + completion text for the reward model (EOS and padding dropped)."""
     ids = [p + t[:n] for p, t, n in zip(prompts, tokens.tolist(), lengths.tolist())]
@@ -158,53 +145,101 @@ def micro_batches(batch_size, micro_batch_size):
     return [slice(start, start + step) for start in range(0, batch_size, step)]
 
 
-def training_state(step, policy, anchor, opt, sched, generator, order, queue, master=None):
-    """Everything a run needs to continue after `step` steps exactly as if never stopped: the LoRA
-    factors, the EMA anchor's adapted weights (in bf16 its float32 master δ), AdamW and schedule
-    state, and every random stream. It holds the live tensors (no copies): save it before the next step."""
-    adapted = [name for name, _ in lora_modules(policy)]
-    return dict(step=step, lora={n: p.detach() for n, p in policy.named_parameters() if p.requires_grad},
-                anchor=master or {n: anchor.get_submodule(n).weight.detach() for n in adapted},
-                optimizer=opt.state_dict(), scheduler=sched.state_dict(), generator=generator.get_state(),
-                order=order.bit_generator.state, queue=list(queue), torch_rng=torch.get_rng_state(),
-                cuda_rng=torch.cuda.get_rng_state(generator.device) if generator.device.type == "cuda" else None)
+@dataclass
+class StepOutput:
+    """What one rl_step returns, beside the gradient it leaves in the policy's LoRA factors."""
+    loss: torch.Tensor  # −mean[A · Σ_k log π_θ(y_k|…)], detached
+    metrics: dict  # reward, kl, r_beta, length, finished: batch means
+    sources: dict  # reward/<name>: the batch mean of each reward source
+    samples: object  # sampling.Samples: the completions y
+    rewards: torch.Tensor  # r(x, y), (B,)
+    kl: torch.Tensor  # Σ_k log π_θ(y_k|…) − log π_ema(y_k|…), (B,)
 
 
-@torch.no_grad()
-def restore_training_state(state, policy, anchor, opt, sched, generator, order, master=None):
-    """Load a `training_state` back; returns (steps done, prompt queue)."""
-    params = dict(policy.named_parameters())
-    for n, v in state["lora"].items():
-        params[n].copy_(v)
-    for n, v in state["anchor"].items():
-        (anchor.get_submodule(n).weight if master is None else master[n]).copy_(v)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    generator.set_state(state["generator"])
-    order.bit_generator.state = state["order"]
-    torch.set_rng_state(state["torch_rng"])  # LoRA dropout
-    if state["cuda_rng"] is not None:
-        torch.cuda.set_rng_state(state["cuda_rng"], generator.device)
-    return state["step"], list(state["queue"])
+def rl_step(policy, anchor, prompts, columns, cfg, resources, generator, step=0, clock=lambda phase: None):
+    """One step of Algorithm 1's inner loop up to the gradient, on a batch of prompts x (k copies of
+    each, consecutive): sample y ~ π_θ(·|x), reward it, r_β = r − β·KL to the anchor, advantages
+    (REINFORCE: A = r_β; RLOO: minus the leave-one-out mean), and the backward of the policy-gradient
+    loss −mean[A · Σ_k log π_θ(y_k|…)]. `columns`: the prompt rows' other fields, for the reward;
+    `clock(phase)` marks the end of each phase ("sample", "score", "anchor", "policy") for the timers.
+    cfg.micro_batch_size rows go through each model at a time (micro_batches); the gradients accumulate."""
+    chunks = micro_batches(len(prompts), cfg.micro_batch_size)  # whole RLOO groups (validate)
+
+    # 1. sample y ~ π_θ(·|x), with the behaviour log-probs, from the LoRA folded into W0 + s·B·A
+    policy.eval()
+    with folded(policy):
+        sampled = sample_micro_batches(policy, prompts, cfg.max_new_tokens, cfg.micro_batch_size, generator,
+                                       eos_token_id=resources.eos_id, temperature=cfg.temperature)
+    mask = sampled.mask.float()
+    clock("sample")
+
+    # 2. reward r(x, y) = Σ_s w_s r_s(x, y) of the decoded texts and the prompt rows' columns, −1 without EOS
+    rewards, sources = score(resources, prompts, columns, sampled, chunks)
+    clock("score")
+
+    # 3. r_β = r − β · Σ_k log π_θ/π_ema (sequence level, sampled tokens, no gradient); the advantages
+    with torch.no_grad():
+        anchor_lp = torch.cat([completion_logprobs(anchor, sampled.prompt[c], sampled.prompt_mask[c],
+                                                   sampled.tokens[c], cfg.temperature) for c in chunks])
+    kl = sampled_kl(sampled.logprobs, anchor_lp, mask)
+    r_beta = rewards - cfg.kl_coef * kl
+    adv = rloo_advantages(r_beta, cfg.rloo_k)
+    if cfg.whiten:
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    if cfg.kl_per_token:  # token t is charged only the KL from t on: add back β · the KL before it
+        token_kl = (sampled.logprobs - anchor_lp) * mask
+        adv = adv[:, None] + cfg.kl_coef * (token_kl.cumsum(1) - token_kl)
+    clock("anchor")
+
+    # 4. the policy-gradient loss −mean[A · Σ_k log π_θ(y_k|…)] and its backward, one micro-batch at a
+    #    time: each adds −Σ_{its rows}[…] / B to the loss and its gradient to the accumulated one
+    policy.train()
+    loss = 0.0
+    for c in chunks:
+        logp = completion_logprobs(policy, sampled.prompt[c], sampled.prompt_mask[c], sampled.tokens[c],
+                                   cfg.temperature)
+        if cfg.kl_per_token:  # A_t = r − β · Σ_{j ≥ t} log π/π_ema − baseline, per token
+            part = -(adv[c] * logp * mask[c]).sum() / len(prompts)
+        else:
+            part = -(adv[c] * (logp * mask[c]).sum(1)).sum() / len(prompts)  # bit for bit .mean() of one chunk
+        check_finite(step, reward=rewards, loss=part)
+        part.backward()
+        loss = loss + part.detach()
+    clock("policy")
+    metrics = dict(reward=rewards.mean().item(), kl=kl.mean().item(), r_beta=r_beta.mean().item(),
+                   length=sampled.mask.sum(1).float().mean().item(), finished=sampled.finished.float().mean().item())
+    return StepOutput(loss, metrics, sources, sampled, rewards, kl)
+
+
+def score(resources, prompts, columns, sampled, chunks):
+    """The rewards r(x, y) (B,) of the decoded prompts + completions, scored micro-batch by micro-batch,
+    and the batch mean of each reward source, {"reward/<name>": mean}."""
+    lengths = sampled.mask.sum(1)
+    texts = decode_texts(resources.tokenizer, prompts, sampled.tokens, lengths)
+    scored = [resources.reward.score(texts[c], sampled.finished[c], batch_columns(columns, range(len(prompts))[c]))
+              for c in chunks]
+    rewards = torch.cat([r for r, _ in scored]).to(resources.device)
+    return rewards, {f"reward/{name}": torch.cat([parts[name] for _, parts in scored]).mean().item()
+                     for name in scored[0][1]}
 
 
 def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resume=None, save_state=None,
            log_completions=None):
-    """Train one policy from θ_init (dense, Hugging Face layout) for cfg.steps steps and return
-    its effective dense weights (Hugging Face layout, on the CPU).
+    """Train one policy from θ_init (dense, Hugging Face layout) for cfg.steps steps of rl_step, each
+    followed by the optimizer's step and the EMA anchor's update, and return its effective dense
+    weights (Hugging Face layout, on the CPU). Around the algorithm, the infrastructure: the prompt
+    order, precision, resuming, stopping on a signal, logging and timing.
 
     With `save_state`, the run calls save_state(training_state(...)) every cfg.save_every steps;
     `resume`, such a state, continues the run from there with the same result as a run never stopped.
     With `log_completions`, every cfg.log_completions steps it gets (step, a few completion rows).
-    After a SIGINT / SIGTERM (parallel.stop_requested) it saves that state (with save_every) and raises
-    parallel.Interrupted at the end of the step, unless that was the last one.
+    After a SIGINT / SIGTERM (signals.stop_requested) it saves that state (with save_every) and raises
+    signals.Interrupted at the end of the step, unless that was the last one.
 
     cfg.dtype bfloat16: the policy's frozen weights, the anchor (which shares them) and the sampler
     run in bf16; the LoRA factors, AdamW's state, the anchor's master (`master`: the EMA of the adapted
     matrices' update, δ = θ_ema − W0), the log-probs, the KL and the returned weights are float32
-    (docs/precision.md#which-tensor-is-in-which-dtype). cfg.micro_batch_size: sampling, scoring,
-    the anchor's log-probs and the policy's forward and backward run that many completions at a
-    time; the gradients accumulate."""
+    (docs/precision.md#which-tensor-is-in-which-dtype)."""
     device, k, dtype = resources.device, cfg.rloo_k, getattr(torch, cfg.dtype)
     torch.manual_seed(seed)  # LoRA's A initialisation
     policy = build_policy(theta_init, resources.model_config, device, dtype)
@@ -226,83 +261,32 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
         start, queue = restore_training_state(resume, policy, anchor, opt, sched, generator, order, master)
 
     for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
+        marks = {"start": time.perf_counter()}
         while len(queue) < n_prompts:  # a fresh permutation of the prompt set each epoch
             queue += order.permutation(len(resources.prompts)).tolist()
         batch, queue = queue[:n_prompts], queue[n_prompts:]
-        prompts = [resources.prompts[i] for i in batch for _ in range(k)]  # k consecutive copies per prompt
+        rows = [i for i in batch for _ in range(k)]  # k consecutive copies of each prompt
+        prompts, columns = [resources.prompts[i] for i in rows], batch_columns(resources.columns, rows)
 
-        # 1. sample y ~ π_θ(·|x), with the behaviour log-probs, from the LoRA folded into W0 + s·B·A
-        policy.eval()
-        with folded(policy):
-            sampled = sample_micro_batches(policy, prompts, cfg.max_new_tokens, cfg.micro_batch_size, generator,
-                                           eos_token_id=resources.eos_id, temperature=cfg.temperature)
-        mask = sampled.mask.float()
-        chunks = micro_batches(len(prompts), cfg.micro_batch_size)  # whole RLOO groups (validate)
-        t1 = time.perf_counter()
-
-        # 2. reward r(x, y) = Σ_s w_s r_s(x, y) of the decoded texts and the prompt rows' columns, −1 without EOS
-        lengths = sampled.mask.sum(1)
-        texts = decode_texts(resources.tokenizer, prompts, sampled.tokens, lengths)
-        columns = batch_columns(resources.columns, [i for i in batch for _ in range(k)])
-        scored = [resources.reward.score(texts[c], sampled.finished[c], batch_columns(columns, range(len(prompts))[c]))
-                  for c in chunks]
-        rewards = torch.cat([r for r, _ in scored]).to(device)
-        sources = {f"reward/{name}": torch.cat([parts[name] for _, parts in scored]).mean().item()
-                   for name in scored[0][1]}
-        t2 = time.perf_counter()
-
-        # 3. r_β = r − β · Σ_k log π_θ/π_ema (sequence level, sampled tokens, no gradient)
-        with torch.no_grad():
-            anchor_lp = torch.cat([completion_logprobs(anchor, sampled.prompt[c], sampled.prompt_mask[c],
-                                                       sampled.tokens[c], cfg.temperature) for c in chunks])
-        kl = sampled_kl(sampled.logprobs, anchor_lp, mask)
-        r_beta = rewards - cfg.kl_coef * kl
-        adv = rloo_advantages(r_beta, k)
-        if cfg.whiten:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        if cfg.kl_per_token:  # token t is charged only the KL from t on: add back β · the KL before it
-            token_kl = (sampled.logprobs - anchor_lp) * mask
-            adv = adv[:, None] + cfg.kl_coef * (token_kl.cumsum(1) - token_kl)
-        t_anchor = time.perf_counter()
-
-        # 4. policy-gradient step on −mean[A · Σ_k log π_θ(y_k|…)], one micro-batch at a time:
-        #    each adds −Σ_{its rows}[…] / B to the loss and its gradient to the accumulated one
-        policy.train()
         opt.zero_grad(set_to_none=True)
-        loss = 0.0
-        for c in chunks:
-            logp = completion_logprobs(policy, sampled.prompt[c], sampled.prompt_mask[c], sampled.tokens[c],
-                                       cfg.temperature)
-            if cfg.kl_per_token:  # A_t = r − β · Σ_{j ≥ t} log π/π_ema − baseline, per token
-                part = -(adv[c] * logp * mask[c]).sum() / len(prompts)
-            else:
-                part = -(adv[c] * (logp * mask[c]).sum(1)).sum() / len(prompts)  # bit for bit .mean() of one chunk
-            check_finite(step + 1, reward=rewards, loss=part)
-            part.backward()
-            loss = loss + part.detach()
-        t_policy = time.perf_counter()
+        out = rl_step(policy, anchor, prompts, columns, cfg, resources, generator, step + 1,
+                      clock=lambda phase: marks.__setitem__(phase, time.perf_counter()))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         check_finite(step + 1, gradient=grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
-        t_optimizer = time.perf_counter()
-
-        # 5. EMA anchor update, after every optimizer step
-        if cfg.anchor == "ema":
+        marks["optimizer"] = time.perf_counter()
+        if cfg.anchor == "ema":  # θ_ema ← (1 − μ) θ_ema + μ θ, after every optimizer step
             ema_update(anchor, policy, cfg.ema_rate, master)
-        t3 = time.perf_counter()
+        marks["ema"] = time.perf_counter()
 
-        log(dict(step=step + 1, reward=rewards.mean().item(), kl=kl.mean().item(), r_beta=r_beta.mean().item(),
-                 length=lengths.float().mean().item(), finished=sampled.finished.float().mean().item(), lr=lr,
-                 grad_norm=grad_norm.item(), loss=loss.item(), tokens_per_s=lengths.sum().item() / (t3 - t0),
-                 time_sample=t1 - t0, time_score=t2 - t1, time_update=t3 - t2, time_anchor=t_anchor - t2,
-                 time_policy=t_policy - t_anchor, time_optimizer=t_optimizer - t_policy, time_ema=t3 - t_optimizer,
-                 **sources))
+        lengths = out.samples.mask.sum(1)
+        log(dict(step=step + 1, **out.metrics, lr=lr, grad_norm=grad_norm.item(), loss=out.loss.item(),
+                 tokens_per_s=lengths.sum().item() / (marks["ema"] - marks["start"]), **timers(marks), **out.sources))
         if log_completions is not None and cfg.log_completions and (step + 1) % cfg.log_completions == 0:
-            shown = completion_rows(resources.tokenizer, prompts, sampled.tokens, lengths, rewards, kl)
-            log_completions(step + 1, shown)
+            log_completions(step + 1, completion_rows(resources.tokenizer, prompts, out.samples.tokens, lengths,
+                                                      out.rewards, out.kl))
         stop = stop_requested() if step + 1 < cfg.steps else 0  # SIGINT / SIGTERM: stop after this step
         if save_state is not None and cfg.save_every and step + 1 < cfg.steps and \
                 ((step + 1) % cfg.save_every == 0 or stop):
@@ -317,3 +301,11 @@ def rl_run(theta_init, run, seed, cfg, resources, log=lambda metrics: None, resu
             delta = policy.hf_state_dict({f"{name}.weight": m.delta_weight() for name, m in lora_modules(policy)})
             theta = {k: v.float() + delta[k].cpu() if k in delta else v.float() for k, v in theta_init.items()}
     return {name: t.detach().cpu() for name, t in theta.items()}
+
+
+def timers(marks):
+    """The seconds of a step's phases, from the times `marks` at the end of each (and at "start")."""
+    return dict(time_sample=marks["sample"] - marks["start"], time_score=marks["score"] - marks["sample"],
+                time_update=marks["ema"] - marks["score"], time_anchor=marks["anchor"] - marks["score"],
+                time_policy=marks["policy"] - marks["anchor"], time_optimizer=marks["optimizer"] - marks["policy"],
+                time_ema=marks["ema"] - marks["optimizer"])

@@ -1,6 +1,6 @@
 """
-Sampling completions from GPT-2 or a Llama-layout model with a static KV cache, in the style of
-gpt-fast's generate.py.
+y ~ π_θ(·|x), the first line of an RL step in Algorithm 1: sampling completions from GPT-2 or a
+Llama-layout model with a static KV cache, in the style of gpt-fast's generate.py.
 
 References:
 1) gpt-fast (github.com/pytorch-labs/gpt-fast), generate.py: `prefill`, `decode_one_token`,
@@ -22,10 +22,8 @@ Positions count from each row's first real token (see gpt2.py), so a padded row 
 would alone. A row that sampled EOS keeps being computed (static shapes) but what it emits after
 is replaced by the pad id, masked out and given log-prob 0.
 
-Sampling draws from softmax(logits / temperature) by inverse CDF: uniform random numbers, running
-sums of the probabilities and binary searches (`inverse_cdf`), no device sync. `torch.multinomial`
-over a (64, 50257) table costs as much as the LM head on a CPU: there it runs the exponential
-race argmax(p / Exp(1)), which needs B×V random numbers, ~10x the cost of a running sum.
+Sampling draws from softmax(logits / temperature) by inverse CDF (nanowarp/fast/sampling.py: 8 ms
+of a 64-row GPT-2 decoding step on a CPU where `torch.multinomial`, the plain draw, takes 84 ms).
 
 Returned log-probs are those of the sampled tokens under softmax(logits / temperature), the
 distribution the RL loss and the KL penalty use, so the RL loop need not recompute the behaviour
@@ -37,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nanowarp.fast.matmul import head_logits
+from nanowarp.fast.sampling import inverse_cdf
 from nanowarp.logprobs import final_softcap
 from nanowarp.padding import left_pad
 
@@ -65,54 +65,22 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, pro
     logits (B, V). Returns token (B,) int64 and its log-prob (B,) float32 under the unrestricted
     softmax(logits / temperature). No device sync: safe inside a GPU decoding loop.
     probs_out: an optional contiguous fp32 (B, V) buffer for the probabilities.
-    rows: see inverse_cdf.
+    rows: see fast.sampling.inverse_cdf.
     """
     logits = logits.float()
     if temperature != 1.0:
         logits = torch.div(logits, temperature, out=probs_out)
     probs = torch.softmax(logits, dim=-1, out=probs_out)  # (B, V), in place if logits is probs_out
     weights = probs if top_k == 0 and top_p >= 1.0 else truncate(probs, top_k, top_p)
-    token = inverse_cdf(weights, generator, rows=rows)
+    token = inverse_cdf(weights, generator, rows=rows)  # multinomial(weights, generator), fast
     logprob = probs.gather(1, token[:, None]).squeeze(1).log()
     return token, logprob
 
 
-def inverse_cdf(weights, generator=None, block=1024, rows=None):
-    """One index per row of weights (B, V) >= 0, drawn with probability proportional to its weight.
-
-    Inverse CDF in two levels: a block of `block` indices, from the running sum of the blocks'
-    weights, then an index within it, from the running sum inside the block. Each running sum
-    adds a few dozen or a thousand numbers, so fp32 keeps every share exact to ~1e-7 of its block
-    and nothing of size (B, V) is allocated. One fp32 cumsum over 50257 tokens would shift each
-    token's share by up to 6e-8 absolute, the whole probability of a rare token (a total variation
-    of ~3e-4 per draw); an fp64 one, with its (B, V) fp64 buffers, made a whole sampling step
-    several times slower on a CPU. A zero weight is never drawn.
-
-    rows = (start, total): these B rows are rows start..start+B-1 of a batch of `total`; the random
-    numbers of the whole batch are drawn and these rows' used, so that a batch sampled a piece
-    at a time gets the tokens of the whole batch (see sample_micro_batches).
-    """
-    B, V = weights.shape
-    if rows is None:
-        u = 1.0 - torch.rand(B, 2, generator=generator, device=weights.device)  # in (0, 1]
-    else:
-        start, total = rows
-        u = 1.0 - torch.rand(total, 2, generator=generator, device=weights.device)[start:start + B]
-    n_full = V // block
-    block_weight = weights[:, :n_full * block].unflatten(1, (n_full, block)).sum(-1)  # (B, n_full)
-    if V % block:  # the last, shorter block
-        block_weight = torch.cat([block_weight, weights[:, n_full * block:].sum(-1, keepdim=True)], dim=1)
-    b = _first_reaching(block_weight.cumsum(-1), u[:, :1])  # (B, 1), the block
-    idx = b * block + torch.arange(block, device=weights.device)  # (B, block), its indices
-    within = weights.gather(1, idx.clamp(max=V - 1)) * (idx < V)  # (B, block), 0 past the end
-    return (b * block + _first_reaching(within.cumsum(-1), u[:, 1:])).squeeze(1)
-
-
-def _first_reaching(cdf, u):
-    """Per row of cdf (B, n), a running sum of weights, the first index where it reaches u times
-    the total, u (B, 1) in (0, 1]: index i is drawn with probability weight_i / total, and an
-    index of weight 0 never (the sum only reaches a new value at an index that adds weight)."""
-    return torch.searchsorted(cdf, u * cdf[:, -1:])
+def multinomial(weights, generator=None):
+    """One index per row of weights (B, V) >= 0, drawn with probability proportional to its weight:
+    the plain draw, which fast.sampling.inverse_cdf does faster on a CPU (the tests compare the two)."""
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
 def truncate(probs, top_k, top_p):
@@ -133,17 +101,12 @@ def truncate(probs, top_k, top_p):
 # ---- the model steps (gpt-fast's split) --------------------------------------------------------
 
 def lm_head(model, hidden, out=None):
-    """Logits (B, V) of the last hidden states (B, C), the product model.lm_head computes, taken
-    as (W·hᵀ)ᵀ: with a few dozen rows, MKL runs that orientation ~1.5x faster than h·Wᵀ on a
-    CPU (measured with GPT-2's 50257 x 768 head), and the LM head is a third of a decoding step.
-    out: an optional (V, B) buffer to write W·hᵀ into; the result is its transpose.
-    A bf16 model's head runs in float32 (model.head_fp32, set by `sample`): GPT-2's logits are
-    around -100, where bf16's step is 0.5, too coarse for the log-probs the KL penalty sums.
-    Gemma 2's logits are soft-capped here, as its forward caps them."""
-    if model.head_fp32 is not None:
-        logits = torch.mm(model.head_fp32, hidden.float().t(), out=out).t()
-    else:
-        logits = torch.mm(model.lm_head.weight, hidden.t(), out=out).t()
+    """Logits (B, V) of the last hidden states (B, C), the product model.lm_head computes, taken as
+    (W·hᵀ)ᵀ (fast.matmul.head_logits; out: its optional (V, B) buffer). A bf16 model's head runs in
+    float32 (model.head_fp32, set by `sample`): GPT-2's logits are around -100, where bf16's step is
+    0.5, too coarse for the log-probs the KL penalty sums. Gemma 2's logits are soft-capped here."""
+    weight = model.head_fp32 if model.head_fp32 is not None else model.lm_head.weight
+    logits = head_logits(weight, hidden.float() if model.head_fp32 is not None else hidden, out)
     cap = final_softcap(model)
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
@@ -225,7 +188,7 @@ def sample(model, prompts, max_new_tokens, eos_token_id=None, temperature=1.0, t
     it compiled for a minute and ran no faster, hence off by default. top_p < 1 without top_k
     sorts the whole vocabulary at every step: slow on a CPU. The model runs as it is: put it in
     eval mode if it has dropout. rows = (start, total): the prompts are rows start.. of a batch
-    of `total` (see inverse_cdf and sample_micro_batches).
+    of `total` (see fast.sampling.inverse_cdf and sample_micro_batches).
 
     Returns Samples; N = max_new_tokens without eos_token_id, else the longest completion.
     The model's caches are set up here and cleared on return, so it is ready for training again.

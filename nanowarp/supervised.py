@@ -27,17 +27,18 @@ import torch.nn.functional as F
 from nanowarp import hub
 from nanowarp.card import model_card, write_card
 from nanowarp.data import load_reviews
-from nanowarp.distilbert import DistilBertClassifier
-from nanowarp.job import kill_point, move_aside, read_state, write_state
+from nanowarp.jobs.folder import kill_point, move_aside, read_state, write_state
 from nanowarp.logger import progress
-from nanowarp.logprobs import final_softcap, token_logprobs
+from nanowarp.fast.logprobs import fused_token_logprobs
+from nanowarp.logprobs import final_softcap
 from nanowarp.lora import add_lora, effective_state_dict, named_targets
 from nanowarp.models import eos_ids, from_pretrained, save_policy
+from nanowarp.models.distilbert import DistilBertClassifier
 from nanowarp.optim import adamw
 from nanowarp.padding import right_pad
-from nanowarp.parallel import Interrupted, stop_requested
 from nanowarp.reward import load_classifier
 from nanowarp.sampling import first_eos
+from nanowarp.signals import Interrupted, stop_requested
 from nanowarp.tokenizer import load_tokenizer
 
 
@@ -165,8 +166,8 @@ def fit(model, params, steps, loss_fn, cfg, device, name, log, grad_clip=None, o
     With `out` (the stage's folder), the training state (trained weights, AdamW, schedule, random
     generators, steps done) goes to OUT/state.pt every cfg.save_every steps, and a state found there
     is continued from: the weights are those of a run never stopped (bit for bit on a CPU). After a
-    SIGINT / SIGTERM (parallel.stop_requested) the loop saves that state (with save_every) and raises
-    parallel.Interrupted at the end of the step, unless that was the last one."""
+    SIGINT / SIGTERM (signals.stop_requested) the loop saves that state (with save_every) and raises
+    signals.Interrupted at the end of the step, unless that was the last one."""
     opt, sched = adamw(params, cfg.train_lr, cfg.weight_decay, warmup_steps(cfg, len(steps)), len(steps))
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     path = out and os.path.join(out, "state.pt")
@@ -267,7 +268,7 @@ def train_reward_model(cfg, device, log=print, model=None, tokenizer_folder=None
 def lm_loss(model, ids, mask):
     """Mean next-token negative log-likelihood over real tokens (right-padded ids, mask)."""
     h = model.hidden_states(ids[:, :-1], mask[:, :-1])
-    logp = token_logprobs(h, model.lm_head.weight, ids[:, 1:], softcap=final_softcap(model))
+    logp = fused_token_logprobs(h, model.lm_head.weight, ids[:, 1:], softcap=final_softcap(model))
     target_mask = mask[:, 1:].float()
     return -(logp * target_mask).sum() / target_mask.sum()
 

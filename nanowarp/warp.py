@@ -11,14 +11,14 @@ Everything here is dense weights in the Hugging Face layout: each run's LoRA is 
 effective weights before merging, and the next iteration puts a fresh LoRA on the merged θ_init.
 
 The pieces: one RL run in nanowarp/rl.py, the merges in nanowarp/merging.py. What the loop asks of
-the disk and of other processes is one call each on a `Job` (nanowarp/runner.py): the job folder
+the disk and of other processes is one call each on a `Job` (nanowarp/jobs/job.py): the job folder
 (--out_dir) with its crash safety, so that the same command resumes a stopped job, is
-nanowarp/job.py; the runs of an iteration side by side (--workers, torchrun) nanowarp/parallel.py.
+nanowarp/jobs/folder.py; the runs of an iteration side by side (--workers, torchrun) nanowarp/jobs/parallel.py.
 """
 
 from nanowarp import merging
 from nanowarp.config import validate
-from nanowarp.runner import open_job
+from nanowarp.jobs.job import open_job
 
 
 def warp(cfg, resources=None, log=print):

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from nanowarp.config import parse_args
-from nanowarp.gpt2 import GPT2, GPT2Classifier, GPT2ClassifierConfig, GPT2Config
 from nanowarp.models import save_policy
-from nanowarp.tokenizer import EOS
+from nanowarp.models.gpt2 import GPT2, GPT2Classifier, GPT2ClassifierConfig, GPT2Config
 from nanowarp.study import tiny
+from nanowarp.tokenizer import EOS
 
 pytest_plugins = ["pytester"]  # test_no_silent_skips.py runs a pytest session inside the suite's
 
@@ -201,7 +201,7 @@ def prepared_imdb_dir(tmp_path_factory, imdb_dir, bpe_dir):
 def tiny_reward_dir(tmp_path_factory):
     """A random 2-layer DistilBERT sentiment classifier (labels NEGATIVE, POSITIVE) with a
     WordPiece tokenizer trained on REVIEWS, in the Hugging Face layout (vocab.txt)."""
-    from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig
+    from nanowarp.models.distilbert import DistilBertClassifier, DistilBertConfig
     folder = wordpiece_folder(str(tmp_path_factory.mktemp("reward")))
     with open(os.path.join(folder, "vocab.txt"), encoding="utf-8") as f:
         vocab = [line.rstrip("\n") for line in f]
@@ -271,10 +271,10 @@ class Killed(Exception):
 
 
 def stop_at(monkeypatch, point):
-    """The job raises Killed the first time it reaches the kill point `point` (nanowarp.job.kill_point),
+    """The job raises Killed the first time it reaches the kill point `point` (nanowarp.jobs.folder.kill_point),
     where NANOWARP_KILL_AT=point would SIGKILL it: the same files on disk, without a process of its own."""
-    import nanowarp.job
-    import nanowarp.runner
+    import nanowarp.jobs.folder
+    import nanowarp.jobs.job
     reached = []
 
     def kill_point(name):
@@ -282,7 +282,7 @@ def stop_at(monkeypatch, point):
             reached.append(name)
             raise Killed(name)
 
-    for module in (nanowarp.job, nanowarp.runner):
+    for module in (nanowarp.jobs.folder, nanowarp.jobs.job):
         monkeypatch.setattr(module, "kill_point", kill_point)
 
 

@@ -196,10 +196,11 @@ def test_mutation_bench_configures_one_module_and_refuses_unknown_ones():
     mutation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mutation)
     for module, (tests, keyword) in mutation.MODULES.items():
-        assert os.path.isfile(os.path.join(ROOT, "nanowarp", f"{module}.py")), module
+        path = "nanowarp/" + module.replace(".", "/") + ".py"  # fast.logprobs: nanowarp/fast/logprobs.py
+        assert os.path.isfile(os.path.join(ROOT, path)), module
         assert all(os.path.isfile(os.path.join(ROOT, t)) for t in tests), (module, tests)
         config = mutation.mutmut_config(module, tests, keyword).splitlines()
-        assert config[1] == "[tool.mutmut]" and f'only_mutate = ["nanowarp/{module}.py"]' in config
+        assert config[1] == "[tool.mutmut]" and f'only_mutate = ["{path}"]' in config
         assert "pytest_add_cli_args_test_selection = [" + ", ".join(f'"{t}"' for t in tests) + "]" in config
     with pytest.raises(SystemExit):
         mutation.main(["nanowarp_no_such_module"])

@@ -16,9 +16,9 @@ import sample as sample_cli
 import train
 from conftest import assert_same_weights, final_weights, in_process, perturbed_copy
 from nanowarp import checksums, hub
-from nanowarp.job import read_state, write_state
-from nanowarp.gpt2 import GPT2
+from nanowarp.jobs.folder import read_state, write_state
 from nanowarp.models import save_policy
+from nanowarp.models.gpt2 import GPT2
 from safetensors.torch import load_file
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig
 from nanowarp.hub import CheckpointError
+from nanowarp.models.distilbert import DistilBertClassifier, DistilBertConfig
 
 transformers = pytest.importorskip("transformers")
 

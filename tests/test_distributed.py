@@ -18,8 +18,8 @@ import train
 from conftest import ROOT, Killed, assert_same_weights, final_weights, in_process, leftovers, stop_at
 from nanowarp.config import parse_args
 from nanowarp.data import DataError
-from nanowarp.parallel import Group, restart_warning
-from nanowarp.runner import choose_root
+from nanowarp.jobs.job import choose_root
+from nanowarp.jobs.parallel import Group, restart_warning
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 

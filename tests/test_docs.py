@@ -244,7 +244,7 @@ def test_docs_pointers_in_the_code_resolve():
 
 
 def readme_tree():
-    """The paths the README's tree of the package draws: 'nanowarp/gpt2.py', 'nanowarp/study/', ..."""
+    """The paths the README's tree of the package draws: 'nanowarp/models/gpt2.py', 'nanowarp/study/', ..."""
     block = next(body for lang, body in FENCE.findall(read(os.path.join(ROOT, "README.md")))
                  if lang == "text" and body.startswith("nanowarp/"))
     paths, stack = set(), []
@@ -264,6 +264,22 @@ def test_the_readme_tree_is_the_package():
         actual |= {f"{rel}/{d}/" for d in dirnames}
         actual |= {f"{rel}/{f}" for f in filenames if f.endswith(".py") and f != "__init__.py"}
     assert readme_tree() == actual
+
+
+def reading_path(readme):
+    """The files of the README's reading path, in its order (paths under nanowarp/), and the lines it says they hold."""
+    section = readme.split("## Reading path", 1)[1].split("\n## ", 1)[0]
+    total = int(re.search(r"([\d,]+) lines", section).group(1).replace(",", ""))
+    return ["nanowarp/" + f for f in re.findall(r"`([\w/]+\.py)`", section)], total
+
+
+def test_the_reading_path_is_all_of_warp_in_at_most_1500_lines():
+    files, said = reading_path(read(os.path.join(ROOT, "README.md")))
+    assert files[:2] == ["nanowarp/warp.py", "nanowarp/rl.py"] and len(files) == len(set(files)) >= 7
+    lines = {f: sum(1 for _ in open(os.path.join(ROOT, f), encoding="utf-8")) for f in files}
+    assert sum(lines.values()) == said <= 1500, lines
+    for f in files:  # each opens with what it computes
+        assert read(os.path.join(ROOT, f)).startswith('"""'), f
 
 
 # ---- the checks can fail -------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from conftest import perturbed_copy
 from nanowarp.data import load_prompts, load_reviews
 from nanowarp.evaluate import (batch_seed, best_of_n, best_of_n_kl, distinct_n, evaluate, heldout_nll,
                                heldout_sequences, liti_sweep)
-from nanowarp.gpt2 import GPT2
+from nanowarp.models.gpt2 import GPT2
 from nanowarp.padding import left_pad
 from nanowarp.plots import plot
 from nanowarp.reward import Reward, RewardModel

@@ -15,10 +15,10 @@ import train
 from conftest import Killed, assert_same_weights, chat_checkpoint, in_process, stop_at
 from nanowarp import checksums, hub, models
 from nanowarp.config import parse_args
-from nanowarp.gpt2 import GPT2
-from nanowarp.llama import Llama, LlamaClassifier
-from nanowarp.llama_config import LlamaClassifierConfig, LlamaConfig
 from nanowarp.lora import add_lora, lora_modules, named_targets
+from nanowarp.models.gpt2 import GPT2
+from nanowarp.models.llama import Llama, LlamaClassifier
+from nanowarp.models.llama_config import LlamaClassifierConfig, LlamaConfig
 from nanowarp.tokenizer import EOS
 from nanowarp.warp import warp
 

@@ -19,14 +19,14 @@ from safetensors.torch import load_file
 
 import eval as eval_cli
 import merge
-import nanowarp.job as job_module
+import nanowarp.jobs.folder as job_module
 import train
 from conftest import (ITERATIONS, ROOT, RUNS, STEPS, Killed, assert_same_weights, final_weights, in_process, leftovers,
                       perturbed_copy, stop_at)
 from nanowarp import hub
 from nanowarp.config import parse_args
-from nanowarp.job import is_complete, lock_out_dir
-from nanowarp.parallel import Interrupted, stop_on_signals
+from nanowarp.jobs.folder import is_complete, lock_out_dir
+from nanowarp.signals import Interrupted, stop_on_signals
 from nanowarp.warp import warp
 
 
@@ -207,7 +207,7 @@ def test_a_sigint_saves_the_state_of_the_run_where_it_stops(job_flags, reference
 
 @pytest.mark.parametrize("main", [True, False])
 def test_a_second_signal_stops_the_main_process_at_once_but_not_a_worker(main):
-    script = ("import os, signal; from nanowarp.parallel import stop_on_signals, stop_requested\n"
+    script = ("import os, signal; from nanowarp.signals import stop_on_signals, stop_requested\n"
               f"with stop_on_signals(main={main}):\n"
               "    os.kill(os.getpid(), signal.SIGINT)\n"
               "    os.kill(os.getpid(), signal.SIGINT)\n"
@@ -223,7 +223,7 @@ def test_a_second_signal_stops_the_main_process_at_once_but_not_a_worker(main):
 
 def test_a_second_job_on_the_folder_is_refused_naming_the_holder_and_a_sigkill_leaves_no_stale_lock(
         job_flags, tmp_path, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom nanowarp.job import lock_out_dir\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom nanowarp.jobs.folder import lock_out_dir\n"
                                "with lock_out_dir(sys.argv[1]): print('locked', flush=True); time.sleep(300)",
                                str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

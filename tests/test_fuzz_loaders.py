@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nanowarp import hub, models
 from nanowarp.data import DataError, load_prompt_file
-from nanowarp.gpt2 import GPT2
-from nanowarp.job import read_job_file, read_state, write_state
-from nanowarp.llama import LlamaClassifier
-from nanowarp.llama_config import LlamaClassifierConfig
+from nanowarp.jobs.folder import read_job_file, read_state, write_state
+from nanowarp.models.gpt2 import GPT2
+from nanowarp.models.llama import LlamaClassifier
+from nanowarp.models.llama_config import LlamaClassifierConfig
 from nanowarp.reward import load_classifier
 from nanowarp.tokenizer import load_tokenizer
 

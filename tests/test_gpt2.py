@@ -7,9 +7,10 @@ import os
 import pytest
 import torch
 
-from nanowarp import gpt2
-from nanowarp.gpt2 import GPT2, GPT2Config
+from nanowarp.fast.matmul import FEW_ROWS, linear
 from nanowarp.hub import CheckpointError
+from nanowarp.models import gpt2
+from nanowarp.models.gpt2 import GPT2, GPT2Config
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,14 +99,14 @@ def test_hidden_states_feed_the_tied_lm_head():
         assert torch.equal(h @ model.transformer.wte.weight.T, model(idx, attention_mask=mask))
 
 
-@pytest.mark.parametrize("shape", [(1, 24), (64, 24), (16, 1, 24), (3, 5, 24), (gpt2.FEW_ROWS + 1, 24)])
+@pytest.mark.parametrize("shape", [(1, 24), (64, 24), (16, 1, 24), (3, 5, 24), (FEW_ROWS + 1, 24)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_computes_f_linear_in_either_orientation(shape, bias):
     torch.manual_seed(0)
     w = torch.randn(40, 24, dtype=torch.float64, requires_grad=True)
     b = torch.randn(40, dtype=torch.float64, requires_grad=True) if bias else None
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    y = gpt2.linear(x, w, b)
+    y = linear(x, w, b)
     ref = torch.nn.functional.linear(x, w, b)
     assert y.shape == ref.shape
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
@@ -116,7 +117,7 @@ def test_linear_computes_f_linear_in_either_orientation(shape, bias):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     rows = x.numel() // x.size(-1)
     if rows > 1:  # (one row is contiguous either way)
-        assert y.is_contiguous() == (rows > gpt2.FEW_ROWS)  # the few-rows path ran when it should
+        assert y.is_contiguous() == (rows > FEW_ROWS)  # the few-rows path ran when it should
 
 
 def test_save_pretrained_round_trips_through_transformers(tmp_path):

@@ -19,9 +19,9 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 from safetensors.torch import load_file, save_file
 
 from nanowarp import hub
-from nanowarp.distilbert import DistilBertClassifier
-from nanowarp.gpt2 import GPT2
 from nanowarp.hub import CheckpointError
+from nanowarp.models.distilbert import DistilBertClassifier
+from nanowarp.models.gpt2 import GPT2
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -14,7 +14,7 @@ MAX_LINES = 400
 
 
 def module_name(path):
-    """'gpt2' for nanowarp/gpt2.py, 'study.tiny' for nanowarp/study/tiny.py, 'study' for its __init__."""
+    """'gpt2' for nanowarp/models/gpt2.py, 'study.tiny' for nanowarp/study/tiny.py, 'study' for its __init__."""
     rel = os.path.relpath(path, PACKAGE)[:-3].replace(os.sep, ".")
     return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
 
@@ -25,7 +25,7 @@ def imported_modules(path):
     for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "nanowarp":
             base = node.module[len("nanowarp."):] if node.module != "nanowarp" else ""
-            for alias in node.names:  # `from nanowarp.study import tiny` imports a module; `from nanowarp.gpt2 import GPT2` a name
+            for alias in node.names:  # `from nanowarp.study import tiny` imports a module; `from nanowarp.models.gpt2 import GPT2` a name
                 sub = f"{base}.{alias.name}" if base else alias.name
                 found.add(sub if os.path.exists(os.path.join(PACKAGE, *sub.split(".")) + ".py") else base)
         elif isinstance(node, ast.Import):
@@ -75,8 +75,9 @@ def library_imports_of_the_study(graph):
 
 def test_no_module_of_the_package_imports_itself_through_others():
     graph = import_graph()
-    assert {"warp", "job", "runner", "parallel", "rl", "study.tiny", "study.report", "study.evaluation"} <= set(graph)
-    assert "gpt2" in graph["study.tiny"] and "study.tiny" in graph["study.evaluation"]  # both kinds of import seen
+    assert {"warp", "jobs.job", "jobs.folder", "jobs.parallel", "rl", "models", "models.gpt2", "study.tiny",
+            "study.report", "study.evaluation"} <= set(graph)
+    assert "models.gpt2" in graph["study.tiny"] and "study.tiny" in graph["study.evaluation"]  # both kinds of import seen
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -84,10 +85,37 @@ def test_the_library_never_imports_the_study():
     assert library_imports_of_the_study(import_graph()) == []
 
 
+# the modules of the algorithm, which a learner reads (README, "Reading path"), and the one door they
+# have into the job machinery (nanowarp/jobs/): warp() opens the job through jobs/job.py's open_job
+ALGORITHM = ("warp", "rl", "sampling", "logprobs", "merging", "lora", "reward")
+
+
+def machinery_imports(graph, modules=ALGORITHM):
+    """{module: the modules of nanowarp/jobs/ it imports} for the algorithm's modules."""
+    return {m: sorted(d for d in graph[m] if d == "jobs" or d.startswith("jobs.")) for m in modules}
+
+
+def test_the_algorithm_reaches_the_job_machinery_only_through_warps_job():
+    assert machinery_imports(import_graph()) == {**{m: [] for m in ALGORITHM}, "warp": ["jobs.job"]}
+
+
+def function_lines(path, name):
+    """The number of lines of the top-level function `name` in a source file, its decorators excluded."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    return node.end_lineno - node.lineno + 1
+
+
+def test_rl_step_is_the_inner_step_in_at_most_60_lines():
+    assert function_lines(os.path.join(PACKAGE, "rl.py"), "rl_step") <= 60
+
+
 def test_the_checks_can_fail():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert library_imports_of_the_study({"gpt2": {"study.tiny"}, "study.tiny": {"gpt2"}}) == [("gpt2", "study.tiny")]
+    assert machinery_imports({"rl": {"jobs.parallel", "lora"}}, ["rl"]) == {"rl": ["jobs.parallel"]}
+    assert function_lines(__file__, "function_lines") == 5
 
 
 def test_no_source_file_is_longer_than_400_lines():

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from conftest import REVIEWS, gpt2_classifier
 from nanowarp.config import Config
 from nanowarp.data import load_reviews
-from nanowarp.distilbert import DistilBertClassifier
-from nanowarp.gpt2 import GPT2Classifier
 from nanowarp.hub import CheckpointError
+from nanowarp.models.distilbert import DistilBertClassifier
+from nanowarp.models.gpt2 import GPT2Classifier
 from nanowarp.padding import right_pad
 from nanowarp.reward import Reward, RewardModel, Texts, load_classifier
 from nanowarp.supervised import train_reward_model

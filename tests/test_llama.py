@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from nanowarp.llama import Llama, LlamaClassifier
-from nanowarp.llama_config import LlamaConfig
 from nanowarp.logprobs import completion_logprobs
+from nanowarp.models.llama import Llama, LlamaClassifier
+from nanowarp.models.llama_config import LlamaConfig
 from nanowarp.sampling import sample
 
 transformers = pytest.importorskip("transformers")
@@ -166,7 +166,7 @@ def test_round_trip_nanowarp_saves_transformers_loads(tmp_path):
 @pytest.mark.parametrize("weight_grad", [False, True])
 def test_fused_logprobs_and_kl_with_a_final_softcap(weight_grad):
     """Gemma 2's c·tanh(z / c) through token_logprobs (both gradient paths, in chunks) and sequence_kl."""
-    from nanowarp.logprobs import sequence_kl, token_logprobs
+    from nanowarp.fast.logprobs import fused_sequence_kl as sequence_kl, fused_token_logprobs as token_logprobs
     torch.manual_seed(0)
     h = torch.randn(2, 5, 8, requires_grad=True)
     w = (2 * torch.randn(37, 8)).requires_grad_(weight_grad)  # logits of ~6: the cap of 3 bends them

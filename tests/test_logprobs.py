@@ -1,10 +1,12 @@
-"""Tests for nanowarp.logprobs.token_logprobs against a naive float64 reference."""
+"""Tests for the fused log-prob and KL (nanowarp.fast.logprobs) against the plain ones of nanowarp.logprobs
+(log_softmax + gather, the whole logits at once) in float64, and against a GPT-2 forward pass."""
 
 import pytest
 import torch
 
-from nanowarp.gpt2 import GPT2, GPT2Config
-from nanowarp.logprobs import sequence_kl, token_logprobs
+from nanowarp import logprobs as plain
+from nanowarp.fast.logprobs import fused_sequence_kl, fused_token_logprobs
+from nanowarp.models.gpt2 import GPT2, GPT2Config
 
 B, T, d, V = 3, 11, 32, 97
 
@@ -19,9 +21,9 @@ def inputs(seed=0, scale=1.0):
 
 
 def reference(hidden, weight, targets, upstream, temperature):
-    """float64 log_softmax + gather, its gradients with respect to hidden and weight."""
+    """The plain log_softmax + gather in float64, its gradients with respect to hidden and weight."""
     hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    out = torch.log_softmax(hidden @ weight.T / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
+    out = plain.token_logprobs(hidden, weight, targets, temperature)
     grad_hidden, grad_weight = torch.autograd.grad((out * upstream).sum(), (hidden, weight))
     return out.detach(), grad_hidden, grad_weight
 
@@ -36,7 +38,7 @@ def test_values_and_gradients_match_float64_reference(chunk_size, temperature):
     hidden, weight, targets, upstream = inputs()
     ref, ref_gh, ref_gw = reference(hidden, weight, targets, upstream, temperature)
     h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
-    out = token_logprobs(h, w, targets, temperature, chunk_size=chunk_size)
+    out = fused_token_logprobs(h, w, targets, temperature, chunk_size=chunk_size)
     (out * upstream.float()).sum().backward()
     assert out.shape == (B, T) and out.dtype == torch.float32
     assert rel_err(out, ref) <= 1e-5
@@ -50,7 +52,7 @@ def test_gradient_to_one_input_only(which):
     ref, ref_gh, ref_gw = reference(hidden, weight, targets, upstream, 0.9)
     h = hidden.float().requires_grad_(which == "hidden")
     w = weight.float().requires_grad_(which == "weight")
-    (token_logprobs(h, w, targets, 0.9, chunk_size=5) * upstream.float()).sum().backward()
+    (fused_token_logprobs(h, w, targets, 0.9, chunk_size=5) * upstream.float()).sum().backward()
     if which == "hidden":
         assert w.grad is None and rel_err(h.grad, ref_gh) <= 1e-5
     else:
@@ -60,7 +62,7 @@ def test_gradient_to_one_input_only(which):
 def test_no_grad_gives_the_same_values():
     hidden, weight, targets, upstream = inputs(seed=2)
     with torch.no_grad():
-        out = token_logprobs(hidden.float().requires_grad_(), weight.float(), targets, 0.8, chunk_size=4)
+        out = fused_token_logprobs(hidden.float().requires_grad_(), weight.float(), targets, 0.8, chunk_size=4)
     assert not out.requires_grad
     assert rel_err(out, reference(hidden, weight, targets, upstream, 0.8)[0]) <= 1e-5
 
@@ -71,7 +73,7 @@ def test_very_unlikely_targets_stay_finite_and_exact():
     ref, ref_gh, ref_gw = reference(hidden, weight, targets, upstream, 0.5)
     assert ref.min() < -200
     h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
-    out = token_logprobs(h, w, targets, 0.5, chunk_size=8)
+    out = fused_token_logprobs(h, w, targets, 0.5, chunk_size=8)
     (out * upstream.float()).sum().backward()
     assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-5
     assert rel_err(h.grad, ref_gh) <= 1e-5 and rel_err(w.grad, ref_gw) <= 1e-5
@@ -82,7 +84,7 @@ def test_bf16_inputs_are_computed_in_fp32():
     hidden, weight = hidden.bfloat16(), weight.bfloat16()
     ref, ref_gh, ref_gw = reference(hidden.double(), weight.double(), targets, upstream, 1.0)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    out = token_logprobs(h, w, targets, chunk_size=10)
+    out = fused_token_logprobs(h, w, targets, chunk_size=10)
     (out * upstream.float()).sum().backward()
     assert out.dtype == torch.float32 and rel_err(out, ref) <= 1e-5  # exact for the rounded inputs
     assert h.grad.dtype == w.grad.dtype == torch.bfloat16
@@ -94,7 +96,7 @@ def test_matches_log_softmax_of_a_gpt2_forward_pass():
     model = GPT2(GPT2Config(vocab_size=V, n_positions=64, n_embd=d, n_layer=2, n_head=4))
     idx = torch.randint(0, V, (B, T))
     hidden = model.hidden_states(idx[:, :-1])
-    out = token_logprobs(hidden, model.lm_head.weight, idx[:, 1:], chunk_size=6)
+    out = fused_token_logprobs(hidden, model.lm_head.weight, idx[:, 1:], chunk_size=6)
     expected = torch.log_softmax(model(idx[:, :-1]), -1).gather(-1, idx[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
     # gradients reach the transformer's weights through hidden (and the tied embedding both ways)
@@ -103,7 +105,7 @@ def test_matches_log_softmax_of_a_gpt2_forward_pass():
 
 @pytest.mark.parametrize("vocab", [1, 3, 4, 97, 50257])
 def test_vocab_tiles_cover_the_vocabulary_once(vocab):
-    from nanowarp.logprobs import VOCAB_BLOCKS, _vocab_tiles
+    from nanowarp.fast.logprobs import VOCAB_BLOCKS, _vocab_tiles
     tiles = _vocab_tiles(vocab)
     assert len(tiles) <= VOCAB_BLOCKS
     assert [i for t in tiles for i in range(vocab)[t]] == list(range(vocab))
@@ -115,7 +117,7 @@ def test_tiled_logsumexp_survives_a_tile_far_below_the_others():
     weight[: V // 4] -= 50.0 * hidden.reshape(-1, d).mean(0) / hidden.reshape(-1, d).mean(0).norm() ** 2
     ref = reference(hidden, weight, targets, upstream, 1.0)[0]
     with torch.no_grad():
-        out = token_logprobs(hidden.float(), weight.float(), targets, chunk_size=4)
+        out = fused_token_logprobs(hidden.float(), weight.float(), targets, chunk_size=4)
     assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-5
 
 
@@ -132,10 +134,8 @@ def kl_inputs(seed=0, scale=1.0):
 
 
 def reference_kl(hidden, weight, ref_hidden, ref_weight, mask, temperature):
-    """float64 full-vocabulary KL(softmax(z) ‖ softmax(u)) at every position, masked and summed."""
-    logp = torch.log_softmax(hidden @ weight.T / temperature, -1)
-    logq = torch.log_softmax(ref_hidden @ ref_weight.T / temperature, -1)
-    return ((logp.exp() * (logp - logq)).sum(-1) * mask.double()).sum(1)
+    """The plain full-vocabulary KL(softmax(z) ‖ softmax(u)) in float64, at every position, masked and summed."""
+    return plain.sequence_kl(hidden, weight, ref_hidden, ref_weight, mask.double(), temperature)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, None])
@@ -143,7 +143,7 @@ def reference_kl(hidden, weight, ref_hidden, ref_weight, mask, temperature):
 def test_sequence_kl_matches_float64_reference(chunk_size, temperature):
     hidden, weight, ref_hidden, ref_weight, mask = kl_inputs()
     ref = reference_kl(hidden, weight, ref_hidden, ref_weight, mask, temperature)
-    out = sequence_kl(hidden.float(), weight.float(), ref_hidden.float(), ref_weight.float(), mask, temperature,
+    out = fused_sequence_kl(hidden.float(), weight.float(), ref_hidden.float(), ref_weight.float(), mask, temperature,
                       chunk_size=chunk_size)
     assert out.shape == (B,) and out.dtype == torch.float32
     assert rel_err(out, ref) <= 1e-5
@@ -154,7 +154,7 @@ def test_sequence_kl_matches_float64_reference(chunk_size, temperature):
 def test_sequence_kl_depends_on_the_temperature():
     hidden, weight, ref_hidden, ref_weight, mask = kl_inputs(seed=1)
     args = hidden.float(), weight.float(), ref_hidden.float(), ref_weight.float(), mask
-    cold, hot = sequence_kl(*args, temperature=0.5), sequence_kl(*args, temperature=2.0)
+    cold, hot = fused_sequence_kl(*args, temperature=0.5), fused_sequence_kl(*args, temperature=2.0)
     assert (cold[:2] > hot[:2]).all()  # flatter distributions are closer
     assert rel_err(hot, reference_kl(hidden, weight, ref_hidden, ref_weight, mask, 2.0)) <= 1e-5
 
@@ -162,7 +162,7 @@ def test_sequence_kl_depends_on_the_temperature():
 def test_sequence_kl_of_identical_models_is_zero():
     hidden, weight, _, _, mask = kl_inputs(seed=2)
     h, w = hidden.float(), weight.float()
-    assert sequence_kl(h, w, h, w, mask).abs().max() == 0
+    assert fused_sequence_kl(h, w, h, w, mask).abs().max() == 0
 
 
 def test_sequence_kl_is_never_negative_and_exact_for_close_and_peaked_models():
@@ -174,7 +174,7 @@ def test_sequence_kl_is_never_negative_and_exact_for_close_and_peaked_models():
         g = torch.Generator().manual_seed(seed)
         ref_hidden = hidden + noise * torch.randn(hidden.shape, generator=g, dtype=torch.float64)
         ref = reference_kl(hidden, weight, ref_hidden, weight, mask, 0.5)
-        out = sequence_kl(hidden.float(), weight.float(), ref_hidden.float(), weight.float(), mask, 0.5, chunk_size=4)
+        out = fused_sequence_kl(hidden.float(), weight.float(), ref_hidden.float(), weight.float(), mask, 0.5, chunk_size=4)
         assert (out >= 0).all() and torch.isfinite(out).all()
         if noise < 0.01:
             assert ((out.double() - ref).abs() <= 1e-6 * mask.sum(1)).all() and ref.max() < 1e-5
@@ -202,17 +202,18 @@ def test_soft_capped_values_and_gradients_match_float64(chunk_size, needs):
     for cap, temperature in ((5.0, 0.7), (15.0, 1.3)):
         h64, w64 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         ref = torch.log_softmax(capped(h64, w64, temperature, cap), -1).gather(-1, targets[..., None]).squeeze(-1)
+        torch.testing.assert_close(plain.token_logprobs(hidden, weight, targets, temperature, cap), ref.detach())
         ref_gh, ref_gw = torch.autograd.grad((ref * upstream).sum(), (h64, w64))
         h = hidden.float().requires_grad_(needs in ("hidden", "both"))
         w = weight.float().requires_grad_(needs in ("weight", "both"))
-        out = token_logprobs(h, w, targets, temperature, chunk_size=chunk_size, softcap=cap)
+        out = fused_token_logprobs(h, w, targets, temperature, chunk_size=chunk_size, softcap=cap)
         (out * upstream.float()).sum().backward()
         assert rel_err(out, ref.detach()) <= 1e-5, cap
         if h.requires_grad:
             assert rel_err(h.grad, ref_gh) <= 1e-5, cap
         if w.requires_grad:
             assert rel_err(w.grad, ref_gw) <= 1e-5, cap
-        uncapped = token_logprobs(hidden.float(), weight.float(), targets, temperature)
+        uncapped = fused_token_logprobs(hidden.float(), weight.float(), targets, temperature)
         assert rel_err(uncapped, ref.detach()) > 1e-2, "the cap must change the log-probs"
 
 
@@ -224,7 +225,7 @@ def test_sequence_kl_with_soft_caps_matches_float64(caps):
     u = capped(ref_hidden, ref_weight, 0.8, ref_cap) if ref_cap else ref_hidden @ ref_weight.T / 0.8
     logp, logq = torch.log_softmax(z, -1), torch.log_softmax(u, -1)
     ref = ((logp.exp() * (logp - logq)).sum(-1) * mask.double()).sum(1)
-    out = sequence_kl(hidden.float(), weight.float(), ref_hidden.float(), ref_weight.float(), mask, 0.8,
+    out = fused_sequence_kl(hidden.float(), weight.float(), ref_hidden.float(), ref_weight.float(), mask, 0.8,
                       chunk_size=4, softcap=cap, ref_softcap=ref_cap)
     assert rel_err(out, ref) <= 1e-5
     plain = reference_kl(hidden, weight, ref_hidden, ref_weight, mask, 0.8)
@@ -234,7 +235,7 @@ def test_sequence_kl_with_soft_caps_matches_float64(caps):
 def test_soft_capped_values_without_gradient_are_the_same():
     hidden, weight, targets, _ = inputs(seed=7)
     with torch.no_grad():
-        out = token_logprobs(hidden.float(), weight.float(), targets, 0.9, chunk_size=4, softcap=6.0)
+        out = fused_token_logprobs(hidden.float(), weight.float(), targets, 0.9, chunk_size=4, softcap=6.0)
     ref = torch.log_softmax(capped(hidden, weight, 0.9, 6.0), -1).gather(-1, targets[..., None]).squeeze(-1)
     assert rel_err(out, ref) <= 1e-5
 
@@ -243,15 +244,15 @@ def test_soft_capped_values_without_gradient_are_the_same():
 def test_mismatched_shapes_are_named(hidden_shape, weight_shape):
     targets = torch.zeros(B, T, dtype=torch.long)
     with pytest.raises(AssertionError) as error:
-        token_logprobs(torch.zeros(hidden_shape), torch.zeros(weight_shape), targets)
+        fused_token_logprobs(torch.zeros(hidden_shape), torch.zeros(weight_shape), targets)
     assert str(error.value) == f"shapes: hidden {hidden_shape}, weight {weight_shape}, targets {(B, T)}"
 
 
 def test_completion_logprobs_of_a_soft_capped_model_are_its_forward_passs():
     # Gemma 2's final cap (final_softcap reads it from the config): the completion's log-probs are
     # those of the model's own capped logits
-    from nanowarp.llama import Llama
-    from nanowarp.llama_config import LlamaConfig
+    from nanowarp.models.llama import Llama
+    from nanowarp.models.llama_config import LlamaConfig
     from nanowarp.logprobs import completion_logprobs
     torch.manual_seed(0)
     model = Llama(LlamaConfig.from_hf(dict(

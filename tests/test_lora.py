@@ -4,7 +4,7 @@ and only the adapter factors train."""
 import pytest
 import torch
 
-from nanowarp.gpt2 import GPT2, GPT2Config
+from nanowarp.models.gpt2 import GPT2, GPT2Config
 from nanowarp.lora import (LoRALinear, add_lora, default_targets, dense_state_dict, effective_state_dict, folded,
                            lora_modules, named_targets)
 from nanowarp.sampling import sample, sample_micro_batches
@@ -160,8 +160,8 @@ def test_lora_factors_take_the_layers_dtype_unless_given_and_rank_one_is_the_lea
 
 
 def test_default_targets_of_the_llama_layout_are_every_block_linear():
-    from nanowarp.llama import Llama
-    from nanowarp.llama_config import LlamaConfig
+    from nanowarp.models.llama import Llama
+    from nanowarp.models.llama_config import LlamaConfig
     model = Llama(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=1))
     assert default_targets(model) == [f"model.layers.{i}.{m}" for i in range(2) for m in (

@@ -10,8 +10,8 @@ import torch
 import merge
 from conftest import perturbed_copy
 from nanowarp import hub, merging
-from nanowarp.gpt2 import GPT2, GPT2Config
 from nanowarp.models import save_policy
+from nanowarp.models.gpt2 import GPT2, GPT2Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

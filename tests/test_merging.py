@@ -286,8 +286,8 @@ def test_every_refusal_says_exactly_what_differs(call, message):
 
 
 def test_architectures_are_compared_field_by_field_with_every_checkpoint():
-    from nanowarp.gpt2 import GPT2Config
-    from nanowarp.llama_config import LlamaConfig
+    from nanowarp.models.gpt2 import GPT2Config
+    from nanowarp.models.llama_config import LlamaConfig
     names = ["init", "model 1", "model 2"]
     gpt2, llama = GPT2Config(n_layer=2), LlamaConfig(num_hidden_layers=2)
     with pytest.raises(ValueError) as error:

@@ -9,9 +9,9 @@ import torch
 
 from nanowarp.config import parse_args
 from nanowarp.data import DataError
-from nanowarp.parallel import RemoteTraceback, WorkerPool
+from nanowarp.jobs.job import train_worker_run
+from nanowarp.jobs.parallel import RemoteTraceback, WorkerPool
 from nanowarp.rl import load_resources
-from nanowarp.runner import train_worker_run
 
 
 def test_a_failing_worker_stops_the_job_with_its_error(job_flags, tmp_path):

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 import eval as eval_cli
 from conftest import in_process
 from nanowarp.config import parse_args, validate
-from nanowarp.gpt2 import GPT2, GPT2Config
-from nanowarp.lora import add_lora, lora_modules
 from nanowarp.logprobs import completion_logprobs
+from nanowarp.lora import add_lora, lora_modules
+from nanowarp.models.gpt2 import GPT2, GPT2Config
 from nanowarp.rl import ema_update, load_resources, rl_run
 from nanowarp.sampling import sample, sample_micro_batches
 from test_eval import eos_prone

@@ -21,7 +21,7 @@ PROMPTS = ["The soup tasted", "My neighbour's garden is", "Yesterday the train",
 @pytest.fixture(scope="module")
 def emotion_dir(tmp_path_factory):
     """A random 3-label DistilBERT classifier: labels joy, anger, calm (none called POSITIVE)."""
-    from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig
+    from nanowarp.models.distilbert import DistilBertClassifier, DistilBertConfig
     folder = wordpiece_folder(str(tmp_path_factory.mktemp("emotion")))
     vocab = open(os.path.join(folder, "vocab.txt"), encoding="utf-8").read().split("\n")
     torch.manual_seed(1)
@@ -122,7 +122,7 @@ def test_eval_uses_the_jobs_settings_and_says_so(job, emotion_dir, tiny_gpt2_dir
 def test_a_job_from_before_a_new_flag_resumes(job):
     """A job.json written before --prompts and --reward_label existed: the job ran with their defaults."""
     from nanowarp.config import parse_args
-    from nanowarp.job import start_job
+    from nanowarp.jobs.folder import start_job
     path = os.path.join(job, "job.json")
     settings = json.load(open(path))
     new = ("prompts", "reward_label")

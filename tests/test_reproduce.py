@@ -10,8 +10,8 @@ import torch
 
 import reproduce
 from conftest import write_tiny_imdb
-from nanowarp.distilbert import DistilBertClassifier
-from nanowarp.gpt2 import GPT2
+from nanowarp.models.distilbert import DistilBertClassifier
+from nanowarp.models.gpt2 import GPT2
 from nanowarp.study import evaluation, tiny
 from nanowarp.study.diagnose import sentiment_words
 from nanowarp.study.report import rounded, table_models

@@ -11,7 +11,7 @@ import train
 from conftest import (ITERATIONS, RUNS, STEPS, Killed, assert_same_weights, final_weights, in_process, leftovers,
                       stop_at, train_py)
 from nanowarp.config import parse_args
-from nanowarp.job import is_complete, start_job
+from nanowarp.jobs.folder import is_complete, start_job
 from nanowarp.reward import Reward
 from nanowarp.warp import warp
 

@@ -17,10 +17,10 @@ import train
 from conftest import REVIEWS, ROOT, assert_same_weights, final_weights, in_process, wordpiece_folder
 from nanowarp import hub
 from nanowarp.config import parse_args
-from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig
-from nanowarp.gpt2 import GPT2, GPT2Config
 from nanowarp.hub import CheckpointError
 from nanowarp.models import load_theta
+from nanowarp.models.distilbert import DistilBertClassifier, DistilBertConfig
+from nanowarp.models.gpt2 import GPT2, GPT2Config
 from nanowarp.padding import right_pad
 from nanowarp.reward import Reward, RewardError, RewardFunction, RewardModel, Texts
 from nanowarp.rl import load_resources, rl_run

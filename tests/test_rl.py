@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from nanowarp.config import parse_args
-from nanowarp.gpt2 import GPT2, GPT2Config
 from nanowarp.lora import add_lora, lora_modules
-from nanowarp.optim import lr_factor
 from nanowarp.models import load_theta
+from nanowarp.models.gpt2 import GPT2, GPT2Config
+from nanowarp.optim import lr_factor
 from nanowarp.rl import ema_update, load_resources, rl_run, rloo_advantages
 
 CONFIG = GPT2Config(vocab_size=53, n_positions=32, n_embd=16, n_layer=1, n_head=2)

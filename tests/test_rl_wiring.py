@@ -15,13 +15,14 @@ import nanowarp.rl
 from conftest import chat_checkpoint
 from nanowarp.config import parse_args
 from nanowarp.data import DataError
-from nanowarp.gpt2 import linear
 from nanowarp.lora import add_lora, lora_modules, named_targets
 from nanowarp.models import eos_ids, from_config, load_config, load_theta
-from nanowarp.parallel import Interrupted
+from nanowarp.fast.matmul import linear
 from nanowarp.prompts import load_prompt_dataset, max_prompt_tokens
-from nanowarp.rl import AnchorLinear, build_anchor, build_policy, check_finite, load_resources, rl_run
+from nanowarp.rl import build_anchor, build_policy, check_finite, load_resources, rl_run
+from nanowarp.run_state import AnchorLinear
 from nanowarp.sampling import sample_micro_batches
+from nanowarp.signals import Interrupted
 from nanowarp.tokenizer import load_tokenizer
 from test_prompt_datasets import TEMPLATE, write
 

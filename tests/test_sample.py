@@ -10,7 +10,7 @@ import torch
 
 import sample as sample_cli
 from conftest import perturbed_copy
-from nanowarp.gpt2 import GPT2, GPT2Config
+from nanowarp.models.gpt2 import GPT2, GPT2Config
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import chi_square_critical
-from nanowarp.gpt2 import GPT2, GPT2Config
+from nanowarp.models.gpt2 import GPT2, GPT2Config
 from nanowarp.padding import left_pad
 from nanowarp.sampling import decode_one_token, prefill, sample
 
@@ -48,8 +48,8 @@ def row_logprobs(model, prompt, completion, temperature):
 def test_a_soft_capped_model_samples_from_its_capped_logits():
     """Gemma 2's final soft cap applies while sampling: the sampler's log-probs are those of the
     model's own (capped) logits, from one uncached forward pass of each row."""
-    from nanowarp.llama import Llama
-    from nanowarp.llama_config import LlamaConfig
+    from nanowarp.models.llama import Llama
+    from nanowarp.models.llama_config import LlamaConfig
     torch.manual_seed(0)
     model = Llama(LlamaConfig.from_hf(dict(
         model_type="gemma2", vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import chi_square_critical
-from nanowarp.sampling import inverse_cdf, sample_next
+from nanowarp.fast.sampling import inverse_cdf
+from nanowarp.sampling import multinomial, sample_next
 
 
 def test_chi_square_critical_value_approximation():
@@ -26,6 +27,21 @@ def test_two_level_inverse_cdf_draws_proportionally_to_the_weights(block):
     expected = n * weights.double() / weights.sum()
     stat = ((counts - expected)[weights > 0] ** 2 / expected[weights > 0]).sum().item()
     assert stat < chi_square_critical(int((weights > 0).sum()) - 1)
+
+
+def test_inverse_cdf_draws_what_the_plain_multinomial_draws():
+    """The trick against the plain draw it replaces (sampling.multinomial, torch.multinomial): the two
+    samples' counts come from one distribution (a two-sample χ² test), zero weights in neither."""
+    weights = torch.tensor([0.5, 0.0, 2.0, 1.0, 0.05, 3.0, 0.0, 0.7, 1.5, 0.25] * 150)  # 1,500: two blocks
+    n = 20000
+    rows = weights.expand(n, -1).contiguous()
+    fast = torch.bincount(inverse_cdf(rows, torch.Generator().manual_seed(0)), minlength=1500).double()
+    plain = torch.bincount(multinomial(rows, torch.Generator().manual_seed(1)), minlength=1500).double()
+    assert fast[weights == 0].sum() == 0 and plain[weights == 0].sum() == 0
+    fast, plain = fast.view(150, 10).sum(0), plain.view(150, 10).sum(0)  # the 10 weights, pooled over repeats
+    seen = (fast + plain) > 0
+    stat = ((fast - plain)[seen] ** 2 / (fast + plain)[seen]).sum().item()  # equal sample sizes
+    assert stat < chi_square_critical(int(seen.sum()) - 1)
 
 
 def test_top_k_and_top_p_never_sample_outside_their_sets():

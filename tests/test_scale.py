@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanowarp import hub, models, rl
+from nanowarp import hub, models, rl, run_state
 from nanowarp.config import parse_args
-from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig
-from nanowarp.gpt2 import CONV1D, GPT2, GPT2Classifier, GPT2ClassifierConfig, GPT2Config
-from nanowarp.llama import Llama, LlamaClassifier
-from nanowarp.llama_config import LlamaClassifierConfig, LlamaConfig
 from nanowarp.lora import add_lora, lora_modules
+from nanowarp.models.distilbert import DistilBertClassifier, DistilBertConfig
+from nanowarp.models.gpt2 import CONV1D, GPT2, GPT2Classifier, GPT2ClassifierConfig, GPT2Config
+from nanowarp.models.llama import Llama, LlamaClassifier
+from nanowarp.models.llama_config import LlamaClassifierConfig, LlamaConfig
 from nanowarp.reward import load_classifier
 
 ARCH = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -229,7 +229,7 @@ def test_the_anchor_shares_every_unadapted_weight_and_bf16_keeps_no_float32_copy
     if dtype == "bfloat16":  # float32: the LoRA factors and the anchor's EMA master δ of the adapted matrices only
         assert held[torch.float32] == 4 * (n_lora + (0 if fixed else n_adapted)) < 4 * n_weights
         assert held[torch.bfloat16] == 2 * n_weights  # the policy's weights, which the anchor shares
-        assert all(isinstance(anchor.get_submodule(k.removesuffix(".weight")), rl.AnchorLinear) != fixed
+        assert all(isinstance(anchor.get_submodule(k.removesuffix(".weight")), run_state.AnchorLinear) != fixed
                    for k in adapted)
         assert all(out[k].dtype == torch.float32 for k in out)
         assert all(torch.equal(out[k], theta[k]) for k in theta if k not in adapted)  # θ_init's own float32 values

@@ -91,11 +91,11 @@ def start_server(port=0):
 
 def test_a_job_whose_server_dies_stops_clearly_and_resumes_to_the_in_process_weights(
         job_flags, keyword_prompts, reward_job, tmp_path, monkeypatch, capsys):
-    import nanowarp.job
+    import nanowarp.jobs.folder
     proc, port = start_server()
     url = f"http://127.0.0.1:{port}/get_reward"
     monkeypatch.setattr(RewardServer, "BACKOFF", 0.05)
-    monkeypatch.setattr(nanowarp.job, "kill_point", lambda name: proc.kill() if name == "iter_1/run_1/step_1" else None)
+    monkeypatch.setattr(nanowarp.jobs.folder, "kill_point", lambda name: proc.kill() if name == "iter_1/run_1/step_1" else None)
     flags = reward_flags(job_flags, keyword_prompts, "--reward_url", url) + ["--out_dir", str(tmp_path)]
     try:
         assert in_process(train.main, flags) == 2
@@ -104,7 +104,7 @@ def test_a_job_whose_server_dies_stops_clearly_and_resumes_to_the_in_process_wei
         assert os.path.isfile(os.path.join(tmp_path, "iter_1", "run_0", "config.json"))  # the finished run is kept
         proc.wait()
         proc, _ = start_server(port)  # back, at the same address
-        monkeypatch.setattr(nanowarp.job, "kill_point", lambda name: None)
+        monkeypatch.setattr(nanowarp.jobs.folder, "kill_point", lambda name: None)
         assert in_process(train.main, flags) == 0
     finally:
         proc.kill()

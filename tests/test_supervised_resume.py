@@ -15,7 +15,7 @@ import nanowarp.supervised as supervised
 import train
 from conftest import Killed, assert_same_weights, gpt2_classifier, in_process
 from nanowarp.config import Config
-from nanowarp.parallel import Interrupted, stop_on_signals
+from nanowarp.signals import Interrupted, stop_on_signals
 
 
 def signal_at(monkeypatch, point, signum=signal.SIGINT):
@@ -107,7 +107,7 @@ def test_a_damaged_training_state_is_moved_aside_and_the_stage_starts_over(tiny_
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_reproduce_py_stops_a_stage_at_a_step_end_and_exits_with_128_plus_the_signal(signum, capsys):
     import reproduce
-    from nanowarp.parallel import check_stop
+    from nanowarp.signals import check_stop
 
     def stage():  # a step that gets the signal, then the check at its end
         os.kill(os.getpid(), signum)
@@ -132,7 +132,7 @@ def quick_stage(ready):
 
 def slow_stage(ready):
     """Steps of 20 ms, each checking for a stop at its end, for at most a minute."""
-    from nanowarp.parallel import check_stop
+    from nanowarp.signals import check_stop
     (ready / "slow").touch()
     for step in range(3000):
         time.sleep(0.02)

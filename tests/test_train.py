@@ -9,9 +9,9 @@ import torch
 
 import train
 from conftest import in_process
-from nanowarp.gpt2 import GPT2
 from nanowarp import merging
 from nanowarp.merging import task_vector
+from nanowarp.models.gpt2 import GPT2
 
 
 
@@ -116,7 +116,7 @@ def test_reward_model_with_one_label_is_a_scalar_reward_model(tiny_reward_dir, t
     """One label (TRL's and OpenRLHF's reward models): the reward is its logit, whatever --reward_kind
     (before, such a model was refused; tests/test_rewards.py checks transformers-written ones)."""
     import shutil
-    from nanowarp.distilbert import DistilBertClassifier
+    from nanowarp.models.distilbert import DistilBertClassifier
     from nanowarp.reward import RewardModel
     one = tmp_path / "rm1"
     shutil.copytree(tiny_reward_dir, one)
@@ -195,7 +195,7 @@ def ending_policy_dir(tiny_gpt2_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["prob", "logit"])
 def test_reward_kind_rewards_the_probability_or_the_logit(flags, ending_policy_dir, tiny_reward_dir, kind, tmp_path):
-    from nanowarp.distilbert import DistilBertClassifier
+    from nanowarp.models.distilbert import DistilBertClassifier
     from nanowarp.tokenizer import load_tokenizer
     out = str(tmp_path / kind)
     assert train.main(flags + ["--out_dir", out, "--policy", ending_policy_dir, "--iterations", "1", "--runs", "1",

@@ -1,6 +1,6 @@
 """
 The job folder of a WARP run (--out_dir) and its crash safety: what the outer loop (nanowarp/warp.py,
-through nanowarp/runner.py) keeps on disk, and nothing of the algorithm. The folder holds, each a
+through nanowarp/jobs/job.py) keeps on disk, and nothing of the algorithm. The folder holds, each a
 checkpoint with the policy's tokenizer files:
 
     job.json                 the job's settings (the Config), written when it starts
@@ -20,9 +20,9 @@ a config.json is complete; its checksums.sha256 follows (nanowarp/checksums.py).
 command again resumes the job: a finished iteration gives its θ_init back (iter_{i}/liti), finished
 runs are kept, only the missing runs are trained (from their state.pt, if any), and the merge is
 redone (it is a function of θ_init and the runs, which it always reads from disk). The result is the one of an uninterrupted job, bit for bit on a
-CPU with the same --threads. The M runs of an iteration can train side by side (nanowarp/parallel.py).
+CPU with the same --threads. The M runs of an iteration can train side by side (nanowarp/jobs/parallel.py).
 Other faults: a full disk stops the job with hub.DiskFullError (nothing written is lost); SIGINT /
-SIGTERM stop it at the end of a step (parallel.Interrupted), saving the run's state with --save_every;
+SIGTERM stop it at the end of a step (signals.Interrupted), saving the run's state with --save_every;
 a second job on the same folder is refused (lock_out_dir); a finished checkpoint (or state.pt) that
 cannot be read, or whose bytes differ from its checksums.sha256 (state.pt.sha256), is moved aside as
 *.damaged and computed again (start_job, train_run).
@@ -43,9 +43,10 @@ import time
 
 import torch
 
-from nanowarp import checksums, hub, parallel
+from nanowarp import checksums, hub, signals
 from nanowarp.card import model_card
 from nanowarp.config import RESUME_FREE, changed_flags
+from nanowarp.jobs import parallel
 from nanowarp.logger import Logger, append_jsonl
 from nanowarp.models import cpu_weights, load_theta, save_policy
 from nanowarp.reward import RewardError
@@ -296,13 +297,13 @@ def missing_runs(cfg, iteration):
 # ---- one run of the job -----------------------------------------------------------------------
 
 STATE_KEYS = {"step", "lora", "anchor", "optimizer", "scheduler", "generator", "order", "queue", "torch_rng",
-              "cuda_rng", "metrics"}  # rl.training_state's, and the run's metric rows
+              "cuda_rng", "metrics"}  # run_state.training_state's, and the run's metric rows
 
 def train_run(cfg, resources, iteration, run, theta_init, log=print, save=True):
     """One RL run of the job (rl.rl_run), saved to OUT/iter_{i}/run_{m} when `save`; returns (θ_m,
     its metric rows). A state.pt left there by --save_every is continued from."""
     i, m = iteration, run
-    parallel.check_stop()
+    signals.check_stop()
     state_path = os.path.join(job_folder(cfg, i, f"run_{m}"), "state.pt")
     resume, rows = None, []
     if save and os.path.isfile(state_path):
@@ -347,7 +348,7 @@ def train_run(cfg, resources, iteration, run, theta_init, log=print, save=True):
         raise FloatingPointError(f"iter_{i}/run_{m}: {e}") from None
     except RewardError as e:  # a reward function or server that failed: the same
         raise RewardError(f"iter_{i}/run_{m}: {e}") from None
-    except parallel.Interrupted as e:  # SIGINT / SIGTERM, at the end of step e.step
+    except signals.Interrupted as e:  # SIGINT / SIGTERM, at the end of step e.step
         saved = f"its training state is in {state_path}" if save and cfg.save_every else \
             "it will start over (--save_every N would have saved its state)"
         log(f"iter {i} run {m + 1}: stopped after step {e.step}/{cfg.steps}; {saved}")

@@ -1,8 +1,8 @@
 """
 The job at work, as the outer loop (nanowarp/warp.py) drives it: `open_job` starts or resumes the
-job in its folder (nanowarp/job.py) and locks it, loads what the runs share, and sets up the
+job in its folder (nanowarp/jobs/folder.py) and locks it, loads what the runs share, and sets up the
 processes that train them: this one, --workers worker processes, or torchrun's ranks
-(nanowarp/parallel.py), on one machine or several. The `Job` it gives warp() trains the runs of an
+(nanowarp/jobs/parallel.py), on one machine or several. The `Job` it gives warp() trains the runs of an
 iteration, saves the merges, and hands θ_init from the rank that holds the folder to every rank.
 """
 
@@ -13,9 +13,9 @@ import socket
 
 import torch
 
-from nanowarp import parallel
+from nanowarp.jobs import parallel
 from nanowarp.config import RESUME_FREE, changed_flags, resolve_device
-from nanowarp.job import (job_card, job_folder, kill_point, last_rows, load_theta_init, lock_out_dir, missing_runs,
+from nanowarp.jobs.folder import (job_card, job_folder, kill_point, last_rows, load_theta_init, lock_out_dir, missing_runs,
                           policy_folder, save_run, start_job, train_run, write_metrics)
 from nanowarp.logger import Logger
 from nanowarp.models import load_config, load_theta, save_policy

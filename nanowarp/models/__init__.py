@@ -1,6 +1,6 @@
 """
-The one place that picks a model class: by config.json's `model_type`, GPT-2 (nanowarp/gpt2.py) or
-the Llama layout (nanowarp/llama.py: llama, qwen2, mistral, gemma, gemma2). Every script and stage
+The one place that picks a model class: by config.json's `model_type`, GPT-2 (nanowarp/models/gpt2.py) or
+the Llama layout (nanowarp/models/llama.py: llama, qwen2, mistral, gemma, gemma2). Every script and stage
 loads its policies through `from_pretrained`, and WARP's weights θ (dense, in the Hugging Face
 layout) go through `load_theta` and `save_policy`, whatever the architecture.
 
@@ -15,9 +15,9 @@ import shutil
 import torch
 
 from nanowarp import hub
-from nanowarp.gpt2 import GPT2, GPT2Classifier, GPT2Config
-from nanowarp.llama import Llama, LlamaClassifier
-from nanowarp.llama_config import FAMILIES
+from nanowarp.models.gpt2 import GPT2, GPT2Classifier, GPT2Config
+from nanowarp.models.llama import Llama, LlamaClassifier
+from nanowarp.models.llama_config import FAMILIES
 
 LANGUAGE_MODELS = {"gpt2": GPT2, **{family: Llama for family in FAMILIES}}
 CLASSIFIERS = {"gpt2": GPT2Classifier, **{family: LlamaClassifier for family in FAMILIES}}

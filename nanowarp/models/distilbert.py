@@ -12,7 +12,6 @@ inputs should be right-padded: like transformers, positions count from the first
 a left-padded row gives different logits than the same row unpadded.
 """
 
-import os
 import sys
 from dataclasses import dataclass
 
@@ -22,7 +21,8 @@ import torch.nn.functional as F
 
 from nanowarp import hub
 from nanowarp.hub import CheckpointError
-from nanowarp.memory import build_empty, new_head, run_block, set_weights
+from nanowarp.memory import new_head, run_block, set_weights
+from nanowarp.models.layers import config_from_hf, load_pretrained
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}  # "gelu" is the exact (erf) GELU, as in transformers
 HEAD = ("pre_classifier.", "classifier.")  # new when the checkpoint is a base model
@@ -187,21 +187,12 @@ class DistilBertClassifier(nn.Module):
         """Load a local folder or a Hub id, its weights in `dtype` (built on the meta device, without
         random values, then given the tensors read from the file). A base checkpoint (masked-LM, or
         the bare encoder) gets a freshly initialised classifier head, with a one-line note on stderr."""
-        folder = hub.resolve(name_or_path)
-        d = hub.load_config(folder)
-        if d.get("model_type") != "distilbert":
-            raise CheckpointError(f"unknown model_type {d.get('model_type')!r} in "
-                                  f"{os.path.join(folder, 'config.json')}: expected 'distilbert'")
-        where = os.path.join(folder, "config.json")
-        try:
-            config = DistilBertConfig.from_hf(d, where)
-        except (TypeError, ValueError, AssertionError, AttributeError) as e:  # what check_config cannot see
-            raise CheckpointError(f"{where} holds values no model can be built from ({e})") from None
-        hub.check_size(folder, config.n_weights(), where)
-        model = build_empty(lambda: cls(config))
-        state_dict, path = hub.load_state_dict(folder, dtype)
-        model.load_hf_state_dict(state_dict, path, assign=True)
-        return model
+        def read_config(d, where):
+            if d.get("model_type") != "distilbert":
+                raise CheckpointError(f"unknown model_type {d.get('model_type')!r} in {where}: expected 'distilbert'")
+            config = config_from_hf(DistilBertConfig, d, where)
+            return config, config.n_weights()
+        return load_pretrained(cls, name_or_path, dtype, read_config)
 
     def load_hf_state_dict(self, state_dict, path="the state dict", assign=False):
         """Copy in weights named as in transformers, with or without the `distilbert.` prefix (assign:
@@ -224,6 +215,7 @@ class DistilBertClassifier(nn.Module):
                                       f"({modules(new)}); fine-tune it before using its outputs" if new else "")
                   + ("; " if new and ignored else "") + (f"ignored its masked-LM head ({modules(ignored)})"
                                                          if ignored else ""), file=sys.stderr)
+        return self
 
 
 def sinusoidal_table(n_positions, dim):

@@ -1,5 +1,7 @@
 """
-GPT-2 in one file, loading real Hugging Face checkpoints (`lvwerra/gpt2-imdb`, `gpt2`).
+GPT-2 in one file, loading real Hugging Face checkpoints (`lvwerra/gpt2-imdb`, `gpt2`): the policy π_θ of
+Algorithm 1, π_θ(y_k | x, y_<k) = softmax(h_k · Wᵀ) with h_k its last hidden state and W the LM head (tied
+to the token embeddings). What it shares with the Llama layout is in layers.py.
 
 References:
 1) OpenAI's GPT-2 release: https://github.com/openai/gpt-2/blob/master/src/model.py
@@ -20,8 +22,6 @@ the DistilBERT reward model).
 """
 
 import math
-import os
-import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -29,7 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanowarp import hub
-from nanowarp.memory import build_empty, new_head, run_block, set_weights
+from nanowarp.memory import run_block, set_weights
+from nanowarp.models.layers import (Decoder, Labels, Linear, classify, config_from_hf, load_pretrained, load_score,
+                                    positions_and_mask)
 
 # Conv1D weights, stored [in, out] in the checkpoints and [out, in] here
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -82,48 +84,6 @@ ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu": F.gelu, "relu": F.relu}
 
 
-# With at most this many rows (a decoding step feeds one row per sequence), a linear layer on a
-# CPU computes (W·xᵀ)ᵀ rather than x·Wᵀ: the same product, but MKL runs it 1.2x faster at 64 rows
-# and 1.5x at 16 with GPT-2's shapes on two threads (equal at 8, slower past ~400 rows).
-FEW_ROWS = 256
-
-
-def linear(x, weight, bias=None):
-    """F.linear(x, weight, bias), x (..., in); as (W·xᵀ)ᵀ for few rows on a CPU (see FEW_ROWS).
-    The result is then a transposed view: (..., out) over memory laid out (out, rows), which is
-    what the next linear's xᵀ wants."""
-    rows = x.numel() // x.size(-1) if x.size(-1) else 0
-    if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS:
-        return F.linear(x, weight, bias)
-    xt = x.reshape(rows, x.size(-1)).t()
-    y = torch.mm(weight, xt) if bias is None else torch.addmm(bias[:, None], weight, xt)
-    return y.t().unflatten(0, x.shape[:-1])
-
-
-class Linear(nn.Linear):
-    """nn.Linear with `linear`'s choice of orientation."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
-
-class KVCache(nn.Module):
-    """Preallocated keys and values of one layer, (B, H, max_len, head_dim): no reallocation while
-    decoding, so every decoding step has the same shapes."""
-
-    def __init__(self, batch_size, max_len, n_head, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch_size, n_head, max_len, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, input_pos, k, v):
-        # input_pos (T,) cache slots of the new keys and values k, v (B, H, T, head_dim)
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
-        return self.k_cache, self.v_cache
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -172,22 +132,20 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2(nn.Module):
+class GPT2(Decoder):
+    """GPT-2's language model, `transformer.*` as the checkpoints name it: token and learned position
+    embeddings, n_layer pre-norm blocks, a final LayerNorm; the LM head is the token embedding (tied)."""
     config_class = GPT2Config  # what from_pretrained reads config.json into
-    gradient_checkpointing = False  # recompute each block's activations in the backward pass (memory.run_block)
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.n_positions, config.n_embd),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.tie_weights()
-        self.head_fp32 = None  # a float32 copy of a bf16 lm_head while nanowarp.sampling.sample runs
+        self.add_lm_head(config.n_embd)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
@@ -212,46 +170,27 @@ class GPT2(nn.Module):
         input_pos (T,) are the cache slots of idx (default 0..T-1).
         """
         B, T = idx.shape
-        cached = self.transformer.h[0].attn.kv_cache is not None
+        cache = self.transformer.h[0].attn.kv_cache  # the sampler's (Decoder.setup_caches), or None
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device)
-        if attention_mask is None:
-            pos = input_pos.expand(B, T)
-            # causal masking alone; with a cache the query sits at input_pos, not at 0..T-1
-            mask = self._causal_mask(input_pos, self.transformer.h[0].attn.kv_cache.k_cache.size(2)) if cached else None
-        else:
-            attention_mask = attention_mask.bool()
-            # a row's positions count real tokens only; padding slots get position 0 (never attended)
-            pos = (attention_mask.cumsum(-1) - 1).clamp(min=0).index_select(1, input_pos)
-            S = attention_mask.size(1)
-            causal = self._causal_mask(input_pos, S)  # (T, S)
-            own_slot = input_pos[:, None] == torch.arange(S, device=idx.device)
-            # padding queries see only themselves: finite garbage instead of a NaN from an empty softmax
-            mask = (causal & (attention_mask[:, None, :] | own_slot))[:, None]  # (B, 1, T, S)
+        pos, mask = positions_and_mask(attention_mask, input_pos, B, None if cache is None else cache.k_cache.size(2))
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
             x = run_block(self, block, x, mask, input_pos)
         return self.transformer.ln_f(x)
 
-    @staticmethod
-    def _causal_mask(input_pos, S):
-        return input_pos[:, None] >= torch.arange(S, device=input_pos.device)  # (T, S)
-
     def forward(self, idx, attention_mask=None, input_pos=None):
         """Logits (B, T, vocab_size)."""
         return self.lm_head(self.hidden_states(idx, attention_mask, input_pos))
 
-    def setup_caches(self, max_batch_size, max_seq_length):
-        """Give every layer a preallocated KV cache; forward then takes `input_pos`."""
-        assert max_seq_length <= self.config.n_positions, "sequence longer than the model's n_positions"
-        w = self.transformer.wte.weight
-        for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_head,
-                                          self.config.n_embd // self.config.n_head, w.dtype, w.device)
+    def attentions(self):
+        return [block.attn for block in self.transformer.h]
 
-    def clear_caches(self):
-        for block in self.transformer.h:
-            block.attn.kv_cache = None
+    def cache_heads(self):
+        return self.config.n_head, self.config.n_embd // self.config.n_head
+
+    def embedding(self):
+        return self.transformer.wte
 
     # ---- Hugging Face checkpoints --------------------------------------------------------------
 
@@ -282,36 +221,14 @@ class GPT2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32):
-        """The model of a checkpoint (folder or Hub id), its weights in `dtype`: built on the meta
-        device, without random values, then given the tensors read from the file (hub.load_state_dict)."""
-        folder = hub.resolve(name_or_path)
-        where = os.path.join(folder, "config.json")
-        try:
-            config = cls.config_class.from_hf(hub.load_config(folder), where=where)
-        except (TypeError, ValueError, AssertionError) as e:  # what check_config cannot see (id2label's keys, ...)
-            raise hub.CheckpointError(f"{where} holds values no model can be built from ({e})") from None
-        hub.check_size(folder, config.n_weights(), where)
-        model = build_empty(lambda: cls(config))
-        state_dict, path = hub.load_state_dict(folder, dtype)
-        return model.load_hf_state_dict(state_dict, where=path, assign=True)
+        """The model of a checkpoint (folder or Hub id), its weights in `dtype` (layers.load_pretrained)."""
+        def read_config(d, where):
+            config = config_from_hf(cls.config_class, d, where)
+            return config, config.n_weights()
+        return load_pretrained(cls, name_or_path, dtype, read_config)
 
     def save_pretrained(self, folder, state_dict=None):
         hub.save_checkpoint(folder, self.config.to_hf(), self.hf_state_dict(state_dict))
-
-
-class Labels:
-    """The labels of a decoder classifier's config (GPT-2 or Llama layout): `num_labels` and
-    `id2label` ({0: "NEGATIVE", 1: "POSITIVE"}; LABEL_i when None), and label2id."""
-
-    def set_labels(self):
-        if self.id2label is None:
-            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
-        self.id2label = {int(i): label for i, label in self.id2label.items()}  # config.json's keys are strings
-        self.num_labels = len(self.id2label)
-
-    @property
-    def label2id(self):
-        return {label: i for i, label in self.id2label.items()}
 
 
 @dataclass
@@ -333,15 +250,6 @@ class GPT2ClassifierConfig(Labels, GPT2Config):
                 "id2label": {str(i): label for i, label in self.id2label.items()}, "label2id": self.label2id}
 
 
-def at_last_token(h, attention_mask=None):
-    """h (B, T, d) read at each row's last real token (attention_mask (B, T): 1 = token, 0 = padding)
-    -> (B, d)."""
-    B, T = h.shape[:2]
-    last = torch.full((B,), T - 1, device=h.device) if attention_mask is None else \
-        T - 1 - attention_mask.flip(1).argmax(1)  # the last column holding a real token
-    return h[torch.arange(B, device=h.device), last]
-
-
 class GPT2Classifier(GPT2):
     """A sequence classifier in the layout of transformers' GPT2ForSequenceClassification:
     `transformer.*` plus `score.weight` (num_labels, n_embd). Batches are right-padded (or
@@ -356,11 +264,7 @@ class GPT2Classifier(GPT2):
     def forward(self, input_ids, attention_mask=None):
         """input_ids (B, T), attention_mask (B, T) 1 = token, 0 = padding -> logits (B, num_labels),
         read at each row's last real token."""
-        T = input_ids.shape[1]
-        if T > self.config.n_positions:
-            raise ValueError(f"{T} tokens is more than the model's n_positions ({self.config.n_positions}): "
-                             f"truncate the inputs")
-        return self.score(at_last_token(self.hidden_states(input_ids, attention_mask), attention_mask))
+        return classify(self, input_ids, attention_mask, "n_positions")
 
     def load_hf_state_dict(self, state_dict, where="state dict", assign=False, device=None, dtype=None):
         """The body as GPT2 loads it, then `score.weight`; a GPT-2 language model (no head) gets a
@@ -368,13 +272,7 @@ class GPT2Classifier(GPT2):
         state_dict = dict(state_dict)
         score = state_dict.pop("score.weight", None)
         super().load_hf_state_dict(state_dict, where, assign, device, dtype)
-        if score is None:
-            warnings.warn(f"{where} has no classifier head: new, randomly initialised score.weight. "
-                          f"Fine-tune the model before using its outputs.", stacklevel=3)
-            new_head(self.score, self.transformer.wte.weight)
-        else:
-            hub.check_keys({"score.weight": self.score.weight.shape}, {"score.weight": score}, where)
-            set_weights(self, {"score.weight": score}, assign, device, dtype)
+        load_score(self, score, where, self.transformer.wte.weight, assign, device, dtype)
         return self
 
 

@@ -9,8 +9,8 @@ References:
 4) transformers' modeling_llama.py, modeling_qwen2.py, modeling_mistral.py, modeling_gemma.py and
    modeling_gemma2.py, whose checkpoints this loads key for key; gpt-fast's model.py
 
-What the families differ in is data (nanowarp/llama_config.py): biases, norms, activations, rope
-frequencies, soft caps, windows. The interface is GPT-2's (nanowarp/gpt2.py): `model(idx,
+What the families differ in is data (nanowarp/models/llama_config.py): biases, norms, activations, rope
+frequencies, soft caps, windows. The interface is GPT-2's (nanowarp/models/gpt2.py): `model(idx,
 attention_mask)` -> logits (B, T, V), `hidden_states`, `setup_caches` / `input_pos` for the
 sampler's KV cache, `hf_state_dict` / `load_hf_state_dict`. Batches are left-padded, and each row's
 rotary positions count from its first real token, so a padded row computes what it would alone.
@@ -19,17 +19,16 @@ Rounding follows transformers, so that fp32 logits agree to ~1e-6 and bf16 ones 
 in fp32, rotary angles in fp32, Gemma's sqrt(d) embedding scale rounded to the model's dtype.
 """
 
-import os
-import warnings
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanowarp import hub, llama_config
-from nanowarp.gpt2 import KVCache, Linear, at_last_token
-from nanowarp.llama_config import LlamaClassifierConfig, LlamaConfig, inv_freq
-from nanowarp.memory import build_empty, new_head, run_block, set_weights
+from nanowarp import hub
+from nanowarp.memory import run_block, set_weights
+from nanowarp.models import llama_config
+from nanowarp.models.layers import (Decoder, Linear, classify, config_from_hf, load_pretrained, load_score,
+                                    positions_and_mask)
+from nanowarp.models.llama_config import LlamaClassifierConfig, LlamaConfig, inv_freq
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 # buffers some older checkpoints carry: not parameters, computed from the config
@@ -132,21 +131,19 @@ class Block(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-class Llama(nn.Module):
+class Llama(Decoder):
+    """The Llama-layout language model, `model.*`: token embeddings, rotary-position blocks, a final RMSNorm,
+    and the LM head, tied to the embeddings or not (config.tie_word_embeddings)."""
     config_class = LlamaConfig  # what from_pretrained reads config.json into
-    gradient_checkpointing = False  # recompute each block's activations in the backward pass (memory.run_block)
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
             layers=nn.ModuleList([Block(config, i) for i in range(config.num_hidden_layers)]),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset),
         ))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.tie_weights()
-        self.head_fp32 = None  # a float32 copy of a bf16 lm_head while nanowarp.sampling.sample runs
+        self.add_lm_head(config.hidden_size)
         # rotary frequencies: a plain fp32 tensor, not a buffer, so that .to(bfloat16) leaves it fp32
         self.inv_freq = inv_freq(config)  # on the CPU, also when the model is built on the meta device
         for m in self.modules():
@@ -163,18 +160,8 @@ class Llama(nn.Module):
         cache = self.model.layers[0].self_attn.kv_cache
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device)
-        if attention_mask is None:
-            pos = input_pos.expand(B, T)
-            S = cache.k_cache.size(2) if cache is not None else T
-            mask = self._causal_mask(input_pos, S)[None, None]  # (1, 1, T, S)
-        else:
-            attention_mask = attention_mask.bool()
-            # a row's positions count real tokens only; padding slots get position 0 (never attended)
-            pos = (attention_mask.cumsum(-1) - 1).clamp(min=0).index_select(1, input_pos)
-            S = attention_mask.size(1)
-            own_slot = input_pos[:, None] == torch.arange(S, device=idx.device)
-            # padding queries see only themselves: finite garbage instead of a NaN from an empty softmax
-            mask = (self._causal_mask(input_pos, S) & (attention_mask[:, None, :] | own_slot))[:, None]  # (B, 1, T, S)
+        pos, mask = positions_and_mask(attention_mask, input_pos, B, T if cache is None else cache.k_cache.size(2))
+        S = mask.size(-1)
         masks = {False: mask}
         if self.config.sliding_window is not None:  # slots (= positions, within a row) less than a window back
             near = input_pos[:, None] - torch.arange(S, device=idx.device) < self.config.sliding_window
@@ -195,27 +182,20 @@ class Llama(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    @staticmethod
-    def _causal_mask(input_pos, S):
-        return input_pos[:, None] >= torch.arange(S, device=input_pos.device)  # (T, S)
-
     def forward(self, idx, attention_mask=None, input_pos=None):
         """Logits (B, T, vocab_size); Gemma 2's soft-capped."""
         logits = self.lm_head(self.hidden_states(idx, attention_mask, input_pos))
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def setup_caches(self, max_batch_size, max_seq_length):
-        """Give every layer a preallocated KV cache of its key/value heads; forward then takes `input_pos`."""
-        assert max_seq_length <= self.config.n_positions, "sequence longer than the model's max_position_embeddings"
-        w = self.model.embed_tokens.weight
-        for block in self.model.layers:
-            block.self_attn.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.num_key_value_heads,
-                                               self.config.head_dim, w.dtype, w.device)
+    def attentions(self):
+        return [block.self_attn for block in self.model.layers]
 
-    def clear_caches(self):
-        for block in self.model.layers:
-            block.self_attn.kv_cache = None
+    def cache_heads(self):
+        return self.config.num_key_value_heads, self.config.head_dim
+
+    def embedding(self):
+        return self.model.embed_tokens
 
     # ---- Hugging Face checkpoints --------------------------------------------------------------
 
@@ -242,16 +222,11 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32):
-        """The model of a checkpoint (folder or Hub id), its weights in `dtype`: built on the meta
-        device, without random values, then given the tensors read from the file (hub.load_state_dict)."""
-        folder = hub.resolve(name_or_path)
-        d, where = hub.load_config(folder), os.path.join(folder, "config.json")
-        llama_config.check(d, where)
-        hub.check_size(folder, llama_config.n_weights(d), where)  # before any memory is allocated
-        config = cls.config_class.from_hf(d, where=where)
-        model = build_empty(lambda: cls(config))
-        state_dict, path = hub.load_state_dict(folder, dtype)
-        return model.load_hf_state_dict(state_dict, where=path, assign=True)
+        """The model of a checkpoint (folder or Hub id), its weights in `dtype` (layers.load_pretrained)."""
+        def read_config(d, where):
+            llama_config.check(d, where)
+            return config_from_hf(cls.config_class, d, where), llama_config.n_weights(d)
+        return load_pretrained(cls, name_or_path, dtype, read_config)
 
     def save_pretrained(self, folder, state_dict=None):
         hub.save_weights(folder, self.config.to_hf(), self.hf_state_dict(state_dict))
@@ -270,11 +245,7 @@ class LlamaClassifier(Llama):
 
     def forward(self, input_ids, attention_mask=None):
         """input_ids (B, T), attention_mask (B, T) 1 = token, 0 = padding -> logits (B, num_labels)."""
-        T = input_ids.shape[1]
-        if T > self.config.n_positions:
-            raise ValueError(f"{T} tokens is more than the model's max_position_embeddings "
-                             f"({self.config.n_positions}): truncate the inputs")
-        return self.score(at_last_token(self.hidden_states(input_ids, attention_mask), attention_mask))
+        return classify(self, input_ids, attention_mask, "max_position_embeddings")
 
     def load_hf_state_dict(self, state_dict, where="state dict", assign=False, device=None, dtype=None):
         """The body, then `score.weight`; a language model's checkpoint (no head, its lm_head
@@ -285,11 +256,5 @@ class LlamaClassifier(Llama):
         sd = {k: v for k, v in state_dict.items() if not k.endswith(SKIPPED)}
         hub.check_keys(expected, {k: v.shape for k, v in sd.items()}, where)
         set_weights(self, sd, assign, device, dtype)
-        if score is None:
-            warnings.warn(f"{where} has no classifier head: new, randomly initialised score.weight. "
-                          f"Fine-tune the model before using its outputs.", stacklevel=3)
-            new_head(self.score, self.model.embed_tokens.weight)
-        else:
-            hub.check_keys({"score.weight": self.score.weight.shape}, {"score.weight": score.shape}, where)
-            set_weights(self, {"score.weight": score}, assign, device, dtype)
+        load_score(self, score, where, self.model.embed_tokens.weight, assign, device, dtype)
         return self

@@ -1,5 +1,5 @@
 """
-The config of a Llama-layout decoder (nanowarp/llama.py), read from the config.json of five
+The config of a Llama-layout decoder (nanowarp/models/llama.py), read from the config.json of five
 families, as transformers 4.x and 5.x write them:
 
     model_type  what differs from Llama
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from nanowarp import hub
-from nanowarp.gpt2 import Labels
+from nanowarp.models.layers import Labels
 
 FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gemma2")
 ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2"}

@@ -20,7 +20,7 @@ import time
 import torch
 
 from nanowarp.hub import write_json
-from nanowarp.parallel import Interrupted, stop_on_signals, stop_requested
+from nanowarp.signals import Interrupted, stop_on_signals, stop_requested
 
 _WORKER = contextlib.ExitStack()  # a side-by-side process's signal handling, held for its life
 
@@ -79,8 +79,8 @@ class Stages:
     def side_by_side(self, stages, workers, threads, after=()):
         """(name, output, fn, *fn_args) stages in `workers` processes at once (spawned: fn and its
         arguments are pickled); each stage's own time is recorded, and printed with the wall time.
-        Inside parallel.stop_on_signals, a SIGINT / SIGTERM sent to this process alone is passed on to
-        the stages' processes; a stage stopped at the end of a step raises parallel.Interrupted here,
+        Inside signals.stop_on_signals, a SIGINT / SIGTERM sent to this process alone is passed on to
+        the stages' processes; a stage stopped at the end of a step raises signals.Interrupted here,
         once the stages that finished are recorded."""
         todo = [s for s in stages if not self.is_done(*s[:2], after)]
         if workers <= 1 or len(todo) <= 1:

@@ -22,9 +22,9 @@ import os
 from tokenizers import pre_tokenizers, trainers
 
 from nanowarp.config import PRESETS
-from nanowarp.distilbert import DistilBertClassifier, DistilBertConfig
-from nanowarp.gpt2 import GPT2, GPT2Classifier, GPT2ClassifierConfig, GPT2Config
 from nanowarp.hub import atomic_write, write_json, write_text
+from nanowarp.models.distilbert import DistilBertClassifier, DistilBertConfig
+from nanowarp.models.gpt2 import GPT2, GPT2Classifier, GPT2ClassifierConfig, GPT2Config
 from nanowarp.tokenizer import BERT_SPECIALS, EOS, byte_level_bpe, read_wordpiece, wordpiece
 
 # ---- the tiny setting, as plain data -----------------------------------------------------------
