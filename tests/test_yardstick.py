@@ -71,6 +71,30 @@ def test_each_call_appends_a_judged_row_and_prints_every_row(reproduction, capsy
     assert "| base | `--name base --out_dir " in table and "| fast |" in table and "--lr 1e-2` | 20" in table
 
 
+def test_more_iterations_judge_each_iterations_liti(reproduction, capsys):
+    own = ["--out_dir", reproduction, "--steps", "2", "--n_prompts", "3", "--threads", "1", "--iterations", "2"]
+    yardstick.main(["--name", "i2", *own, *TRAIN])
+    [row] = [json.loads(line) for line in open(os.path.join(reproduction, "yardstick", "rows.jsonl"))]
+    assert set(row["models"]) == {"run_0", "run_1", "slerp", "liti_1", "liti_2"} and row["iterations"] == 2
+    job = json.load(open(os.path.join(reproduction, "yardstick", "i2", "job.json")))
+    assert job["iterations"] == 2 and os.path.isdir(os.path.join(reproduction, "yardstick", "i2", "iter_2", "liti"))
+    assert row["models"]["liti_1"] != row["models"]["liti_2"]
+    printed = capsys.readouterr().out
+    assert "i2, iteration 1: judge gain" in printed and "i2, iteration 2: judge gain" in printed
+
+
+def test_liti_lines_by_hand():
+    row = dict(name="x", models=dict(run_0={}, liti_1=dict(judge=0.54, judge_se=0.01, kl_exact=0.25),
+                                     liti_2=dict(judge=0.55, judge_se=0.02, kl_exact=100.0),
+                                     liti_3=dict(judge=0.5, judge_se=0.0, kl_exact=0.0)))
+    first, second, third = yardstick.liti_lines(row, REFERENCE)
+    assert third == "x, iteration 3: judge gain +0.000 ± 0.000 at KL 0.000, gain / √KL n/a, of best-of-N n/a"
+    gain = 0.54 - REFERENCE[0]["judge"]
+    assert first == (f"x, iteration 1: judge gain {gain:+.3f} ± 0.010 at KL 0.250, gain / √KL {gain / 0.5:.3f}, "
+                     f"of best-of-N {gain / yardstick.bon_gain(REFERENCE, 0.25):.2f}")
+    assert second.endswith("of best-of-N n/a (beyond best-of-8's KL)")
+
+
 def test_a_folder_without_the_models_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="sft is missing: run `python reproduce.py --setting sentiment`"):
         yardstick.main(["--name", "x", "--out_dir", str(tmp_path)])

@@ -11,6 +11,9 @@ same KL, for each run and for their SLERP, and the cosine of the two runs' task 
 
 Each call appends a row to OUT/yardstick/rows.jsonl and prints the table of every row so far; the
 best-of-N reference (N = 1, 2, 4, 8 of the SFT model, the same prompts) is computed once and kept.
+With --iterations I > 1 the job runs I WARP iterations, and each one's LITI θ_init is judged too:
+the front WARP's iterations climb, against best-of-N's (`--steps 600 --iterations 2` is the
+sentiment setting's seed job itself).
 """
 
 import datetime
@@ -41,16 +44,17 @@ class Args:
     out_dir: str = flag("runs/sentiment", "the sentiment reproduction's folder: sft, reward_model, judge, data")
     steps: int = flag(300, "T: RL steps of each of the two runs (the sentiment setting's 600 halved)")
     seed: int = flag(0, "train.py --seed: the runs' seeds are S and S + 1")
+    iterations: int = flag(1, "I: WARP iterations; past 1, each iteration's LITI θ_init is judged too")
     n_prompts: int = flag(1000, "eval prompts, each completed twice")
     threads: int = flag(2, "CPU threads of the evaluation (the runs take one each, side by side)")
 
 
 def train_flags(args, extra):
-    """train.py's flags of the row's job: --preset tiny_sentiment, one iteration of two runs of T steps
-    with μ·T = 1, then the flags after `--` (which win)."""
+    """train.py's flags of the row's job: --preset tiny_sentiment, I iterations (one by default) of two runs
+    of T steps with μ·T = 1, then the flags after `--` (which win)."""
     out = args.out_dir
     return ["--preset", "tiny_sentiment", "--policy", f"{out}/sft", "--reward_model", f"{out}/reward_model",
-            "--data", f"{out}/data", "--out_dir", f"{out}/yardstick/{args.name}", "--iterations", "1", "--runs", "2",
+            "--data", f"{out}/data", "--out_dir", f"{out}/yardstick/{args.name}", "--iterations", str(args.iterations), "--runs", "2",
             "--steps", str(args.steps), "--ema_rate", repr(1 / args.steps), "--seed", str(args.seed),
             "--workers", "2", "--threads", "1", "--log_every", str(max(1, args.steps // 4)), *extra]
 
@@ -130,6 +134,20 @@ def table(rows, reference):
     return "\n".join(lines)
 
 
+def liti_lines(row, reference):
+    """One line per iteration's LITI θ_init judged (liti_1, liti_2, ...): judge gain ± its standard error,
+    exact KL, gain / √KL and the share of best-of-N's gain at that KL."""
+    sft, lines = reference[0]["judge"], []
+    for i in range(1, 1 + sum(name.startswith("liti_") for name in row["models"])):
+        m = row["models"][f"liti_{i}"]
+        gain, bon = m["judge"] - sft, bon_gain(reference, m["kl_exact"])
+        per_root = "n/a" if m["kl_exact"] <= 0 else format(gain / m["kl_exact"] ** 0.5, ".3f")
+        share = "n/a (beyond best-of-8's KL)" if bon is None else "n/a" if bon == 0 else format(gain / bon, ".2f")
+        lines.append(f"{row['name']}, iteration {i}: judge gain {gain:+.3f} ± {m['judge_se']:.3f} at KL "
+                     f"{m['kl_exact']:.3f}, gain / √KL {per_root}, of best-of-N {share}")
+    return lines
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
@@ -154,15 +172,20 @@ def main(argv=None):
     reference = json.load(open(reference_path))
     folder = os.path.join(cfg.out_dir, "iter_1")
     models = {m: judging.row(load_theta(os.path.join(folder, m))) for m in ("run_0", "run_1", "slerp")}
+    if args.iterations > 1:  # the front the iterations climb
+        for i in range(1, args.iterations + 1):
+            models[f"liti_{i}"] = judging.row(load_theta(os.path.join(cfg.out_dir, f"iter_{i}", "liti")))
     stats = task_vector_stats(load_theta(cfg.policy), [load_theta(os.path.join(folder, f"run_{m}")) for m in (0, 1)],
                               load_theta(os.path.join(folder, "slerp")))
     row = dict(name=args.name, flags=extra, steps=args.steps, seed=args.seed, n_prompts=args.n_prompts,
+               iterations=args.iterations,
                date=datetime.date.today().isoformat(), command="python -m nanowarp.study.yardstick " + shlex.join(argv),
                models=models, cos=stats["cos"], minutes=minutes)
     with open(os.path.join(root, "rows.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     rows = [json.loads(line) for line in open(os.path.join(root, "rows.jsonl"))]
     print(table([r for r in rows if r["n_prompts"] == args.n_prompts], reference))
+    print("\n".join(liti_lines(row, reference)))
 
 
 if __name__ == "__main__":
