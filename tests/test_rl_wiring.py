@@ -19,7 +19,7 @@ from nanowarp.lora import add_lora, lora_modules, named_targets
 from nanowarp.models import eos_ids, from_config, load_config, load_theta
 from nanowarp.fast.matmul import linear
 from nanowarp.prompts import load_prompt_dataset, max_prompt_tokens
-from nanowarp.rl import build_anchor, build_policy, check_finite, load_resources, rl_run
+from nanowarp.rl import build_anchor, build_policy, check_finite, load_resources, rl_run, rl_step
 from nanowarp.run_state import AnchorLinear
 from nanowarp.sampling import sample_micro_batches
 from nanowarp.signals import Interrupted
@@ -161,6 +161,22 @@ def test_the_logged_loss_of_the_first_step_is_the_objective(flags, monkeypatch):
     assert adv.abs().sum() > 0 and abs(row["kl"]) < 1e-5
     assert row["reward/own"] == pytest.approx(2 * rewards.mean().item())  # each source's part, logged
     assert row["loss"] == pytest.approx(-(adv * lp).mean().item(), rel=1e-4, abs=1e-6)
+
+
+def test_each_step_is_one_rl_step_whose_phases_the_timers_read(flags, monkeypatch):
+    """rl_run calls rl_step once a step; rl_step marks its four phases in order, and the logged timers are
+    the times between the marks (time_update: everything after scoring)."""
+    phases, logged = [], []
+
+    def step(*args, clock, **kwargs):
+        return rl_step(*args, clock=lambda phase: phases.append(phase) or clock(phase), **kwargs)
+    monkeypatch.setattr(nanowarp.rl, "rl_step", step)
+    run(flags + ["--steps", "2"], Scored(), log=logged.append)
+    assert phases == ["sample", "score", "anchor", "policy"] * 2 and [r["step"] for r in logged] == [1, 2]
+    for r in logged:
+        parts = [r[f"time_{p}"] for p in ("anchor", "policy", "optimizer", "ema")]
+        assert min(parts + [r["time_sample"], r["time_score"]]) >= 0
+        assert r["time_update"] == pytest.approx(sum(parts), rel=1e-6, abs=1e-9)
 
 
 def test_completions_and_states_are_kept_every_so_many_steps(flags):

@@ -18,7 +18,7 @@ SFT = {"w": torch.tensor([1.0, 0.0, 0.0]), "b": torch.tensor([0.5, -0.5])}
 
 
 class Job:
-    """A runner.Job that trains no run: run m of iteration i moves each tensor of θ_init by its own
+    """A jobs.job.Job that trains no run: run m of iteration i moves each tensor of θ_init by its own
     vector; `done`, iterations already on disk (their θ_init in `saved`); `leader`, rank 0 or not."""
 
     def __init__(self, runs, done=(), leader=True):

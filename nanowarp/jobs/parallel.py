@@ -105,7 +105,7 @@ def worker_devices(cfg, device, group):
 class WorkerPool:
     """Worker processes that train and save runs; see the module docstring. Each worker calls
     load(cfg, device) once, for what its runs share (rl.load_resources), then train(cfg, loaded,
-    iteration, run, log) for each run it takes (runner.train_worker_run); both are module-level
+    iteration, run, log) for each run it takes (jobs.job.train_worker_run); both are module-level
     functions, which a spawned process imports by name."""
 
     def __init__(self, cfg, devices, threads, load, train):
