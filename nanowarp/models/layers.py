@@ -1,7 +1,7 @@
 """
-What the model files share: the linear layer, the static KV cache, the attention masks of
-left-padded batches, a classifier's labels and its read at the last token, and the loading of a
-Hugging Face checkpoint without random values (build on the meta device, then take the file's tensors).
+The parts of the policy π_θ (and of the classifiers) that the model files share: the linear layer, the
+static KV cache the sampler of y ~ π_θ(·|x) fills, the attention masks of left-padded batches, a classifier's
+labels and its read at the last token, and loading a checkpoint without random values (meta device, then the file).
 """
 
 import os
