@@ -83,6 +83,22 @@ def test_more_iterations_judge_each_iterations_liti(reproduction, capsys):
     assert "i2, iteration 1: judge gain" in printed and "i2, iteration 2: judge gain" in printed
 
 
+def test_a_named_row_is_reused_against_a_longer_front_and_other_settings_are_refused(reproduction, capsys):
+    own = ["--out_dir", reproduction, "--steps", "2", "--n_prompts", "3", "--threads", "1"]
+    yardstick.main(["--name", "base", *own, *TRAIN])
+    before = open(os.path.join(reproduction, "yardstick", "rows.jsonl")).read()
+    capsys.readouterr()
+    yardstick.main(["--name", "base", *own, "--best_of", "1", "2", "4", "8", "16", *TRAIN])
+    assert open(os.path.join(reproduction, "yardstick", "rows.jsonl")).read() == before  # no new row, no training
+    longer = json.load(open(os.path.join(reproduction, "yardstick", "best_of_n_3x2_4_N1-2-4-8-16.json")))
+    shorter = json.load(open(os.path.join(reproduction, "yardstick", "best_of_n_3x2_4.json")))
+    assert [r["best_of"] for r in longer] == [1, 2, 4, 8, 16] and longer[:4] == shorter  # the draws are nested
+    printed = capsys.readouterr().out
+    assert "not trained again" in printed and "best-of-N, N = 2, 4, 8, 16: judge gain" in printed
+    with pytest.raises(SystemExit, match="'base' has other settings"):
+        yardstick.main(["--name", "base", *own, *TRAIN, "--lr", "1e-2"])
+
+
 def test_liti_lines_by_hand():
     row = dict(name="x", models=dict(run_0={}, liti_1=dict(judge=0.54, judge_se=0.01, kl_exact=0.25),
                                      liti_2=dict(judge=0.55, judge_se=0.02, kl_exact=100.0),

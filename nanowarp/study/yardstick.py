@@ -13,7 +13,9 @@ Each call appends a row to OUT/yardstick/rows.jsonl and prints the table of ever
 best-of-N reference (N = 1, 2, 4, 8 of the SFT model, the same prompts) is computed once and kept.
 With --iterations I > 1 the job runs I WARP iterations, and each one's LITI θ_init is judged too:
 the front WARP's iterations climb, against best-of-N's (`--steps 600 --iterations 2` is the
-sentiment setting's seed job itself).
+sentiment setting's seed job itself); --best_of extends the best-of-N front past N = 8 to read them
+against. A row's name is its key: the same name again with the same settings reuses the row (its job
+and its judged models, nothing trained or judged again) to print it against another front.
 """
 
 import datetime
@@ -47,6 +49,9 @@ class Args:
     iterations: int = flag(1, "I: WARP iterations; past 1, each iteration's LITI θ_init is judged too")
     n_prompts: int = flag(1000, "eval prompts, each completed twice")
     threads: int = flag(2, "CPU threads of the evaluation (the runs take one each, side by side)")
+    best_of: tuple = flag(BEST_OF, "the best-of-N front: N completions per prompt of the SFT model, the reward "
+                                   "model keeps one (drawn once, the first N of max N; kept beside the rows)",
+                          nargs="+", type=int, metavar="N")
 
 
 def train_flags(args, extra):
@@ -63,8 +68,9 @@ class Judging:
     """The SFT model, its tokenizer, the reward model, the judge and the eval prompts (each twice),
     loaded once; `row(theta)` evaluates a policy's weights as eval.py would (seed 0)."""
 
-    def __init__(self, args, max_new_tokens):
+    def __init__(self, args, max_new_tokens, best_of=BEST_OF):
         out = args.out_dir
+        self.ns = tuple(best_of)
         self.ref = from_pretrained(f"{out}/sft").eval()
         self.policy = from_config(self.ref.config).eval()
         self.tokenizer, self.eos = load_tokenizer(f"{out}/sft"), self.ref.config.eos_token_id
@@ -79,7 +85,7 @@ class Judging:
         return {k: r[k] for k in ("kl", "kl_exact", "kl_exact_se", "reward", "judge", "judge_se")}
 
     def best_of_n(self):
-        return best_of_n(self.ref, self.reward, self.prompts, self.tokenizer, self.eos, BEST_OF, **self.settings)
+        return best_of_n(self.ref, self.reward, self.prompts, self.tokenizer, self.eos, self.ns, **self.settings)
 
 
 def bon_gain(reference, kl):
@@ -148,6 +154,16 @@ def liti_lines(row, reference):
     return lines
 
 
+def reference_name(args, max_new_tokens):
+    """The file that keeps the best-of-N front of these prompts (the default N = 1, 2, 4, 8 keeps its old name)."""
+    ns = sorted(set(args.best_of))
+    tag = "" if tuple(ns) == BEST_OF else "_N" + "-".join(map(str, ns))
+    return f"best_of_n_{args.n_prompts}x2_{max_new_tokens}{tag}.json"
+
+
+SETTINGS = ("flags", "steps", "seed", "n_prompts", "iterations")  # what a row's name stands for
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
@@ -159,30 +175,41 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     root = os.path.join(args.out_dir, "yardstick")
     os.makedirs(root, exist_ok=True)
-    start = time.perf_counter()
     cfg = parse_args(train_flags(args, extra))
-    print("$ python train.py " + shlex.join(train_flags(args, extra)), flush=True)
-    warp(cfg)
-    minutes = (time.perf_counter() - start) / 60
-    judging = Judging(args, cfg.max_new_tokens)
-    reference_path = os.path.join(root, f"best_of_n_{args.n_prompts}x2_{cfg.max_new_tokens}.json")
+    rows_path = os.path.join(root, "rows.jsonl")
+    settings = dict(flags=extra, steps=args.steps, seed=args.seed, n_prompts=args.n_prompts, iterations=args.iterations)
+    same = [r for r in (json.loads(line) for line in open(rows_path)) if r["name"] == args.name] \
+        if os.path.exists(rows_path) else []
+    if same and any({k: r.get(k, 1 if k == "iterations" else None) for k in SETTINGS} != settings for r in same):
+        sys.exit(f"yardstick: the row {args.name!r} has other settings in {rows_path}: choose another --name")
+    judging = None
+    if same:
+        row = same[-1]
+        print(f"the row {args.name!r} is in {rows_path}: read against the best-of-N front below, not trained again")
+    else:
+        start = time.perf_counter()
+        print("$ python train.py " + shlex.join(train_flags(args, extra)), flush=True)
+        warp(cfg)
+        minutes = (time.perf_counter() - start) / 60
+        judging = Judging(args, cfg.max_new_tokens, args.best_of)
+        folder = os.path.join(cfg.out_dir, "iter_1")
+        models = {m: judging.row(load_theta(os.path.join(folder, m))) for m in ("run_0", "run_1", "slerp")}
+        if args.iterations > 1:  # the front the iterations climb
+            for i in range(1, args.iterations + 1):
+                models[f"liti_{i}"] = judging.row(load_theta(os.path.join(cfg.out_dir, f"iter_{i}", "liti")))
+        stats = task_vector_stats(load_theta(cfg.policy), [load_theta(os.path.join(folder, f"run_{m}")) for m in (0, 1)],
+                                  load_theta(os.path.join(folder, "slerp")))
+        row = dict(name=args.name, **settings, date=datetime.date.today().isoformat(),
+                   command="python -m nanowarp.study.yardstick " + shlex.join(argv), models=models, cos=stats["cos"],
+                   minutes=minutes)
+        with open(rows_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    reference_path = os.path.join(root, reference_name(args, cfg.max_new_tokens))
     if not os.path.exists(reference_path):
+        judging = judging or Judging(args, cfg.max_new_tokens, args.best_of)
         with open(reference_path, "w") as f:
             json.dump(judging.best_of_n(), f)
     reference = json.load(open(reference_path))
-    folder = os.path.join(cfg.out_dir, "iter_1")
-    models = {m: judging.row(load_theta(os.path.join(folder, m))) for m in ("run_0", "run_1", "slerp")}
-    if args.iterations > 1:  # the front the iterations climb
-        for i in range(1, args.iterations + 1):
-            models[f"liti_{i}"] = judging.row(load_theta(os.path.join(cfg.out_dir, f"iter_{i}", "liti")))
-    stats = task_vector_stats(load_theta(cfg.policy), [load_theta(os.path.join(folder, f"run_{m}")) for m in (0, 1)],
-                              load_theta(os.path.join(folder, "slerp")))
-    row = dict(name=args.name, flags=extra, steps=args.steps, seed=args.seed, n_prompts=args.n_prompts,
-               iterations=args.iterations,
-               date=datetime.date.today().isoformat(), command="python -m nanowarp.study.yardstick " + shlex.join(argv),
-               models=models, cos=stats["cos"], minutes=minutes)
-    with open(os.path.join(root, "rows.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
     rows = [json.loads(line) for line in open(os.path.join(root, "rows.jsonl"))]
     print(table([r for r in rows if r["n_prompts"] == args.n_prompts], reference))
     print("\n".join(liti_lines(row, reference)))
