@@ -48,7 +48,8 @@ class Args:
     seed: int = flag(0, "train.py --seed: the runs' seeds are S and S + 1")
     iterations: int = flag(1, "I: WARP iterations; past 1, each iteration's LITI θ_init is judged too")
     n_prompts: int = flag(1000, "eval prompts, each completed twice")
-    threads: int = flag(2, "CPU threads of the evaluation (the runs take one each, side by side)")
+    threads: int = flag(1, "CPU threads of the evaluation and of best-of-N (the runs take one each, side by side); "
+                           "the numbers are bit for bit those of a thread count, and every row so far used 1")
     best_of: tuple = flag(BEST_OF, "the best-of-N front: N completions per prompt of the SFT model, the reward "
                                    "model keeps one (drawn once, the first N of max N; kept beside the rows)",
                           nargs="+", type=int, metavar="N")
@@ -191,6 +192,7 @@ def main(argv=None):
         print("$ python train.py " + shlex.join(train_flags(args, extra)), flush=True)
         warp(cfg)
         minutes = (time.perf_counter() - start) / 60
+        torch.set_num_threads(args.threads)  # warp() set the job's --threads
         judging = Judging(args, cfg.max_new_tokens, args.best_of)
         folder = os.path.join(cfg.out_dir, "iter_1")
         models = {m: judging.row(load_theta(os.path.join(folder, m))) for m in ("run_0", "run_1", "slerp")}
