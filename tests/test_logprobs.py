@@ -228,8 +228,21 @@ def test_sequence_kl_with_soft_caps_matches_float64(caps):
     out = fused_sequence_kl(hidden.float(), weight.float(), ref_hidden.float(), ref_weight.float(), mask, 0.8,
                       chunk_size=4, softcap=cap, ref_softcap=ref_cap)
     assert rel_err(out, ref) <= 1e-5
-    plain = reference_kl(hidden, weight, ref_hidden, ref_weight, mask, 0.8)
-    assert rel_err(plain, ref) > 1e-2, "the caps must change the KL"
+    uncapped = reference_kl(hidden, weight, ref_hidden, ref_weight, mask, 0.8)
+    assert rel_err(uncapped, ref) > 1e-2, "the caps must change the KL"
+    # the plain sequence_kl with the same caps is the written-out computation
+    capped_plain = plain.sequence_kl(hidden, weight, ref_hidden, ref_weight, mask.double(), 0.8, cap, ref_cap)
+    torch.testing.assert_close(capped_plain, ref)
+
+
+def test_the_plain_computations_default_to_temperature_1():
+    hidden, weight, targets, _ = inputs(seed=7)
+    expected = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[..., None]).squeeze(-1)
+    torch.testing.assert_close(plain.token_logprobs(hidden, weight, targets), expected)
+    torch.testing.assert_close(plain.logits(hidden, weight), hidden @ weight.T)
+    hidden, weight, ref_hidden, ref_weight, mask = kl_inputs(seed=7)
+    torch.testing.assert_close(plain.sequence_kl(hidden, weight, ref_hidden, ref_weight, mask.double()),
+                               reference_kl(hidden, weight, ref_hidden, ref_weight, mask, 1.0))
 
 
 def test_soft_capped_values_without_gradient_are_the_same():
