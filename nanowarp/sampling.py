@@ -105,8 +105,10 @@ def lm_head(model, hidden, out=None):
     (W·hᵀ)ᵀ (fast.matmul.head_logits; out: its optional (V, B) buffer). A bf16 model's head runs in
     float32 (model.head_fp32, set by `sample`): GPT-2's logits are around -100, where bf16's step is
     0.5, too coarse for the log-probs the KL penalty sums. Gemma 2's logits are soft-capped here."""
-    weight = model.head_fp32 if model.head_fp32 is not None else model.lm_head.weight
-    logits = head_logits(weight, hidden.float() if model.head_fp32 is not None else hidden, out)
+    if model.head_fp32 is not None:
+        logits = head_logits(model.head_fp32, hidden.float(), out)
+    else:
+        logits = head_logits(model.lm_head.weight, hidden, out)
     cap = final_softcap(model)
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
